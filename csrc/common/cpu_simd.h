@@ -1,0 +1,27 @@
+// Runtime CPU dispatch without -march=native: GCC/Clang compile a function marked
+// FASTDL_SIMD_CLONES once per listed target and pick the best clone for the running CPU when
+// the library is loaded (an ifunc resolver), so one portable wheel still uses AVX2/AVX-512.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTDL_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define FASTDL_SIMD_CLONES
+#endif
+
+namespace fastdl::cpu {
+
+// acc[c] += w0 * a0[c] + w1 * a1[c] + w2 * a2[c] + w3 * a3[c]: the four bilinear taps of one
+// sample point applied to a channel vector in a single pass over acc.
+void axpy4(int64_t n, float w0, const float* a0, float w1, const float* a1, float w2,
+           const float* a2, float w3, const float* a3, float* acc);
+void axpy4(int64_t n, double w0, const double* a0, double w1, const double* a1, double w2,
+           const double* a2, double w3, const double* a3, double* acc);
+
+// y[c] += w * x[c]
+void axpy(int64_t n, float w, const float* x, float* y);
+void axpy(int64_t n, double w, const double* x, double* y);
+
+}  // namespace fastdl::cpu

@@ -1,0 +1,105 @@
+// ROI-align sampling geometry and argument checks, shared by cpu.cpp and cuda.cu so that both
+// backends sample exactly the same points with exactly the same weights.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common/checks.h"
+#include "common/host_device.h"
+
+namespace fastdl::roi_align {
+
+// Where one ROI's bins and sample points lie on the feature map, in feature-map pixels.
+template <typename T>
+struct RoiGeometry {
+  int64_t batch_index;
+  T start_y, start_x;   // top-left corner of the ROI
+  T bin_h, bin_w;       // size of one output bin
+  int grid_h, grid_w;   // sample points per bin along y and x
+  T inv_count;          // 1 / (grid_h * grid_w): the bin value is the mean of its samples
+};
+
+template <typename T>
+FASTDL_HOST_DEVICE RoiGeometry<T> roi_geometry(const T* roi, T spatial_scale, int64_t pooled_h,
+                                               int64_t pooled_w, int64_t sampling_ratio,
+                                               bool aligned) {
+  RoiGeometry<T> g;
+  g.batch_index = static_cast<int64_t>(roi[0]);
+  // aligned=True moves the box by half a pixel so that pixel centres sit at integer + 0.5,
+  // the continuous-coordinate convention; aligned=False keeps the legacy (Detectron) behaviour.
+  const T offset = aligned ? T(0.5) : T(0);
+  g.start_x = roi[1] * spatial_scale - offset;
+  g.start_y = roi[2] * spatial_scale - offset;
+  T roi_w = roi[3] * spatial_scale - offset - g.start_x;
+  T roi_h = roi[4] * spatial_scale - offset - g.start_y;
+  if (!aligned) {  // legacy mode forces at least a 1x1 box
+    roi_w = roi_w > T(1) ? roi_w : T(1);
+    roi_h = roi_h > T(1) ? roi_h : T(1);
+  }
+  g.bin_h = roi_h / static_cast<T>(pooled_h);
+  g.bin_w = roi_w / static_cast<T>(pooled_w);
+  // adaptive sampling: about one sample per feature-map pixel covered by a bin
+  g.grid_h = sampling_ratio > 0 ? static_cast<int>(sampling_ratio)
+                                : static_cast<int>(ceil(roi_h / static_cast<T>(pooled_h)));
+  g.grid_w = sampling_ratio > 0 ? static_cast<int>(sampling_ratio)
+                                : static_cast<int>(ceil(roi_w / static_cast<T>(pooled_w)));
+  const int count = g.grid_h * g.grid_w;
+  g.inv_count = count > 0 ? T(1) / static_cast<T>(count) : T(0);
+  return g;
+}
+
+// The four pixels around a sample point and their bilinear weights. A point more than one
+// pixel outside the map contributes nothing; points just outside are clamped to the border.
+template <typename T>
+struct BilinearTaps {
+  bool valid;
+  int64_t y0, x0, y1, x1;
+  T w00, w01, w10, w11;
+};
+
+template <typename T>
+FASTDL_HOST_DEVICE BilinearTaps<T> bilinear_taps(T y, T x, int64_t height, int64_t width) {
+  BilinearTaps<T> t{};
+  if (y < T(-1) || y > static_cast<T>(height) || x < T(-1) || x > static_cast<T>(width)) {
+    t.valid = false;
+    return t;
+  }
+  t.valid = true;
+  y = y > T(0) ? y : T(0);
+  x = x > T(0) ? x : T(0);
+  t.y0 = static_cast<int64_t>(y);
+  t.x0 = static_cast<int64_t>(x);
+  if (t.y0 >= height - 1) {
+    t.y0 = t.y1 = height - 1;
+    y = static_cast<T>(t.y0);
+  } else {
+    t.y1 = t.y0 + 1;
+  }
+  if (t.x0 >= width - 1) {
+    t.x0 = t.x1 = width - 1;
+    x = static_cast<T>(t.x0);
+  } else {
+    t.x1 = t.x0 + 1;
+  }
+  const T ly = y - static_cast<T>(t.y0), lx = x - static_cast<T>(t.x0);
+  const T hy = T(1) - ly, hx = T(1) - lx;
+  t.w00 = hy * hx;
+  t.w01 = hy * lx;
+  t.w10 = ly * hx;
+  t.w11 = ly * lx;
+  return t;
+}
+
+// Sample point (iy, ix) of bin (py, px), in feature-map coordinates.
+template <typename T>
+FASTDL_HOST_DEVICE T sample_y(const RoiGeometry<T>& g, int64_t py, int iy) {
+  return g.start_y + static_cast<T>(py) * g.bin_h +
+         (static_cast<T>(iy) + T(0.5)) * g.bin_h / static_cast<T>(g.grid_h);
+}
+template <typename T>
+FASTDL_HOST_DEVICE T sample_x(const RoiGeometry<T>& g, int64_t px, int ix) {
+  return g.start_x + static_cast<T>(px) * g.bin_w +
+         (static_cast<T>(ix) + T(0.5)) * g.bin_w / static_cast<T>(g.grid_w);
+}
+
+}  // namespace fastdl::roi_align

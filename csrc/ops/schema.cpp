@@ -1,0 +1,15 @@
+// Every fastdl operator's schema, in one place. Kernels register per backend next to their
+// code (csrc/ops/<op>/cpu.cpp, cuda.cu); the plain-PyTorch composites, fake kernels and
+// autograd formulas sit beside the Python wrappers in python/fastdl/ops/<op>.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastdl, m) {
+  // ---- detection ------------------------------------------------------------------------
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+      "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
+      "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
+      "int sampling_ratio, bool aligned) -> Tensor");
+}

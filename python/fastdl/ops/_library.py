@@ -1,0 +1,65 @@
+"""The one mechanism that wires a fastdl operator to every device.
+
+An operator's schema is declared in C++ (``csrc/ops/schema.cpp``); CPU and CUDA kernels register
+themselves from ``csrc/ops/<op>/``. This module adds, from Python, the parts every op shares:
+
+* the **composite**: a plain-PyTorch implementation registered under the
+  ``CompositeExplicitAutograd`` key, so it serves MPS and every other device that has no native
+  kernel (a native CPU/CUDA kernel always takes precedence);
+* a record of which implementation serves which device, for ``fastdl info``.
+
+Fake kernels (``torch.library.register_fake``) and autograd formulas
+(``torch.library.register_autograd``) sit next to each op's wrapper in ``fastdl/ops/<op>.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+NAMESPACE = "fastdl"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRecord:
+    name: str
+    composite: Callable
+    cuda_kernel: str  # what kind of native CUDA kernel the op has: "CUDA C++" or "Triton"
+
+
+_OPS: dict[str, OpRecord] = {}
+
+
+def qualname(name: str) -> str:
+    return f"{NAMESPACE}::{name}"
+
+
+def register_composite(name: str, *, cuda_kernel: str = "CUDA C++"):
+    """Decorator: register ``fn`` as the plain-PyTorch implementation of ``fastdl::name``."""
+
+    def decorate(fn: Callable) -> Callable:
+        torch.library.impl(qualname(name), "CompositeExplicitAutograd", fn)
+        _OPS[name] = OpRecord(name, fn, cuda_kernel)
+        return fn
+
+    return decorate
+
+
+def composite(name: str) -> Callable:
+    """The plain-PyTorch implementation of ``fastdl::name`` (callable on any device)."""
+    return _OPS[name].composite
+
+
+def public_ops() -> list[str]:
+    """Registered operators, internal ones (leading underscore) last."""
+    return sorted(_OPS, key=lambda n: (n.startswith("_"), n))
+
+
+def implementation(name: str, device: str) -> str:
+    """Which implementation serves ``fastdl::name`` on ``device`` ("cpu", "cuda" or "mps")."""
+    key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}[device]
+    if torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), key):
+        return {"cpu": "C++", "cuda": _OPS[name].cuda_kernel, "mps": "native"}[device]
+    return "composite (PyTorch)"
