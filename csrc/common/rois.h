@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "common/checks.h"
 
 namespace fastdl {
@@ -34,6 +36,11 @@ inline void check_rois(const char* op, const at::Tensor& input, const at::Tensor
 inline void check_pooled_size(const char* op, int64_t pooled_h, int64_t pooled_w) {
   TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op, ": output_size must be positive, got (",
               pooled_h, ", ", pooled_w, ")");
+}
+
+inline void check_spatial_scale(const char* op, double spatial_scale) {
+  TORCH_CHECK(spatial_scale > 0 && std::isfinite(spatial_scale), op,
+              ": spatial_scale must be positive and finite, got ", spatial_scale);
 }
 
 }  // namespace fastdl

@@ -91,8 +91,7 @@ void backward_nhwc(const T* grad_output, const T* rois, T* grad_input, int64_t n
 
 void check_params(int64_t pooled_h, int64_t pooled_w, double spatial_scale) {
   check_pooled_size("roi_align", pooled_h, pooled_w);
-  TORCH_CHECK(spatial_scale > 0 && std::isfinite(spatial_scale),
-              "roi_align: spatial_scale must be positive and finite, got ", spatial_scale);
+  check_spatial_scale("roi_align", spatial_scale);
 }
 
 at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,

@@ -10,17 +10,16 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_launch.cuh"
 #include "common/rois.h"
 #include "ops/roi_align/roi_align.h"
 
 namespace fastdl::roi_align {
 namespace {
 
-constexpr int kThreads = 256;
-
-inline unsigned int blocks_for(int64_t n) {
-  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20));
-}
+using cuda::blocks_for;
+using cuda::grid_stride;
+using cuda::kThreads;
 
 // Bilinear taps and the sampling geometry are computed in opmath (float32 for half/bfloat16).
 template <typename scalar_t, typename acc_t>
@@ -29,8 +28,7 @@ __global__ void forward_kernel(int64_t total, const scalar_t* __restrict__ input
                                int64_t channels, int64_t height, int64_t width, int64_t pooled_h,
                                int64_t pooled_w, acc_t spatial_scale, int64_t sampling_ratio,
                                bool aligned) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       index < total; index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+  for (const int64_t index : grid_stride(total)) {
     const int64_t px = index % pooled_w;
     const int64_t py = (index / pooled_w) % pooled_h;
     const int64_t c = (index / (pooled_w * pooled_h)) % channels;
@@ -61,8 +59,7 @@ __global__ void backward_atomic_kernel(int64_t total, const scalar_t* __restrict
                                        int64_t channels, int64_t height, int64_t width,
                                        int64_t pooled_h, int64_t pooled_w, acc_t spatial_scale,
                                        int64_t sampling_ratio, bool aligned) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       index < total; index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+  for (const int64_t index : grid_stride(total)) {
     const int64_t px = index % pooled_w;
     const int64_t py = (index / pooled_w) % pooled_h;
     const int64_t c = (index / (pooled_w * pooled_h)) % channels;
@@ -95,8 +92,7 @@ __global__ void backward_gather_kernel(int64_t total, const scalar_t* __restrict
                                        int64_t height, int64_t width, int64_t pooled_h,
                                        int64_t pooled_w, acc_t spatial_scale,
                                        int64_t sampling_ratio, bool aligned) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       index < total; index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+  for (const int64_t index : grid_stride(total)) {
     const int64_t x = index % width;
     const int64_t y = (index / width) % height;
     const int64_t c = (index / (width * height)) % channels;
@@ -137,8 +133,7 @@ __global__ void backward_gather_kernel(int64_t total, const scalar_t* __restrict
 
 void check_params(int64_t pooled_h, int64_t pooled_w, double spatial_scale) {
   check_pooled_size("roi_align", pooled_h, pooled_w);
-  TORCH_CHECK(spatial_scale > 0 && std::isfinite(spatial_scale),
-              "roi_align: spatial_scale must be positive and finite, got ", spatial_scale);
+  check_spatial_scale("roi_align", spatial_scale);
 }
 
 at::Tensor roi_align_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,

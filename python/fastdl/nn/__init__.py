@@ -1,5 +1,5 @@
 """Drop-in ``torch.nn`` modules backed by fastdl's kernels."""
 
-from .detection import RoIAlign
+from .detection import MultiScaleRoIAlign, RoIAlign, RoIPool
 
-__all__ = ["RoIAlign"]
+__all__ = ["MultiScaleRoIAlign", "RoIAlign", "RoIPool"]

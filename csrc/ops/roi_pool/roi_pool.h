@@ -1,0 +1,55 @@
+// RoI max-pooling geometry (Fast R-CNN), shared by cpu.cpp and cuda.cu: box corners are rounded
+// to whole feature-map pixels and each output bin takes the max over its window of pixels.
+#pragma once
+
+#include <cmath>
+
+#include "common/host_device.h"
+
+namespace fastdl::roi_pool {
+
+template <typename T>
+struct RoiGeometry {
+  int64_t batch_index;
+  int64_t start_y, start_x;  // rounded top-left corner
+  T bin_h, bin_w;            // bin size in pixels (not rounded)
+};
+
+template <typename T>
+FASTDL_HOST_DEVICE RoiGeometry<T> roi_geometry(const T* roi, T spatial_scale, int64_t pooled_h,
+                                               int64_t pooled_w) {
+  RoiGeometry<T> g;
+  g.batch_index = static_cast<int64_t>(roi[0]);
+  g.start_x = static_cast<int64_t>(round(roi[1] * spatial_scale));
+  g.start_y = static_cast<int64_t>(round(roi[2] * spatial_scale));
+  const int64_t end_x = static_cast<int64_t>(round(roi[3] * spatial_scale));
+  const int64_t end_y = static_cast<int64_t>(round(roi[4] * spatial_scale));
+  // inclusive corners, and a malformed box still covers one pixel
+  const int64_t roi_w = end_x - g.start_x + 1 > 1 ? end_x - g.start_x + 1 : 1;
+  const int64_t roi_h = end_y - g.start_y + 1 > 1 ? end_y - g.start_y + 1 : 1;
+  g.bin_h = static_cast<T>(roi_h) / static_cast<T>(pooled_h);
+  g.bin_w = static_cast<T>(roi_w) / static_cast<T>(pooled_w);
+  return g;
+}
+
+// The pixel window [y0, y1) x [x0, x1) of bin (py, px), clipped to the map. Windows of adjacent
+// bins may overlap by a pixel (floor of the start, ceil of the end).
+struct Window {
+  int64_t y0, y1, x0, x1;
+  FASTDL_HOST_DEVICE bool empty() const { return y1 <= y0 || x1 <= x0; }
+};
+
+FASTDL_HOST_DEVICE int64_t clip(int64_t v, int64_t hi) { return v < 0 ? 0 : (v > hi ? hi : v); }
+
+template <typename T>
+FASTDL_HOST_DEVICE Window bin_window(const RoiGeometry<T>& g, int64_t py, int64_t px,
+                                     int64_t height, int64_t width) {
+  Window w;
+  w.y0 = clip(static_cast<int64_t>(floor(static_cast<T>(py) * g.bin_h)) + g.start_y, height);
+  w.y1 = clip(static_cast<int64_t>(ceil(static_cast<T>(py + 1) * g.bin_h)) + g.start_y, height);
+  w.x0 = clip(static_cast<int64_t>(floor(static_cast<T>(px) * g.bin_w)) + g.start_x, width);
+  w.x1 = clip(static_cast<int64_t>(ceil(static_cast<T>(px + 1) * g.bin_w)) + g.start_x, width);
+  return w;
+}
+
+}  // namespace fastdl::roi_pool

@@ -1,0 +1,136 @@
+"""RoI max-pooling (Fast R-CNN): max over each output bin's window of whole pixels."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._library import register_composite
+from ._utils import BoxesLike, boxes_to_rois, check_output_size, check_rois, pair
+
+__all__ = ["roi_pool"]
+
+
+def roi_pool(input: Tensor, boxes: BoxesLike, output_size: int | tuple[int, int], spatial_scale: float = 1.0) -> Tensor:
+    """Max-pool each box of ``input`` to a fixed ``output_size`` grid.
+
+    Args:
+        input: ``Tensor[N, C, H, W]``.
+        boxes: ``Tensor[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a list of ``Tensor[L, 4]``.
+        output_size: ``(PH, PW)`` or an int.
+        spatial_scale: feature-map size over image size.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]``. Box corners are rounded to whole feature pixels (inclusive), bin
+        ``p`` spans pixels ``floor(p * s) .. ceil((p + 1) * s)`` with ``s`` the bin size, clipped
+        to the map; an empty bin gives 0. Same semantics as ``torchvision.ops.roi_pool``.
+
+    Differentiable w.r.t. ``input`` (the gradient goes to each bin's max pixel; ties go to the
+    first pixel in row-major order). dtypes: float32/float64, plus float16/bfloat16 on CUDA.
+    """
+    rois = boxes_to_rois(boxes, input)
+    pooled_height, pooled_width = pair(output_size, "output_size")
+    output, _ = torch.ops.fastdl.roi_pool.default(input, rois, float(spatial_scale), pooled_height, pooled_width)
+    return output
+
+
+@torch.library.register_fake("fastdl::roi_pool")
+def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
+    check_rois("roi_pool", input, rois, check_values=False)
+    check_output_size("roi_pool", pooled_height, pooled_width)
+    shape = (rois.size(0), input.size(1), pooled_height, pooled_width)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
+
+
+@torch.library.register_fake("fastdl::_roi_pool_backward")
+def _roi_pool_backward_fake(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width):
+    torch._check(grad.shape == argmax.shape, lambda: "roi_pool_backward: grad and argmax must have the same shape")
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width = inputs
+    _, argmax = output
+    ctx.save_for_backward(rois, argmax)
+    ctx.params = (spatial_scale, pooled_height, pooled_width)
+    ctx.input_shape = input.shape
+    ctx.mark_non_differentiable(argmax)
+
+
+def _backward(ctx, grad, _grad_argmax):
+    rois, argmax = ctx.saved_tensors
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.fastdl._roi_pool_backward.default(grad, rois, argmax, *ctx.params, *ctx.input_shape)
+    return grad_input, None, None, None, None
+
+
+torch.library.register_autograd("fastdl::roi_pool", _backward, setup_context=_setup_context)
+
+
+# ---- composite --------------------------------------------------------------------------------
+
+
+def _bin_edges(start, bin_size, pooled: int, size: int):
+    """Per box and bin: the [lo, hi) pixel range on one axis, clipped to [0, size]."""
+    p = torch.arange(pooled, device=start.device, dtype=bin_size.dtype)
+    lo = (torch.floor(p[None] * bin_size[:, None]) + start[:, None]).clamp(0, size)
+    hi = (torch.ceil((p[None] + 1) * bin_size[:, None]) + start[:, None]).clamp(0, size)
+    return lo.long(), hi.long()
+
+
+_ELEMENTS_PER_CHUNK = 1 << 24
+
+
+@register_composite("roi_pool")
+def roi_pool_composite(input, rois, spatial_scale, pooled_height, pooled_width):
+    """Masked max over each bin: for every box, the pixels of the map outside a bin are set to
+    -inf and the max over the (H, W) plane is taken, one bin row at a time."""
+    check_rois("roi_pool", input, rois)
+    check_output_size("roi_pool", pooled_height, pooled_width)
+    n, c, h, w = input.shape
+    k = rois.size(0)
+    output = input.new_zeros((k, c, pooled_height, pooled_width))
+    argmax = torch.full((k, c, pooled_height, pooled_width), -1, dtype=torch.long, device=input.device)
+    if output.numel() == 0:
+        return output, argmax
+    # torch.round rounds half to even, C's round() half away from zero: use the latter
+    corners = rois[:, 1:] * spatial_scale
+    corners = torch.sign(corners) * torch.floor(corners.abs() + 0.5)
+    x1, y1, x2, y2 = corners.unbind(1)
+    roi_w = (x2 - x1 + 1).clamp(min=1)
+    roi_h = (y2 - y1 + 1).clamp(min=1)
+    y_lo, y_hi = _bin_edges(y1, roi_h / pooled_height, pooled_height, h)
+    x_lo, x_hi = _bin_edges(x1, roi_w / pooled_width, pooled_width, w)
+    rows = torch.arange(h, device=input.device)
+    cols = torch.arange(w, device=input.device)
+    in_y = (rows[None, None] >= y_lo[..., None]) & (rows[None, None] < y_hi[..., None])  # [K, PH, H]
+    in_x = (cols[None, None] >= x_lo[..., None]) & (cols[None, None] < x_hi[..., None])  # [K, PW, W]
+    neg_inf = torch.tensor(float("-inf"), dtype=input.dtype, device=input.device)
+    chunk = max(1, _ELEMENTS_PER_CHUNK // (c * pooled_width * h * w))  # bounds the masked copy
+    for start in range(0, k, chunk):
+        sl = slice(start, start + chunk)
+        features = input[rois[sl, 0].long()]  # [k, C, H, W]
+        for py in range(pooled_height):
+            window = in_y[sl, py, None, :, None] & in_x[sl, :, None, :]  # [k, PW, H, W]
+            masked = torch.where(window[:, None], features[:, :, None], neg_inf)  # [k, C, PW, H, W]
+            best, where = masked.flatten(3).max(dim=3)
+            empty = ~window.flatten(2).any(dim=2)[:, None, :]  # [k, 1, PW]
+            output[sl, :, py] = torch.where(empty, torch.zeros_like(best), best)
+            argmax[sl, :, py] = torch.where(empty, torch.full_like(where, -1), where)
+    return output, argmax
+
+
+@register_composite("_roi_pool_backward")
+def roi_pool_backward_composite(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width):
+    grad_input = grad.new_zeros((batch_size, channels, height * width))
+    if grad.numel() == 0 or grad_input.numel() == 0:
+        return grad_input.view(batch_size, channels, height, width)
+    valid = argmax >= 0
+    k, c = grad.shape[:2]
+    image = rois[:, 0].long()[:, None, None].expand(k, c, pooled_height * pooled_width)
+    channel = torch.arange(c, device=grad.device)[None, :, None].expand_as(image)
+    flat = (image * channels + channel) * (height * width) + argmax.flatten(2).clamp(min=0)
+    contrib = torch.where(valid.flatten(2), grad.flatten(2), torch.zeros_like(grad.flatten(2)))
+    grad_input.view(-1).index_add_(0, flat.reshape(-1), contrib.reshape(-1))
+    return grad_input.view(batch_size, channels, height, width)

@@ -1,0 +1,97 @@
+"""Box utilities, BoxCoder and multi-scale ROI-align."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastdl.nn
+import fastdl.ops as ops
+from harness import assert_close, fresh_seed
+from test_nms import iou as iou_reference
+from test_nms import random_boxes
+
+
+def test_box_area_and_iou_against_pairwise_reference():
+    fresh_seed()
+    a, _ = random_boxes(17, dtype=torch.float64)
+    b, _ = random_boxes(9, dtype=torch.float64)
+    assert_close(ops.box_area(a), (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))
+    expected = torch.tensor([[iou_reference(x, y) for y in b.tolist()] for x in a.tolist()], dtype=torch.float64)
+    assert_close(ops.box_iou(a, b), expected)
+    assert ops.box_iou(a[:0], b).shape == (0, 9)
+
+
+def test_box_convert_known_values_and_round_trips():
+    xyxy = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
+    assert ops.box_convert(xyxy, "xyxy", "xywh").tolist() == [[10.0, 20.0, 20.0, 40.0]]
+    assert ops.box_convert(xyxy, "xyxy", "cxcywh").tolist() == [[20.0, 40.0, 20.0, 40.0]]
+    fresh_seed()
+    boxes, _ = random_boxes(50, dtype=torch.float64)
+    for a in ("xyxy", "xywh", "cxcywh"):
+        for b in ("xyxy", "xywh", "cxcywh"):
+            assert_close(ops.box_convert(ops.box_convert(boxes, "xyxy", a), a, b), ops.box_convert(boxes, "xyxy", b))
+    with pytest.raises(ValueError, match="in_fmt"):
+        ops.box_convert(boxes, "xy", "xyxy")
+
+
+def test_clip_and_remove_small():
+    boxes = torch.tensor([[-5.0, -5, 10, 10], [5, 5, 50, 40], [0, 0, 0.5, 3]])
+    assert ops.clip_boxes_to_image(boxes, (30, 20)).tolist() == [[0, 0, 10, 10], [5, 5, 20, 30], [0, 0, 0.5, 3]]
+    assert ops.remove_small_boxes(boxes, 1.0).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="min_size"):
+        ops.remove_small_boxes(boxes, -1)
+    with pytest.raises(ValueError, match=r"Tensor\[\.\.\., 4\]"):
+        ops.box_area(torch.zeros(3, 5))
+
+
+def test_box_coder_formula_round_trip_and_clamp():
+    coder = ops.BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+    proposals = torch.tensor([[0.0, 0, 10, 20]])
+    gt = torch.tensor([[5.0, 5, 25, 25]])
+    # px=5 py=10 pw=10 ph=20; gx=15 gy=15 gw=20 gh=20
+    expected = [[10 * (15 - 5) / 10, 10 * (15 - 10) / 20, 5 * math.log(2.0), 5 * math.log(1.0)]]
+    assert_close(coder.encode(proposals, gt), torch.tensor(expected), torch.float32)
+    fresh_seed()
+    p, _ = random_boxes(40, dtype=torch.float64)
+    g, _ = random_boxes(40, dtype=torch.float64)
+    assert_close(coder.decode(p, coder.encode(p, g)), g)
+    huge = torch.full((1, 8), 1e4)
+    decoded = coder.decode(proposals, huge)
+    assert decoded.shape == (1, 8) and torch.isfinite(decoded).all()
+    with pytest.raises(ValueError, match="weights"):
+        ops.BoxCoder(weights=(1.0, 0.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"Tensor\[1, 4 \* C\]"):
+        coder.decode(proposals, torch.zeros(1, 5))
+
+
+def level_reference(box, scales, canonical_scale=224.0, canonical_level=4):
+    size = math.sqrt(max((box[2] - box[0]) * (box[3] - box[1]), 0.0))
+    lo, hi = -math.log2(scales[0]), -math.log2(scales[-1])
+    level = math.floor(canonical_level + math.log2(size / canonical_scale + 1e-6))
+    return int(min(max(level, lo), hi) - lo)
+
+
+def test_multiscale_roi_align_picks_the_fpn_level():
+    fresh_seed()
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    features = [torch.randn(2, 3, int(256 * s), int(256 * s), dtype=torch.float64) for s in scales]
+    sizes = torch.tensor([8.0, 40, 100, 200, 400, 250])
+    xy = torch.rand(6, 2, dtype=torch.float64) * 50
+    rois = torch.cat([torch.tensor([[0.0], [1], [0], [1], [0], [1]], dtype=torch.float64), xy, xy + sizes[:, None]], 1)
+    out = ops.multiscale_roi_align(features, rois, 3, scales, 2, True)
+    for k in range(6):
+        lvl = level_reference(rois[k, 1:].tolist(), scales)
+        assert_close(out[k], ops.roi_align(features[lvl], rois[k : k + 1], 3, scales[lvl], 2, True)[0])
+    assert len({level_reference(r[1:].tolist(), scales) for r in rois}) >= 3  # several levels used
+    pooler = fastdl.nn.MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 3, 2, aligned=True)
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(2)]
+    named = dict(zip(["p2", "p3", "p4", "p5"], features))
+    expected = torch.cat([out[rois[:, 0] == i] for i in range(2)])
+    assert_close(pooler(named, boxes, [(256, 256), (256, 256)]), expected)
+    with pytest.raises(ValueError, match="powers of two"):
+        ops.multiscale_roi_align(features, rois, 3, [1 / 3, 1 / 8, 1 / 16, 1 / 32])
+    with pytest.raises(KeyError, match="p6"):
+        fastdl.nn.MultiScaleRoIAlign(["p6"], 3)(named, boxes, [(256, 256)] * 2)

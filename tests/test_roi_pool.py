@@ -1,0 +1,159 @@
+"""roi_pool against a slow float64 reference written from the definition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastdl.nn
+import fastdl.ops
+from fastdl.ops import _library
+from harness import DEVICES, LAYOUTS, assert_close, check_compiled, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck, with_layout
+from test_roi_align import random_rois
+
+
+def c_round(v: float) -> int:
+    """C's round(): halves away from zero."""
+    return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+
+def roi_pool_reference(input, rois, output_size, spatial_scale=1.0):
+    ph, pw = output_size
+    input = input.double().cpu()
+    _, c, h, w = input.shape
+    out = torch.zeros(rois.size(0), c, ph, pw, dtype=torch.float64)
+    for k, (n, x1, y1, x2, y2) in enumerate(rois.double().cpu().tolist()):
+        sx, sy = c_round(x1 * spatial_scale), c_round(y1 * spatial_scale)
+        ex, ey = c_round(x2 * spatial_scale), c_round(y2 * spatial_scale)
+        bin_h, bin_w = max(ey - sy + 1, 1) / ph, max(ex - sx + 1, 1) / pw
+        for py in range(ph):
+            y0 = min(max(math.floor(py * bin_h) + sy, 0), h)
+            y1_ = min(max(math.ceil((py + 1) * bin_h) + sy, 0), h)
+            for px in range(pw):
+                x0 = min(max(math.floor(px * bin_w) + sx, 0), w)
+                x1_ = min(max(math.ceil((px + 1) * bin_w) + sx, 0), w)
+                if y1_ > y0 and x1_ > x0:
+                    out[k, :, py, px] = input[int(n), :, y0:y1_, x0:x1_].amax(dim=(1, 2))
+    return out
+
+
+def make_case(dtype, device, batch=2, channels=3, height=11, width=9, num_rois=7, scale=1.0):
+    x = torch.randn(batch, channels, height, width, dtype=dtype, device=device)
+    return x, random_rois(num_rois, batch, height, width, scale, dtype, device)
+
+
+def test_hand_computed_case():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    # box (0,0)-(3,3) inclusive covers the map: 2x2 bins of 2x2 pixels -> their maxima
+    out = fastdl.ops.roi_pool(x, torch.tensor([[0.0, 0, 0, 3, 3]]), 2)
+    assert out.tolist() == [[[[5.0, 7.0], [13.0, 15.0]]]]
+    # a box wholly outside the map gives empty bins -> 0
+    assert fastdl.ops.roi_pool(x, torch.tensor([[0.0, 10, 10, 12, 12]]), 2).abs().sum() == 0
+
+
+@pytest.mark.parametrize("impl", ["native", "composite"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scale", [1.0, 0.5, 1 / 16])
+def test_matches_reference(impl, device, dtype, layout, scale):
+    fresh_seed()
+    x, rois = make_case(dtype, device, scale=scale)
+    x = with_layout(x, layout)
+    op = torch.ops.fastdl.roi_pool.default if impl == "native" else _library.composite("roi_pool")
+    out, argmax = op(x, rois, scale, 3, 2)
+    assert_close(out, roi_pool_reference(x, rois, (3, 2), scale))
+    # argmax points at a pixel holding the output value (or -1 for an empty bin)
+    image = x[rois[:, 0].long()].flatten(2)
+    picked = torch.gather(image, 2, argmax.clamp(min=0).flatten(2)).view_as(out)
+    assert torch.equal(torch.where(argmax >= 0, picked, torch.zeros_like(picked)), out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    for _ in range(3):
+        fresh_seed()
+        # distinct values so that the max is unique and the function is differentiable
+        x = torch.randperm(2 * 2 * 8 * 7, dtype=torch.float64, device=device).view(2, 2, 8, 7).requires_grad_()
+        rois = random_rois(5, 2, 8, 7, 1.0, torch.float64, device)
+        torch.autograd.gradcheck(lambda x: fastdl.ops.roi_pool(x, rois, (3, 2)), (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_native_equals_composite(device):
+    fresh_seed()
+    x, rois = make_case(torch.float64, device, num_rois=12)
+    out, argmax = torch.ops.fastdl.roi_pool(x, rois, 1.0, 3, 3)
+    grad = torch.randn_like(out)
+    args = (grad, rois, argmax, 1.0, 3, 3, *x.shape)
+    assert_close(torch.ops.fastdl._roi_pool_backward(*args), _library.composite("_roi_pool_backward")(*args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_module(device):
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
+    assert fastdl.ops.roi_pool(x, torch.zeros(0, 5, device=device), 2).shape == (0, 3, 2, 2)
+    boxes = [torch.tensor([[0.0, 0, 4, 4]], device=device), torch.zeros(0, 4, device=device)]
+    out = fastdl.nn.RoIPool(2, 1.0)(x, boxes)
+    assert_close(out, roi_pool_reference(x.detach(), torch.tensor([[0.0, 0, 0, 4, 4]]), (2, 2)).to(out.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    fresh_seed()
+    x, rois = make_case(torch.float32, device)
+    run_opcheck(torch.ops.fastdl.roi_pool.default, (x.requires_grad_(), rois, 0.5, 2, 3))
+    out, argmax = torch.ops.fastdl.roi_pool(x.detach(), rois, 0.5, 2, 3)
+    run_opcheck(torch.ops.fastdl._roi_pool_backward.default, (torch.randn_like(out), rois, argmax, 0.5, 2, 3, *x.shape))
+
+
+def test_torch_compile():
+    fresh_seed()
+    x, rois = make_case(torch.float32, "cpu")
+    check_compiled(lambda x, r: fastdl.ops.roi_pool(x, r, 2, 0.5) * 3, x.requires_grad_(), rois)
+
+
+def test_composite_serves_mps():
+    assert composite_serves_mps("roi_pool") and composite_serves_mps("_roi_pool_backward")
+
+
+@pytest.mark.parametrize("impl", ["native", "composite"])
+def test_bad_input(impl):
+    op = torch.ops.fastdl.roi_pool.default if impl == "native" else _library.composite("roi_pool")
+    x, rois = make_case(torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="4-D tensor"):
+        op(x[0], rois, 1.0, 2, 2)
+    with pytest.raises(RuntimeError, match=r"shape \[K, 5\]"):
+        op(x, rois[:, :4], 1.0, 2, 2)
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        op(x, torch.tensor([[0.0, 0, float("nan"), 1, 1]]), 1.0, 2, 2)
+    with pytest.raises(RuntimeError, match=r"must lie in \[0, 2\)"):
+        op(x, torch.tensor([[2.0, 0, 0, 1, 1]]), 1.0, 2, 2)
+    with pytest.raises(RuntimeError, match="output_size must be positive"):
+        op(x, rois, 1.0, -1, 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_reduced_precision(dtype):
+    fresh_seed()
+    x, rois = make_case(torch.float32, "cuda", channels=8)
+    out = fastdl.ops.roi_pool(x.to(dtype), rois.to(dtype), 3)
+    assert_close(out, roi_pool_reference(x.to(dtype), rois.to(dtype), (3, 3)), dtype)
+
+
+@needs_cuda
+def test_cuda_deterministic_backward():
+    fresh_seed()
+    x, rois = make_case(torch.float64, "cuda", num_rois=30)
+    out, argmax = torch.ops.fastdl.roi_pool(x, rois, 1.0, 3, 3)
+    args = (torch.randn_like(out), rois, argmax, 1.0, 3, 3, *x.shape)
+    atomic = torch.ops.fastdl._roi_pool_backward(*args)
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = torch.ops.fastdl._roi_pool_backward(*args)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_close(det, atomic)
