@@ -84,8 +84,7 @@ _ELEMENTS_PER_CHUNK = 1 << 24
 
 @register_composite("roi_pool")
 def roi_pool_composite(input, rois, spatial_scale, pooled_height, pooled_width):
-    """Masked max over each bin: for every box, the pixels of the map outside a bin are set to
-    -inf and the max over the (H, W) plane is taken, one bin row at a time."""
+    """Gathers every bin's pixel window, padded to the largest window, and takes a masked max."""
     check_rois("roi_pool", input, rois)
     check_output_size("roi_pool", pooled_height, pooled_width)
     n, c, h, w = input.shape
@@ -100,24 +99,29 @@ def roi_pool_composite(input, rois, spatial_scale, pooled_height, pooled_width):
     x1, y1, x2, y2 = corners.unbind(1)
     roi_w = (x2 - x1 + 1).clamp(min=1)
     roi_h = (y2 - y1 + 1).clamp(min=1)
-    y_lo, y_hi = _bin_edges(y1, roi_h / pooled_height, pooled_height, h)
-    x_lo, x_hi = _bin_edges(x1, roi_w / pooled_width, pooled_width, w)
-    rows = torch.arange(h, device=input.device)
-    cols = torch.arange(w, device=input.device)
-    in_y = (rows[None, None] >= y_lo[..., None]) & (rows[None, None] < y_hi[..., None])  # [K, PH, H]
-    in_x = (cols[None, None] >= x_lo[..., None]) & (cols[None, None] < x_hi[..., None])  # [K, PW, W]
+    y_lo, y_hi = _bin_edges(y1, roi_h / pooled_height, pooled_height, h)  # [K, PH]
+    x_lo, x_hi = _bin_edges(x1, roi_w / pooled_width, pooled_width, w)  # [K, PW]
+    span_y = max(int((y_hi - y_lo).max()), 1)
+    span_x = max(int((x_hi - x_lo).max()), 1)
+    ys = y_lo[..., None] + torch.arange(span_y, device=input.device)  # [K, PH, SY]
+    xs = x_lo[..., None] + torch.arange(span_x, device=input.device)  # [K, PW, SX]
+    inside = (ys < y_hi[..., None])[:, :, None, :, None] & (xs < x_hi[..., None])[:, None, :, None, :]  # [K, PH, PW, SY, SX]
+    flat = ys.clamp(max=h - 1)[:, :, None, :, None] * w + xs.clamp(max=w - 1)[:, None, :, None, :]
+    flat = flat.expand_as(inside).reshape(k, -1)  # [K, PH*PW*SY*SX] pixel index of each window slot
     neg_inf = torch.tensor(float("-inf"), dtype=input.dtype, device=input.device)
-    chunk = max(1, _ELEMENTS_PER_CHUNK // (c * pooled_width * h * w))  # bounds the masked copy
+    chunk = max(1, _ELEMENTS_PER_CHUNK // (c * flat.size(1)))  # bounds the gathered windows
+    image = rois[:, 0].long()
     for start in range(0, k, chunk):
         sl = slice(start, start + chunk)
-        features = input[rois[sl, 0].long()]  # [k, C, H, W]
-        for py in range(pooled_height):
-            window = in_y[sl, py, None, :, None] & in_x[sl, :, None, :]  # [k, PW, H, W]
-            masked = torch.where(window[:, None], features[:, :, None], neg_inf)  # [k, C, PW, H, W]
-            best, where = masked.flatten(3).max(dim=3)
-            empty = ~window.flatten(2).any(dim=2)[:, None, :]  # [k, 1, PW]
-            output[sl, :, py] = torch.where(empty, torch.zeros_like(best), best)
-            argmax[sl, :, py] = torch.where(empty, torch.full_like(where, -1), where)
+        planes = input[image[sl]].flatten(2)  # [k, C, H*W]
+        idx = flat[sl, None, :].expand(-1, c, -1)
+        values = torch.gather(planes, 2, idx).view(-1, c, pooled_height, pooled_width, span_y * span_x)
+        values = torch.where(inside[sl, None].flatten(-2), values, neg_inf)
+        best, slot = values.max(dim=-1)
+        where = torch.gather(idx.view_as(values), 4, slot[..., None])[..., 0]
+        empty = ~inside[sl].flatten(-2).any(dim=-1)[:, None]  # [k, 1, PH, PW]
+        output[sl] = torch.where(empty, torch.zeros_like(best), best)
+        argmax[sl] = torch.where(empty, torch.full_like(where, -1), where)
     return output, argmax
 
 
