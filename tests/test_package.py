@@ -1,0 +1,90 @@
+"""Packaging and command-line checks: what the wheel contains and what `fastdl` prints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdl
+import fastdl.ops
+from fastdl import bench
+from fastdl.ops import _library
+
+
+def test_op_library_is_abi3_and_free_of_libtorch_python():
+    lib = Path(fastdl._C.__file__)
+    assert lib.name == "_C.abi3.so"
+    elftools = pytest.importorskip("shutil").which("readelf")
+    if elftools is None:
+        pytest.skip("readelf not installed")
+    needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    assert "libtorch_python" not in needed and "libpython" not in needed
+    assert "libtorch" in needed or "libc10" in needed
+
+
+def test_triton_kernels_and_benchmarks_ship_in_the_package():
+    import fastdl.benchmarks
+    import fastdl.kernels
+
+    assert Path(fastdl.kernels.__file__).parent.name == "kernels"
+    assert (bench.benchmark_dir() / "bench_roi_align.py").exists()
+
+
+def test_every_op_has_schema_kernels_and_composite():
+    for name in _library.public_ops():
+        qualname = _library.qualname(name)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU"), f"{name}: no CPU kernel"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd"), f"{name}: no composite"
+        assert _library.implementation(name, "cpu") == "C++"
+
+
+def test_info_command_lists_every_op():
+    out = subprocess.run([sys.executable, "-m", "fastdl", "info"], capture_output=True, text=True, check=True).stdout
+    assert f"torch {torch.__version__}" in out
+    assert "CUDA kernels built:" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["op", "CPU", "CUDA", "MPS"])
+    served = {line.split()[0]: line.split()[1] for line in lines[header + 1 :] if line.strip()}
+    for name in _library.public_ops():
+        assert served.get(name) == "C++", out
+
+
+def test_bench_summary_pairs_each_baseline_with_fastdl(tmp_path):
+    def entry(impl, case, median, err=0.0, peak=None):
+        return {"stats": {"median": median}, "extra_info": {"op": "nms", "case": case, "impl": impl, "max_abs_err": err, "peak_mb": peak}}
+
+    data = {"benchmarks": [entry("eager", "a", 2.0), entry("fastdl", "a", 0.5, 1e-6, 3.0), entry("python-loop", "a", 8.0, peak=12.0),
+                           entry("fastdl", "b", 1.0), entry("eager", "b", 0.5)]}
+    rows = bench.summarise(data)
+    assert [(r["case"], r["baseline"], r["speedup"]) for r in rows] == [("a", "eager", 4.0), ("a", "python-loop", 16.0), ("b", "eager", 0.5)]
+    table = bench.format_table(rows)
+    assert "4.00x" in table and "16.00x" in table and "0.50x" in table and "12 / 3" in table
+    pytest.importorskip("matplotlib")
+    assert bench.plot(rows, tmp_path / "chart.png") and (tmp_path / "chart.png").stat().st_size > 0
+
+
+def test_bench_command_end_to_end(tmp_path):
+    """`fastdl bench --quick --ops nms` runs the benchmark module and writes JSON and a table."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fastdl", "bench", "--quick", "--ops", "nms", "--out", str(tmp_path), "--threads", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads((tmp_path / "bench-cpu.json").read_text())
+    impls = {b["extra_info"]["impl"] for b in data["benchmarks"]}
+    assert {"fastdl", "eager", "python-loop"} <= impls
+    assert "speedup" in out.stdout and "python-loop" in out.stdout
+
+
+def test_torch_version_guard():
+    from fastdl import _build_info, _loader
+
+    assert _loader._release("2.13.0+cpu") == ("2", "13") == _loader._release("2.13.1")
+    assert _loader._release(_build_info.TORCH_VERSION) == _loader._release(torch.__version__)
+    hint = _loader._rebuild_hint()
+    assert _build_info.TORCH_VERSION in hint and "--no-build-isolation" in hint
