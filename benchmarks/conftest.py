@@ -19,6 +19,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "quick: a case that `fastdl bench --quick` runs")
     threads = config.getoption("--threads") or torch.get_num_threads()
     torch.set_num_threads(threads)  # the same for fastdl and every baseline
 

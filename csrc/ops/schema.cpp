@@ -21,4 +21,12 @@ TORCH_LIBRARY(fastdl, m) {
       "SymInt height, SymInt width) -> Tensor");
   m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
   m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
+  // ---- attention ------------------------------------------------------------------------
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float scale, "
+      "float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
+      "Tensor out, Tensor lse, Tensor? grad_lse, bool causal, float scale, float dropout_p, "
+      "int seed) -> (Tensor, Tensor, Tensor)");
 }

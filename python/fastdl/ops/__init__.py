@@ -1,6 +1,7 @@
 """fastdl's functional API. Every function here is a thin wrapper over ``torch.ops.fastdl.*``."""
 
 from .. import _loader  # noqa: F401  (must precede the op modules)
+from .attention import attention
 from .boxes import BoxCoder, box_area, box_convert, box_iou, clip_boxes_to_image, remove_small_boxes
 from .nms import batched_nms, nms
 from .poolers import multiscale_roi_align
@@ -9,6 +10,7 @@ from .roi_pool import roi_pool
 
 __all__ = [
     "BoxCoder",
+    "attention",
     "batched_nms",
     "box_area",
     "box_convert",

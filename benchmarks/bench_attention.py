@@ -1,0 +1,117 @@
+"""attention: fastdl's fused kernel against torch's SDPA and the naive eager formulation.
+
+``eager`` is softmax(q k^T * scale) v written out (it materialises the N x N scores); ``sdpa`` is
+``torch.nn.functional.scaled_dot_product_attention``. ``peak_mb`` is the peak of the extra memory
+one call allocates (torch's CPU allocator profiler), where it can be measured.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdl.ops
+
+from ._common import record, sync
+
+# name: (B, H, N, D, causal, quick?)
+CASES = {
+    "N2048": (2, 8, 2048, 64, False, False),
+    "N2048-causal": (2, 8, 2048, 64, True, False),
+    "N512": (2, 8, 512, 64, False, True),
+    "N512-causal": (2, 8, 512, 64, True, True),
+}
+
+
+def eager_attention(q, k, v, causal):
+    s = q @ k.transpose(-1, -2) * (1 / math.sqrt(q.size(-1)))
+    if causal:
+        n = q.size(-2)
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+IMPLS = {
+    "fastdl": lambda q, k, v, causal: fastdl.ops.attention(q, k, v, causal=causal),
+    "sdpa": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+    "eager": eager_attention,
+}
+
+
+def make_inputs(case: str, device: str):
+    b, h, n, d, _, _ = CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(b, h, n, d, generator=gen).to(device) for _ in range(3)]
+
+
+def peak_mb(fn) -> float | None:
+    """Peak extra CPU memory of one call of ``fn``, in MB, from torch's memory profiler."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        current = peak = 0
+        events = sorted(
+            (e for e in prof.profiler.function_events if e.cpu_memory_usage), key=lambda e: e.time_range.start
+        )
+        for e in events:
+            current += e.cpu_memory_usage
+            peak = max(peak, current)
+        return peak / 2**20
+    except Exception:  # the profiler is optional: the table leaves the column empty
+        return None
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize(
+    "case", [pytest.param(name, marks=[pytest.mark.quick] if spec[5] else []) for name, spec in CASES.items()]
+)
+def test_attention(benchmark, case, impl, mode, device):
+    q, k, v = make_inputs(case, device)
+    causal = CASES[case][4]
+    fn = IMPLS[impl]
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+    if mode == "forward":
+
+        def run():
+            with torch.no_grad():
+                out = fn(q, k, v, causal)
+            sync(device)
+            return out
+
+    else:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+        def run():
+            out = fn(q, k, v, causal)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            sync(device)
+            return out
+
+    result = benchmark(run)
+    record(benchmark, op="attention", case=f"{case} {mode}", impl=impl, result=result.detach(), reference=reference)
+    if device == "cpu":
+        benchmark.extra_info["peak_mb"] = peak_mb(run)
+
+
+@pytest.mark.parametrize("impl", ["fastdl", "sdpa"])
+def test_attention_memory_n8192(benchmark, impl, device):
+    """Forward at N=8192 (B=1, H=2): fastdl's extra memory stays O(N)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8192, 64, generator=gen).to(device) for _ in range(3))
+
+    def run():
+        with torch.no_grad():
+            out = IMPLS[impl](q, k, v, True)
+        sync(device)
+        return out
+
+    result = benchmark.pedantic(run, rounds=1, iterations=1)
+    record(benchmark, op="attention", case="N8192-causal B1H2 forward", impl=impl, result=result, reference=result)
+    if device == "cpu":
+        benchmark.extra_info["peak_mb"] = peak_mb(run)
