@@ -89,11 +89,6 @@ void backward_nhwc(const T* grad_output, const T* rois, T* grad_input, int64_t n
   });
 }
 
-void check_params(int64_t pooled_h, int64_t pooled_w, double spatial_scale) {
-  check_pooled_size("roi_align", pooled_h, pooled_w);
-  check_spatial_scale("roi_align", spatial_scale);
-}
-
 at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                          int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
                          bool aligned) {
@@ -122,13 +117,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                   int64_t batch_size, int64_t channels, int64_t height,
                                   int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_params(pooled_h, pooled_w, spatial_scale);
-  check_same_device("roi_align_backward", "grad", grad, "rois", rois);
-  check_same_dtype("roi_align_backward", "grad", grad, "rois", rois);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
-                  grad.size(2) == pooled_h && grad.size(3) == pooled_w,
-              "roi_align_backward: expected grad of shape [", rois.size(0), ", ", channels, ", ",
-              pooled_h, ", ", pooled_w, "], got ", sizes_str(grad));
+  check_backward_args(grad, rois, spatial_scale, pooled_h, pooled_w, channels);
   auto grad_input_nhwc = at::zeros({batch_size, height, width, channels}, grad.options());
   if (grad.numel() > 0 && grad_input_nhwc.numel() > 0) {
     const auto grad_nhwc = grad.permute({0, 2, 3, 1}).contiguous();

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "common/checks.h"
+#include "common/rois.h"
 #include "common/host_device.h"
 
 namespace fastdl::roi_align {
@@ -100,6 +101,22 @@ template <typename T>
 FASTDL_HOST_DEVICE T sample_x(const RoiGeometry<T>& g, int64_t px, int ix) {
   return g.start_x + static_cast<T>(px) * g.bin_w +
          (static_cast<T>(ix) + T(0.5)) * g.bin_w / static_cast<T>(g.grid_w);
+}
+
+inline void check_params(int64_t pooled_h, int64_t pooled_w, double spatial_scale) {
+  check_pooled_size("roi_align", pooled_h, pooled_w);
+  check_spatial_scale("roi_align", spatial_scale);
+}
+
+inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
+                                int64_t pooled_h, int64_t pooled_w, int64_t channels) {
+  check_params(pooled_h, pooled_w, spatial_scale);
+  check_same_device("roi_align_backward", "grad", grad, "rois", rois);
+  check_same_dtype("roi_align_backward", "grad", grad, "rois", rois);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
+                  grad.size(2) == pooled_h && grad.size(3) == pooled_w,
+              "roi_align_backward: expected grad of shape [", rois.size(0), ", ", channels, ", ",
+              pooled_h, ", ", pooled_w, "], got ", sizes_str(grad));
 }
 
 }  // namespace fastdl::roi_align

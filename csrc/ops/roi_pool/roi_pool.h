@@ -2,8 +2,11 @@
 // to whole feature-map pixels and each output bin takes the max over its window of pixels.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cmath>
 
+#include "common/checks.h"
 #include "common/host_device.h"
 
 namespace fastdl::roi_pool {
@@ -50,6 +53,16 @@ FASTDL_HOST_DEVICE Window bin_window(const RoiGeometry<T>& g, int64_t py, int64_
   w.x0 = clip(static_cast<int64_t>(floor(static_cast<T>(px) * g.bin_w)) + g.start_x, width);
   w.x1 = clip(static_cast<int64_t>(ceil(static_cast<T>(px + 1) * g.bin_w)) + g.start_x, width);
   return w;
+}
+
+inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois,
+                                const at::Tensor& argmax, int64_t channels, int64_t pooled_h,
+                                int64_t pooled_w) {
+  TORCH_CHECK(grad.sizes() == argmax.sizes(), "roi_pool_backward: grad ", sizes_str(grad),
+              " and argmax ", sizes_str(argmax), " must have the same shape");
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels,
+              "roi_pool_backward: expected grad of shape [", rois.size(0), ", ", channels, ", ",
+              pooled_h, ", ", pooled_w, "], got ", sizes_str(grad));
 }
 
 }  // namespace fastdl::roi_pool
