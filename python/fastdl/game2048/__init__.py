@@ -1,0 +1,327 @@
+"""The fastdl 2048 engine: exact game rules and a fast multi-threaded expectimax search.
+
+The core is C++ (:mod:`fastdl.game2048._engine`, no torch); this module wraps it with input
+validation and friendlier types. See docs/game2048.md for the rules, the search variants and
+the precise definitions of the ``snake`` and ``notes`` heuristics.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import _engine
+from ._engine import Rng
+
+__all__ = ["Board", "Direction", "Engine", "GameResult", "IllegalMoveError", "Rng", "SearchResult",
+           "play_game", "play_games"]
+
+MAX_TILE = 1 << _engine.MAX_RANK  # 32768: the largest tile one 4-bit cell can hold
+
+
+class Direction(enum.IntEnum):
+    UP = 0
+    DOWN = 1
+    LEFT = 2
+    RIGHT = 3
+
+    @classmethod
+    def parse(cls, direction) -> Direction:
+        """A Direction from a Direction, its name ("up", any case) or its integer value."""
+        if isinstance(direction, str):
+            try:
+                return cls[direction.strip().upper()]
+            except KeyError:
+                pass
+        elif isinstance(direction, int) and not isinstance(direction, bool) and 0 <= direction < 4:
+            return cls(direction)
+        raise ValueError(f"unknown direction {direction!r}: expected 'up', 'down', 'left', 'right' or a Direction")
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class IllegalMoveError(ValueError):
+    """The move does not change the board."""
+
+
+def _rank_of(tile) -> int:
+    if isinstance(tile, bool) or not isinstance(tile, int):
+        raise ValueError(f"tile {tile!r} is not an integer")
+    if tile == 0:
+        return 0
+    if tile < 2 or tile & (tile - 1):
+        raise ValueError(f"tile {tile} is not 0 or a power of two >= 2")
+    if tile > MAX_TILE:
+        raise ValueError(f"tile {tile} is larger than {MAX_TILE}, the largest tile a board cell can hold")
+    return tile.bit_length() - 1
+
+
+class Board:
+    """An immutable 4x4 board plus the score accumulated by the moves that led to it.
+
+    ``Board([[0, 2, 0, 0], ...])`` takes four rows of four tile values (0 = empty, top row first);
+    ``Board(bits)`` takes the 64-bit encoding (cell (r, c) = bits 16r+4c..16r+4c+3, log2 of the tile).
+    """
+
+    __slots__ = ("_bits", "_score")
+
+    def __init__(self, tiles=0, *, score: int = 0):
+        if isinstance(tiles, Board):
+            bits = tiles._bits
+        elif isinstance(tiles, int) and not isinstance(tiles, bool):
+            if not 0 <= tiles < 1 << 64:
+                raise ValueError(f"board integer {tiles} is outside [0, 2**64)")
+            bits = tiles
+        elif isinstance(tiles, (list, tuple)):
+            bits = self._encode(tiles)
+        else:
+            raise ValueError(f"cannot make a board from {type(tiles).__name__}: expected 4x4 nested lists or an int")
+        if isinstance(score, bool) or not isinstance(score, int) or score < 0:
+            raise ValueError(f"score must be a non-negative integer, got {score!r}")
+        self._bits = bits
+        self._score = score
+
+    @staticmethod
+    def _encode(rows) -> int:
+        if len(rows) != 4 or any(not isinstance(row, (list, tuple)) or len(row) != 4 for row in rows):
+            shape = [len(row) if isinstance(row, (list, tuple)) else "?" for row in rows]
+            raise ValueError(f"a board is 4 rows of 4 tiles, got rows of lengths {shape}")
+        bits = 0
+        for r, row in enumerate(rows):
+            for c, tile in enumerate(row):
+                bits |= _rank_of(tile) << (16 * r + 4 * c)
+        return bits
+
+    # ---- views ------------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    def __int__(self) -> int:
+        return self._bits
+
+    @property
+    def score(self) -> int:
+        """Sum of the tiles created by merges on the way to this board."""
+        return self._score
+
+    def ranks(self) -> list[list[int]]:
+        return [[(self._bits >> (16 * r + 4 * c)) & 0xF for c in range(4)] for r in range(4)]
+
+    def to_list(self) -> list[list[int]]:
+        return [[1 << rank if rank else 0 for rank in row] for row in self.ranks()]
+
+    @property
+    def max_tile(self) -> int:
+        return max(max(row) for row in self.to_list())
+
+    @property
+    def empty_cells(self) -> int:
+        return _engine.count_empty(self._bits)
+
+    # ---- rules ------------------------------------------------------------------------------
+    def move(self, direction) -> Board:
+        """The board after sliding; raises IllegalMoveError when nothing changes and
+        OverflowError when two 32768 tiles would merge (65536 does not fit in a cell)."""
+        direction = Direction.parse(direction)
+        bits, gain, overflow = _engine.move(self._bits, int(direction))
+        if overflow:
+            raise OverflowError("this move merges two 32768 tiles into 65536, beyond the 4-bit cell limit")
+        if bits == self._bits:
+            raise IllegalMoveError(f"moving {direction} does not change the board")
+        return Board(bits, score=self._score + gain)
+
+    def legal_moves(self) -> list[Direction]:
+        """Directions that change the board (including one that would overflow past 32768)."""
+        legal = []
+        for direction in Direction:
+            bits, _, overflow = _engine.move(self._bits, int(direction))
+            if bits != self._bits or overflow:
+                legal.append(direction)
+        return legal
+
+    def is_over(self) -> bool:
+        return not self.legal_moves()
+
+    def spawn(self, rng) -> Board:
+        """A 2 (p=0.9) or 4 (p=0.1) on a uniformly chosen empty cell. ``rng`` is a
+        :class:`Rng` (reproducible across platforms) or a :class:`random.Random`."""
+        if self.empty_cells == 0:
+            raise ValueError("cannot spawn a tile: the board is full")
+        if isinstance(rng, Rng):
+            return Board(_engine.spawn(self._bits, rng), score=self._score)
+        if isinstance(rng, random.Random):
+            empty = [cell for cell in range(16) if not (self._bits >> (4 * cell)) & 0xF]
+            cell = empty[rng.randrange(len(empty))]
+            rank = 2 if rng.random() < 0.1 else 1
+            return Board(self._bits | rank << (4 * cell), score=self._score)
+        raise ValueError(f"rng must be a fastdl.game2048.Rng or a random.Random, got {type(rng).__name__}")
+
+    @classmethod
+    def new_game(cls, rng) -> Board:
+        """An empty board with the two starting tiles."""
+        return cls().spawn(rng).spawn(rng)
+
+    # ---- python protocol --------------------------------------------------------------------
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Board) and other._bits == self._bits
+
+    def __hash__(self) -> int:
+        return hash(self._bits)
+
+    def __repr__(self) -> str:
+        return f"Board({self.to_list()!r}, score={self._score})"
+
+    def __str__(self) -> str:
+        rows = self.to_list()
+        width = max(4, len(str(self.max_tile)))
+        border = "+" + "+".join("-" * (width + 2) for _ in range(4)) + "+"
+        lines = [border]
+        for row in rows:
+            lines.append("|" + "|".join(f" {tile if tile else '.':>{width}} " for tile in row) + "|")
+            lines.append(border)
+        lines.append(f"score {self._score}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    move: Direction | None           # None: no move is possible
+    values: dict[Direction, float]   # expectimax value of every available root move
+    depth: int                       # root depth the search used
+    nodes: int
+    evaluations: int
+    cache_hits: int
+    seconds: float
+
+
+@dataclass
+class GameResult:
+    seed: int
+    max_tile: int
+    score: int
+    moves: int
+    seconds: float
+    nodes: int
+    final_board: Board
+    hit_65536_limit: bool
+    move_log: list[Direction] | None = field(default=None, repr=False)
+
+    @property
+    def moves_per_second(self) -> float:
+        return self.moves / self.seconds if self.seconds else float("inf")
+
+
+_HEURISTICS = ("default", "snake", "notes")
+
+
+class Engine:
+    """Expectimax search.
+
+    heuristic: "default" (strong, per-line tables, probability cutoff, transposition table),
+        "snake" or "notes" (the course notes' evaluations and plain searches, see the docs).
+    depth: root depth; None = the heuristic's policy (default: max(3, distinct tiles - 2);
+        snake: 3; notes: 4/5/6 by the number of empty cells).
+    threads: search threads (None = all cores); results do not depend on it.
+    prob_cutoff: default heuristic only: chance nodes reached with a lower probability are
+        evaluated instead of expanded.
+    cache: use the transposition table.
+    weights: default-heuristic weights to override (see DEFAULT_WEIGHTS).
+    """
+
+    DEFAULT_WEIGHTS = {"lost_penalty": 200000.0, "empty": 270.0, "merges": 700.0, "monotonicity": 47.0,
+                       "monotonicity_power": 4.0, "sum": 11.0, "sum_power": 3.5}
+
+    def __init__(self, depth: int | None = None, threads: int | None = None, heuristic: str = "default",
+                 prob_cutoff: float = 1e-4, cache: bool = True, weights: dict | None = None):
+        if heuristic not in _HEURISTICS:
+            raise ValueError(f"unknown heuristic {heuristic!r}: expected one of {', '.join(_HEURISTICS)}")
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 30):
+            raise ValueError(f"depth must be None or an integer in [1, 30], got {depth!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be None or a positive integer, got {threads!r}")
+        if not 0.0 <= prob_cutoff < 1.0:
+            raise ValueError(f"prob_cutoff must be in [0, 1), got {prob_cutoff!r}")
+        weights = dict(weights or {})
+        unknown = set(weights) - set(self.DEFAULT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown heuristic weights {sorted(unknown)}: expected {sorted(self.DEFAULT_WEIGHTS)}")
+        self.depth, self.threads, self.heuristic = depth, threads, heuristic
+        self.prob_cutoff, self.cache, self.weights = prob_cutoff, cache, weights
+        self._core = self._make_core(threads)
+
+    def _make_core(self, threads):
+        return _engine.Engine(self.heuristic, self.depth or 0, self.prob_cutoff, self.cache, threads or 0,
+                              {k: float(v) for k, v in self.weights.items()})
+
+    @classmethod
+    def fast(cls, threads: int | None = None) -> Engine:
+        """A quick preset: default heuristic at depth 2 (thousands of moves per second)."""
+        return cls(depth=2, threads=threads)
+
+    def __repr__(self) -> str:
+        return (f"Engine(depth={self.depth}, threads={self.threads}, heuristic={self.heuristic!r}, "
+                f"prob_cutoff={self.prob_cutoff}, cache={self.cache})")
+
+    def evaluate(self, board) -> float:
+        """The heuristic value of a position."""
+        return self._core.evaluate(Board(board).bits)
+
+    def root_depth(self, board) -> int:
+        return self._core.root_depth(Board(board).bits)
+
+    def best_move(self, board) -> SearchResult:
+        raw = self._core.best_move(Board(board).bits)
+        values = {d: v for d, v in zip(Direction, raw["values"]) if v == v}  # drop NaN (unavailable)
+        stats = raw["stats"]
+        return SearchResult(move=Direction(raw["move"]) if raw["move"] >= 0 else None, values=values,
+                            depth=raw["depth"], nodes=stats["nodes"], evaluations=stats["evaluations"],
+                            cache_hits=stats["cache_hits"], seconds=raw["seconds"])
+
+    def _play(self, seed: int, record_moves: bool, core=None) -> GameResult:
+        raw = (core or self._core).play_game(seed, record_moves)
+        return GameResult(seed=seed, max_tile=raw["max_tile"], score=raw["score"], moves=raw["moves"],
+                          seconds=raw["seconds"], nodes=raw["stats"]["nodes"], final_board=Board(raw["final_board"],
+                          score=raw["score"]), hit_65536_limit=raw["hit_65536_limit"],
+                          move_log=[Direction(m) for m in raw["move_log"]] if record_moves else None)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return seed
+
+
+def play_game(seed: int = 0, engine: Engine | None = None, record_moves: bool = False) -> GameResult:
+    """One self-play game from an empty board (two spawned tiles), tiles drawn from Rng(seed)."""
+    return (engine or Engine())._play(_check_seed(seed), record_moves)
+
+
+def game_seeds(n: int, seed: int = 0) -> list[int]:
+    """The seeds play_games uses: the first n outputs of Rng(seed)."""
+    rng = Rng(_check_seed(seed))
+    return [rng.next() for _ in range(n)]
+
+
+def play_games(n: int, seed: int = 0, engine: Engine | None = None, threads: int | None = None,
+               record_moves: bool = False, progress=None) -> list[GameResult]:
+    """n games in parallel, one search thread per game, ``threads`` games at a time (None = all
+    cores). Game i is play_game(game_seeds(n, seed)[i]), so results do not depend on ``threads``.
+    ``progress(result)`` is called as each game ends."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    engine = engine or Engine()
+    single_threaded = engine._make_core(1)  # games are the unit of parallelism here
+    workers = threads or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(engine._play, s, record_moves, single_threaded) for s in game_seeds(n, seed)]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            if progress:
+                progress(results[-1])
+    return results

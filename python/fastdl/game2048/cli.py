@@ -1,0 +1,209 @@
+"""``fastdl 2048 ...``: play in the terminal, watch the engine, or benchmark it.
+
+The package's command line calls :func:`register` to add the ``2048`` sub-command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from . import Board, Direction, Engine, IllegalMoveError, Rng, play_games
+
+MILESTONES = (2048, 4096, 8192, 16384, 32768)
+_CLEAR = "\x1b[H\x1b[J"  # ANSI: cursor home, clear to end of screen (redraw in place)
+
+
+def register(subparsers) -> None:
+    """Adds ``2048 {play,watch,bench}`` to an argparse subparsers object."""
+    parser = subparsers.add_parser("2048", help="the 2048 game engine", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="game2048_command", required=True)
+
+    play = commands.add_parser("play", help="play in the terminal (arrow keys or WASD, q quits)")
+    play.add_argument("--seed", type=int, default=None, help="tile seed (default: random)")
+    play.set_defaults(func=cmd_play)
+
+    watch = commands.add_parser("watch", help="watch the engine play")
+    _add_engine_arguments(watch)
+    watch.add_argument("--seed", type=int, default=None, help="tile seed (default: random)")
+    watch.add_argument("--delay", type=float, default=0.0, help="seconds to pause after each move")
+    watch.add_argument("--max-moves", type=int, default=None, help="stop after this many moves")
+    watch.set_defaults(func=cmd_watch)
+
+    bench = commands.add_parser("bench", help="self-play benchmark: max-tile distribution, scores, speed")
+    _add_engine_arguments(bench)
+    bench.add_argument("--games", type=int, default=10, help="number of games")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the game seeds")
+    bench.add_argument("--parallel", type=int, default=None, help="games played at once (default: all cores)")
+    bench.add_argument("--out", default=None, help="directory for bench_2048.json and bench_2048_max_tiles.png")
+    bench.set_defaults(func=cmd_bench)
+
+
+def _add_engine_arguments(parser) -> None:
+    parser.add_argument("--preset", choices=("default", "fast"), default="default",
+                        help="fast = default heuristic at depth 2")
+    parser.add_argument("--depth", type=int, default=None, help="search depth (default: the heuristic's policy)")
+    parser.add_argument("--heuristic", choices=("default", "snake", "notes"), default="default")
+    parser.add_argument("--threads", type=int, default=None, help="search threads (default: all cores)")
+
+
+def _engine_from(args) -> Engine:
+    depth = args.depth if args.depth is not None else (2 if args.preset == "fast" else None)
+    return Engine(depth=depth, threads=args.threads, heuristic=args.heuristic)
+
+
+def _seed_from(args) -> int:
+    return args.seed if args.seed is not None else int.from_bytes(os.urandom(8), "little")
+
+
+# ---- play -------------------------------------------------------------------------------------
+
+def cmd_play(args) -> int:
+    import curses
+
+    return curses.wrapper(_play_loop, _seed_from(args))
+
+
+def _play_loop(screen, seed: int) -> int:
+    import curses
+
+    keys = {curses.KEY_UP: Direction.UP, curses.KEY_DOWN: Direction.DOWN, curses.KEY_LEFT: Direction.LEFT,
+            curses.KEY_RIGHT: Direction.RIGHT, ord("w"): Direction.UP, ord("s"): Direction.DOWN,
+            ord("a"): Direction.LEFT, ord("d"): Direction.RIGHT}
+    rng = Rng(seed)
+    board = Board.new_game(rng)
+    message = "arrows or WASD to move, q to quit"
+    while True:
+        screen.erase()
+        screen.addstr(0, 0, f"{board}\n\n{message}\n")
+        screen.refresh()
+        if board.is_over():
+            screen.addstr(f"game over: score {board.score}, max tile {board.max_tile}. Press any key.\n")
+            screen.getch()
+            return 0
+        key = screen.getch()
+        if key in (ord("q"), ord("Q"), 27):
+            return 0
+        key = key if key not in range(ord("A"), ord("Z") + 1) else key + 32  # accept WASD in capitals
+        if key not in keys:
+            continue
+        try:
+            board = board.move(keys[key]).spawn(rng)
+            message = f"moved {keys[key]}"
+        except IllegalMoveError:
+            message = f"{keys[key]} does not move anything"
+        except OverflowError as error:
+            message = str(error)
+
+
+# ---- watch ------------------------------------------------------------------------------------
+
+def cmd_watch(args) -> int:
+    engine = _engine_from(args)
+    rng = Rng(_seed_from(args))
+    board = Board.new_game(rng)
+    start, moves = time.perf_counter(), 0
+    try:
+        while args.max_moves is None or moves < args.max_moves:
+            result = engine.best_move(board)
+            if result.move is None:
+                break
+            board = board.move(result.move).spawn(rng)
+            moves += 1
+            rate = moves / (time.perf_counter() - start)
+            sys.stdout.write(f"{_CLEAR}{board}\nmove {moves} ({result.move}), {rate:.0f} moves/s, "
+                             f"depth {result.depth}, {result.nodes} nodes\n")
+            sys.stdout.flush()
+            if args.delay:
+                time.sleep(args.delay)
+    except KeyboardInterrupt:
+        pass
+    print(f"final: score {board.score}, max tile {board.max_tile}, {moves} moves")
+    return 0
+
+
+# ---- bench ------------------------------------------------------------------------------------
+
+def _progress_bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // max(total, 1)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+def cmd_bench(args) -> int:
+    if args.games < 1:
+        raise SystemExit("--games must be at least 1")
+    engine = _engine_from(args)
+    done = 0
+
+    def progress(result):
+        nonlocal done
+        done += 1
+        sys.stderr.write(f"\r{_progress_bar(done, args.games)} last: max tile {result.max_tile}, "
+                         f"score {result.score}")
+        sys.stderr.flush()
+
+    start = time.perf_counter()
+    results = play_games(args.games, seed=args.seed, engine=engine, threads=args.parallel, progress=progress)
+    wall = time.perf_counter() - start
+    sys.stderr.write("\n")
+
+    summary = summarize(results, wall)
+    summary["settings"] = {"games": args.games, "seed": args.seed, "preset": args.preset, "depth": args.depth,
+                           "heuristic": args.heuristic}
+    print(format_summary(summary))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_2048.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        _plot_max_tiles(results, os.path.join(args.out, "bench_2048_max_tiles.png"))
+        print(f"wrote {args.out}/bench_2048.json and bench_2048_max_tiles.png")
+    return 0
+
+
+def summarize(results, wall_seconds: float) -> dict:
+    scores = [r.score for r in results]
+    game_seconds = sum(r.seconds for r in results)
+    moves = sum(r.moves for r in results)
+    return {
+        "reached": {str(tile): sum(r.max_tile >= tile for r in results) / len(results) for tile in MILESTONES},
+        "max_tiles": sorted(r.max_tile for r in results),
+        "score": {"min": min(scores), "median": statistics.median(scores), "max": max(scores)},
+        "moves": moves,
+        "moves_per_second": moves / game_seconds,         # per game thread
+        "nodes_per_second": sum(r.nodes for r in results) / game_seconds,
+        "wall_seconds": wall_seconds,
+        "games": [{"seed": r.seed, "max_tile": r.max_tile, "score": r.score, "moves": r.moves,
+                   "seconds": r.seconds} for r in results],
+    }
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"games: {len(summary['games'])} in {summary['wall_seconds']:.1f} s"]
+    lines += [f"  reached {tile:>5}: {share:6.1%}" for tile, share in
+              ((int(t), s) for t, s in summary["reached"].items())]
+    score = summary["score"]
+    lines.append(f"score: min {score['min']}, median {score['median']}, max {score['max']}")
+    lines.append(f"speed: {summary['moves_per_second']:.0f} moves/s, "
+                 f"{summary['nodes_per_second'] / 1e6:.1f} M search nodes/s (per game thread)")
+    return "\n".join(lines)
+
+
+def _plot_max_tiles(results, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    tiles = sorted({r.max_tile for r in results})
+    counts = [sum(r.max_tile == t for r in results) for t in tiles]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([str(t) for t in tiles], counts)
+    ax.set_xlabel("max tile")
+    ax.set_ylabel("games")
+    ax.set_title(f"fastdl 2048: max tile over {len(results)} games")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
