@@ -115,3 +115,50 @@ def test_attention_memory_n8192(benchmark, impl, device):
     record(benchmark, op="attention", case="N8192-causal B1H2 forward", impl=impl, result=result, reference=result)
     if device == "cpu":
         benchmark.extra_info["peak_mb"] = peak_mb(run)
+
+
+# ---- CUDA: fastdl's Triton kernels against torch's SDPA (run with --device cuda) -----------------
+
+# name: (N, D, causal); B * N = 16384 tokens, H = 16, float16
+CUDA_CASES = {
+    f"N{n // 1024}k-D{d}" + ("-causal" if causal else ""): (n, d, causal)
+    for n in (1024, 4096, 16384)
+    for d in (64, 128)
+    for causal in (False, True)
+}
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", ["fastdl", "sdpa"])
+@pytest.mark.parametrize("case", list(CUDA_CASES))
+def test_attention_cuda(benchmark, case, impl, mode, device):
+    if device != "cuda":
+        pytest.skip("CUDA-only case (--device cuda)")
+    n, d, causal = CUDA_CASES[case]
+    b, h = max(1, 16384 // n), 16
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device=device, dtype=torch.float16) for _ in range(3))
+    fn = IMPLS[impl]
+    with torch.no_grad():  # the reference is torch's own fused kernel (a float64 one would not fit)
+        reference = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if mode == "forward":
+
+        def run():
+            with torch.no_grad():
+                out = fn(q, k, v, causal)
+            sync(device)
+            return out
+
+    else:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        grad = torch.randn_like(reference)
+
+        def run():
+            out = fn(q, k, v, causal)
+            torch.autograd.grad(out, (q, k, v), grad)
+            sync(device)
+            return out
+
+    result = benchmark(run)
+    record(benchmark, op="attention", case=f"cuda {case} fp16 {mode}", impl=impl, result=result.detach(),
+           reference=reference)

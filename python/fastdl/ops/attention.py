@@ -54,9 +54,11 @@ def attention(
     ``attn_mask`` is treated as a constant (no gradient flows to it).
 
     Devices and dtypes: CPU runs a tiled C++ kernel (float32, bfloat16 with float32 accumulation,
-    float64); CUDA runs Triton kernels (float32, float16, bfloat16); other devices (MPS, ...) run
-    a plain-PyTorch composite that materialises scores a chunk of queries at a time. Head dim
-    ``D`` is any multiple of 8 from 8 to 256.
+    float64); CUDA runs fused Triton kernels, forward and backward (float16, bfloat16, float32 with
+    float32 accumulation; masks, grouped heads and dropout included; float64 on CUDA, and CUDA
+    without triton installed, fall back to the composite); other devices (MPS, ...) run a
+    plain-PyTorch composite that materialises scores a chunk of queries at a time. Head dim ``D``
+    is any multiple of 8 from 8 to 256 (the Triton kernels pad it to a power of two internally).
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.size(-1)) if q.dim() == 4 and q.size(-1) > 0 else 1.0
@@ -333,6 +335,7 @@ def attention_backward_composite(grad_out, q, k, v, attn_mask, out, lse, grad_ls
 
 
 def _register_triton():
+    """Serve CUDA with fastdl.kernels.attention (float64 inputs are passed on to the composite)."""
     if not torch.cuda.is_available():
         return
     try:
