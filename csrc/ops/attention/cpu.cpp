@@ -2,17 +2,25 @@
 //
 // Forward: one work item is (batch, head, block of BQ queries). It walks the key blocks once,
 // keeping a running row max and row sum (online softmax, base 2 with log2(e) folded into the
-// scale) and a BQ x D output accumulator, so no score buffer larger than BQ x BK exists. The two
-// block products per step (S = Q K^T and O += P V) go through ATen's CPU BLAS; the softmax part
-// (row max, exp2, row sums, rescaling) runs in vectorised loops compiled per instruction set.
-// With causal=True key blocks entirely above the diagonal are never visited and only blocks
-// that straddle it are masked element by element.
+// scale) and a BQ x D output accumulator, so no score buffer larger than BQ x BK exists.
+// float32 with D a multiple of 16 on an AVX-512 CPU (the common case) computes the two block
+// products per step (S = Q K^T and O += P V) with the register-blocked tiles of cpu_tiles.h:
+// K is first repacked once per call into strips of 32 keys stored transposed (the same size as
+// K), the S tiles also produce the row maxima of blocks that need no masking, and the exp2 pass
+// uses AVX-512 scalef. Every other case (float64, other D, CPUs without AVX-512) runs the block
+// products through the BLAS libtorch links and the softmax part in loops compiled per
+// instruction set (target_clones). With causal=True key blocks entirely above the diagonal are
+// never visited, tiles above it inside a diagonal block are skipped, and only blocks that
+// straddle it are masked element by element.
+//
+// Both GEMM-shaped products run at close to the core's FMA throughput (as fast as MKL's sgemm on
+// these shapes), so the time left is the softmax part: one exp2 per score and little else.
 //
 // Backward: one work item is (batch, key/value head), so that dK, dV (shared by the query heads
 // of a group) and dQ are each owned by one thread and summed in a fixed order: deterministic.
 // For every key block it recomputes P from the saved log-sum-exp and accumulates
 // dV += P^T dO, dS = P * (dO V^T - delta), dK += dS^T Q * scale, dQ += dS K * scale,
-// where delta = rowsum(dO * O) - grad_lse.
+// where delta = rowsum(dO * O) - grad_lse. Its products go through the BLAS.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,10 +30,19 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_simd.h"
+#include "ops/attention/cpu_tiles.h"
+
+// 64-byte vector values only live inside always-inlined helpers and the per-ISA clones of this
+// file (nothing with a vector in its signature is visible outside it), so GCC's note that their
+// calling convention differs with and without AVX-512 does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 // The Fortran BLAS entry points of the BLAS that libtorch itself links (MKL on x86-64 wheels).
 extern "C" {
@@ -61,18 +78,74 @@ inline float exp2_poly(float x) {
   return p * two_n;
 }
 
+// Sixteen floats as one GCC vector: one zmm register in the AVX-512 clone, two ymm in the AVX2
+// one, four xmm in the baseline one, so a single source serves every instruction set.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+#define FASTDL_VEC_INLINE __attribute__((always_inline)) inline
+
+FASTDL_VEC_INLINE f32x16 splat(float a) { return f32x16{} + a; }
+FASTDL_VEC_INLINE f32x16 load(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FASTDL_VEC_INLINE void store(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp2_poly on sixteen lanes (same polynomial, same clamping, bit for bit per lane).
+FASTDL_VEC_INLINE f32x16 exp2_vec(f32x16 x) {
+  const f32x16 lo = splat(-127.0f);
+  x = x > lo ? x : lo;
+  const i32x16 n = __builtin_convertvector(x - 0.5f, i32x16);  // truncation toward zero
+  const f32x16 f = x - __builtin_convertvector(n, f32x16);
+  f32x16 p = splat(1.525273380405984e-05f);
+  p = p * f + 1.5403530393381608e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.618129107628477e-03f;
+  p = p * f + 5.550410866482158e-02f;
+  p = p * f + 2.402265069591007e-01f;
+  p = p * f + 6.931471805599453e-01f;
+  p = p * f + 1.0f;
+  const i32x16 bits = (n + 127) << 23;
+  return p * reinterpret_cast<const f32x16&>(bits);
+}
+
+FASTDL_VEC_INLINE float hmax(f32x16 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+FASTDL_VEC_INLINE float hsum(f32x16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
 FASTDL_SIMD_CLONES float row_max(int64_t n, const float* __restrict x) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  f32x16 mv = splat(ninf);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const f32x16 v = load(x + i);
+    mv = v > mv ? v : mv;
+  }
+  float m = hmax(mv);
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
 
 // x[i] = 2^(x[i] - m); returns the sum of the new values.
 FASTDL_SIMD_CLONES float exp2_shift_sum(int64_t n, float* __restrict x, float m) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
+  f32x16 sv = splat(0.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const f32x16 e = exp2_vec(load(x + i) - m);
+    store(x + i, e);
+    sv += e;
+  }
+  float s = hsum(sv);
+  for (; i < n; ++i) {
     const float e = exp2_poly(x[i] - m);
     x[i] = e;
     s += e;
@@ -300,24 +373,60 @@ struct Options {
   Dropout dropout;
 };
 
-// Scaled (base-2) scores of one block with the mask applied: s2[r][c] for query i0 + r and key
-// j0 + c. Returns nothing; hidden entries are -inf.
+// Mask of one block of scaled (base-2) scores s2[r * lds + c] (query i0 + r, key j0 + c): adds
+// the additive mask and sets causally hidden entries to -inf.
 template <typename T>
-void block_scores(T* s2, const T* qp, int64_t ldq, const T* kp, int64_t ldk, int64_t rows,
-                  int64_t cols, int64_t D, const Shape& sh, const Options& o,
-                  const MaskView<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t j0) {
-  const T alpha = static_cast<T>(o.scale * kLog2e);
-  gemm(TransposeType::Transpose, TransposeType::NoTranspose, cols, rows, D,
-                            alpha, kp, ldk, qp, ldq, T(0), s2, cols);
+void mask_block(T* s2, int64_t lds, int64_t rows, int64_t cols, const Shape& sh, const Options& o,
+                const MaskView<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t j0) {
+  if (!mask.data && !o.causal) return;
   const int64_t offset = sh.Nk - sh.Nq;
   for (int64_t r = 0; r < rows; ++r) {
-    T* s = s2 + r * cols;
+    T* s = s2 + r * lds;
     if (mask.data) mask.add_row(s, cols, b, h, i0 + r, j0, static_cast<T>(kLog2e));
     if (o.causal) {
       const int64_t first_hidden = std::max<int64_t>(0, i0 + r + offset + 1 - j0);
       for (int64_t c = first_hidden; c < cols; ++c) s[c] = -std::numeric_limits<T>::infinity();
     }
   }
+}
+
+// Scaled (base-2) scores of one block with the mask applied: s2[r][c] for query i0 + r and key
+// j0 + c (row stride cols); hidden entries are -inf.
+template <typename T>
+void block_scores(T* s2, const T* qp, int64_t ldq, const T* kp, int64_t ldk, int64_t rows,
+                  int64_t cols, int64_t D, const Shape& sh, const Options& o,
+                  const MaskView<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t j0) {
+  const T alpha = static_cast<T>(o.scale * kLog2e);
+  gemm(TransposeType::Transpose, TransposeType::NoTranspose, cols, rows, D, alpha, kp, ldk, qp,
+       ldq, T(0), s2, cols);
+  mask_block(s2, cols, rows, cols, sh, o, mask, b, h, i0, j0);
+}
+
+// K of every (batch, key/value head) in the strip layout of tiles::qk_block: strip t holds keys
+// 32 t .. 32 t + 31 as D rows of 32 floats, keys past Nk are zero. Same size as K (rounded up);
+// a tensor so that torch's memory profiler accounts for it.
+at::Tensor pack_k_strips(const Shape& sh, const float* k, Strides sk) {
+  const int64_t strips = (sh.Nk + tiles::kStrip - 1) / tiles::kStrip;
+  const int64_t per_head = strips * tiles::kStrip * sh.D;
+  auto packed_t = at::empty({sh.B * sh.Hkv * per_head}, at::TensorOptions().dtype(at::kFloat));
+  float* packed = packed_t.data_ptr<float>();
+  at::parallel_for(0, sh.B * sh.Hkv * strips, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bk = item / strips, t = item % strips;
+      const float* src = k + (bk / sh.Hkv) * sk.b + (bk % sh.Hkv) * sk.h;
+      float* dst = packed + bk * per_head + t * tiles::kStrip * sh.D;
+      for (int64_t c = 0; c < tiles::kStrip; ++c) {
+        const int64_t j = t * tiles::kStrip + c;
+        if (j < sh.Nk) {
+          const float* row = src + j * sk.n;
+          for (int64_t d = 0; d < sh.D; ++d) dst[d * tiles::kStrip + c] = row[d];
+        } else {
+          for (int64_t d = 0; d < sh.D; ++d) dst[d * tiles::kStrip + c] = 0.0f;
+        }
+      }
+    }
+  });
+  return packed_t;
 }
 
 // Number of keys any of the queries i0 .. i0 + rows - 1 may see.
@@ -332,8 +441,23 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
   const int64_t D = sh.D;
   const int64_t q_blocks = (sh.Nq + kBlockQ - 1) / kBlockQ;
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  // float32 with D a multiple of 16 on an AVX-512 CPU: register-blocked tiles on packed K;
+  // otherwise the BLAS path.
+  const bool fast_exp = tiles::available();  // AVX-512 exp2 rows (float32 only)
+  bool tiled = false;
+  at::Tensor k_strips;
+  const float* kt_all = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    tiled = D % 16 == 0 && tiles::available();
+    if (tiled) {
+      k_strips = pack_k_strips(sh, k, sk);
+      kt_all = k_strips.const_data_ptr<float>();
+    }
+  }
+  const int64_t strips_per_head = (sh.Nk + tiles::kStrip - 1) / tiles::kStrip;
   at::parallel_for(0, sh.B * sh.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s2(kBlockQ * kBlockK), acc(kBlockQ * D), m(kBlockQ), l(kBlockQ);
+    std::vector<float> bmax(tiled ? kBlockQ : 0), vmax(tiled ? 16 * kBlockQ : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / q_blocks, i0 = (item % q_blocks) * kBlockQ;
       const int64_t b = bh / sh.H, h = bh % sh.H, hk = h / sh.G;
@@ -347,17 +471,44 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
       const int64_t kend = key_end(sh, o.causal, i0, rows);
       for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, kend - j0);
-        block_scores(s2.data(), qp, sq.n, kp + j0 * sk.n, sk.n, rows, cols, D, sh, o, mask, b, h,
-                     i0, j0);
+        // row stride of the score block: kBlockK on the tiled path (whole strips are computed)
+        const int64_t lds = tiled ? kBlockK : cols;
+        bool fused_max = false;
+        // first causally hidden key of query row 0, relative to j0 (row r: diag + r)
+        const int64_t diag = o.causal ? i0 + sh.Nk - sh.Nq + 1 - j0 : cols + kBlockQ;
+        if constexpr (std::is_same_v<T, float>) {
+          if (tiled) {
+            const float* kt =
+                kt_all + (b * sh.Hkv + hk) * strips_per_head * tiles::kStrip * D + j0 * D;
+            // the row maxima come with the scores unless masking changes the block afterwards
+            const bool masked =
+                mask.data || (o.causal && j0 + cols > i0 + sh.Nk - sh.Nq + 1);
+            fused_max = !masked;
+            tiles::qk_block(rows, cols, D, static_cast<float>(o.scale * kLog2e), qp, sq.n, kt,
+                            s2.data(), lds, fused_max ? bmax.data() : nullptr, vmax.data(), diag);
+            mask_block(s2.data(), lds, rows, cols, sh, o, mask, b, h, i0, j0);
+          }
+        }
+        if (!tiled) {
+          block_scores(s2.data(), qp, sq.n, kp + j0 * sk.n, sk.n, rows, cols, D, sh, o, mask, b,
+                       h, i0, j0);
+        }
         for (int64_t r = 0; r < rows; ++r) {
-          T* s = s2.data() + r * cols;
-          const T m_new = std::max(m[r], simd::row_max(cols, s));
+          T* s = s2.data() + r * lds;
+          const T m_new = std::max(m[r], fused_max ? bmax[r] : simd::row_max(cols, s));
           if (m_new == neg_inf) {  // nothing visible yet in this row
             std::fill(s, s + cols, T(0));
             continue;
           }
-          const T alpha = m[r] == neg_inf ? T(0) : std::exp2(m[r] - m_new);
-          const T sum = simd::exp2_shift_sum(cols, s, m_new);
+          T alpha, sum;
+          if constexpr (std::is_same_v<T, float>) {
+            alpha = m[r] == neg_inf ? 0.0f : simd::exp2_poly(m[r] - m_new);
+            sum = fast_exp ? tiles::exp2_shift_sum(cols, s, m_new)
+                           : simd::exp2_shift_sum(cols, s, m_new);
+          } else {
+            alpha = m[r] == neg_inf ? T(0) : std::exp2(m[r] - m_new);
+            sum = simd::exp2_shift_sum(cols, s, m_new);
+          }
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
           if (alpha != T(1)) simd::scale(D, acc.data() + r * D, alpha);
@@ -365,9 +516,14 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
             o.dropout.apply(cols, s, static_cast<uint64_t>((bh * sh.Nq + i0 + r) * sh.Nk + j0));
           }
         }
-        gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, rows,
-                                  cols, T(1), vp + j0 * sv.n, sv.n, s2.data(), cols, T(1),
-                                  acc.data(), D);
+        if constexpr (std::is_same_v<T, float>) {
+          if (tiled) tiles::pv_block(rows, cols, D, s2.data(), lds, vp + j0 * sv.n, sv.n,
+                                     acc.data(), D, diag);
+        }
+        if (!tiled) {
+          gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, rows, cols, T(1),
+               vp + j0 * sv.n, sv.n, s2.data(), cols, T(1), acc.data(), D);
+        }
       }
       T* op = out + (bh * sh.Nq + i0) * D;
       T* lp = lse + bh * sh.Nq + i0;
@@ -392,6 +548,7 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
                      T* dq, T* dk, T* dv) {
   const int64_t D = sh.D, G = sh.G;
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const bool fast_exp = tiles::available();  // AVX-512 exp2 rows (float32 only)
   at::parallel_for(0, sh.B * sh.Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> p(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), dk_acc(kBlockK * D),
         dv_acc(kBlockK * D), delta(G * sh.Nq), lse2(G * sh.Nq);
@@ -431,6 +588,12 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
               if (l2 == neg_inf) {
                 std::fill(pr, pr + cols, T(0));
               } else {
+                if constexpr (std::is_same_v<T, float>) {
+                  if (fast_exp) {
+                    tiles::exp2_shift_sum(cols, pr, l2);
+                    continue;
+                  }
+                }
                 simd::exp2_shift_sum(cols, pr, l2);
               }
             }
