@@ -158,8 +158,9 @@ def cmd_bench(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_2048.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        _plot_max_tiles(results, os.path.join(args.out, "bench_2048_max_tiles.png"))
-        print(f"wrote {args.out}/bench_2048.json and bench_2048_max_tiles.png")
+        print(f"wrote {args.out}/bench_2048.json")
+        if _plot_max_tiles(results, os.path.join(args.out, "bench_2048_max_tiles.png")):
+            print(f"wrote {args.out}/bench_2048_max_tiles.png")
     return 0
 
 
@@ -191,8 +192,12 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot_max_tiles(results, path: str) -> None:
-    import matplotlib
+def _plot_max_tiles(results, path: str) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("(matplotlib not installed: no histogram)")
+        return False
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -207,3 +212,4 @@ def _plot_max_tiles(results, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
