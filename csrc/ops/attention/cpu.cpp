@@ -60,24 +60,6 @@ namespace fastdl::attention {
 
 namespace simd {
 
-// 2^x for x <= 0.5, |relative error| < 1e-8 over the float range; x < -126 gives 0.
-inline float exp2_poly(float x) {
-  x = x > -127.0f ? x : -127.0f;
-  const float t = x - 0.5f;
-  const int32_t n = static_cast<int32_t>(t);  // truncation == ceil(t) for t <= 0
-  const float f = x - static_cast<float>(n);   // in (-0.5, 0.5]
-  float p = 1.525273380405984e-05f;
-  p = p * f + 1.5403530393381608e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.618129107628477e-03f;
-  p = p * f + 5.550410866482158e-02f;
-  p = p * f + 2.402265069591007e-01f;
-  p = p * f + 6.931471805599453e-01f;
-  p = p * f + 1.0f;
-  const float two_n = __builtin_bit_cast(float, static_cast<uint32_t>(n + 127) << 23);
-  return p * two_n;
-}
-
 // Sixteen floats as one GCC vector: one zmm register in the AVX-512 clone, two ymm in the AVX2
 // one, four xmm in the baseline one, so a single source serves every instruction set.
 typedef float f32x16 __attribute__((vector_size(64)));
@@ -93,22 +75,35 @@ FASTDL_VEC_INLINE f32x16 load(const float* p) {
 }
 FASTDL_VEC_INLINE void store(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// exp2_poly on sixteen lanes (same polynomial, same clamping, bit for bit per lane).
+// 2^f for f in (-0.5, 0.5]: a degree-7 polynomial evaluated by Horner's rule. One template
+// serves a float and a f32x16, so the scalar and vector forms agree bit for bit per lane.
+constexpr float kExp2Coefficients[] = {
+    1.525273380405984e-05f, 1.5403530393381608e-04f, 1.3333558146428443e-03f,
+    9.618129107628477e-03f, 5.550410866482158e-02f,  2.402265069591007e-01f,
+    6.931471805599453e-01f, 1.0f};
+
+template <typename V>
+FASTDL_VEC_INLINE V exp2_fraction(V f) {
+  V p = V{} + kExp2Coefficients[0];
+  for (int i = 1; i < 8; ++i) p = p * f + kExp2Coefficients[i];
+  return p;
+}
+
+// 2^x for x <= 0.5, |relative error| < 1e-8 over the float range; x < -126 gives 0.
+inline float exp2_poly(float x) {
+  x = x > -127.0f ? x : -127.0f;
+  const int32_t n = static_cast<int32_t>(x - 0.5f);  // truncation == ceil(x - 0.5) for x <= 0.5
+  const float two_n = __builtin_bit_cast(float, static_cast<uint32_t>(n + 127) << 23);
+  return exp2_fraction(x - static_cast<float>(n)) * two_n;
+}
+
+// exp2_poly on sixteen lanes (same polynomial, same clamping).
 FASTDL_VEC_INLINE f32x16 exp2_vec(f32x16 x) {
   const f32x16 lo = splat(-127.0f);
   x = x > lo ? x : lo;
   const i32x16 n = __builtin_convertvector(x - 0.5f, i32x16);  // truncation toward zero
-  const f32x16 f = x - __builtin_convertvector(n, f32x16);
-  f32x16 p = splat(1.525273380405984e-05f);
-  p = p * f + 1.5403530393381608e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.618129107628477e-03f;
-  p = p * f + 5.550410866482158e-02f;
-  p = p * f + 2.402265069591007e-01f;
-  p = p * f + 6.931471805599453e-01f;
-  p = p * f + 1.0f;
-  const i32x16 bits = (n + 127) << 23;
-  return p * reinterpret_cast<const f32x16&>(bits);
+  const i32x16 bits = (n + 127) << 23;  // 2^n built directly in the exponent field
+  return exp2_fraction(x - __builtin_convertvector(n, f32x16)) * reinterpret_cast<const f32x16&>(bits);
 }
 
 FASTDL_VEC_INLINE float hmax(f32x16 v) {
