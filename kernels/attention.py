@@ -127,21 +127,26 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_d, d_ok
 
 
 @triton.jit
+def _query_block(H, G, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr):
+    """This program's query block: grid axis 1 is batch * head (b, h), whose key/value head under
+    grouped-query attention is bhk; axis 0 picks the BM rows starting at start_m."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bhk = b * (H // G) + h // G
+    start_m = tl.program_id(0) * BM
+    offs_d = tl.arange(0, BLOCK_D)
+    return bh, b, h, bhk, start_m, start_m + tl.arange(0, BM), offs_d, offs_d < D
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, MASK, SEEDS,
                 stride_mb, stride_mh, stride_mi, stride_mj,
                 H, G, Nq, Nk, qk_scale, threshold, rescale,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                 DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    bhk = b * (H // G) + h // G
-    start_m = pid_m * BM
-    offs_m = start_m + tl.arange(0, BM)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    bh, b, h, bhk, start_m, offs_m, offs_d, d_ok = _query_block(H, G, D, BLOCK_D, BM)
     q_base = Q + bh.to(tl.int64) * Nq * D
     k_base = K + bhk.to(tl.int64) * Nk * D
     v_base = V + bhk.to(tl.int64) * Nk * D
@@ -340,15 +345,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, SEEDS,
             D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
             DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    bhk = b * (H // G) + h // G
-    start_m = pid_m * BM
-    offs_m = start_m + tl.arange(0, BM)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    bh, b, h, bhk, start_m, offs_m, offs_d, d_ok = _query_block(H, G, D, BLOCK_D, BM)
     rows_ok = offs_m < Nq
     off = bh.to(tl.int64) * Nq * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
     ok = rows_ok[:, None] & d_ok[None, :]
