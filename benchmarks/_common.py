@@ -14,3 +14,30 @@ def record(benchmark, *, op: str, case: str, impl: str, result, reference) -> No
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def make_run(fn, args, mode: str, device: str, grad=None):
+    """The closure a benchmark times: ``fn(*args)`` alone (``"forward"``, under no_grad), or followed
+    by the gradient w.r.t. every argument that requires grad (``"forward+backward"``). The output
+    gradient (``grad``, default ones) is made once, outside the timed region."""
+    if mode == "forward":
+
+        def run():
+            with torch.no_grad():
+                out = fn(*args)
+            sync(device)
+            return out
+
+        return run
+    wrt = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+    if grad is None:
+        with torch.no_grad():
+            grad = torch.ones_like(fn(*args))
+
+    def run():
+        out = fn(*args)
+        torch.autograd.grad(out, wrt, grad)
+        sync(device)
+        return out
+
+    return run

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fastdl.ops
 
-from ._common import record, sync
+from ._common import make_run, record
 
 # name: (B, H, N, D, causal, quick?)
 CASES = {
@@ -76,22 +76,9 @@ def test_attention(benchmark, case, impl, mode, device):
     causal = CASES[case][4]
     fn = IMPLS[impl]
     reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
-    if mode == "forward":
-
-        def run():
-            with torch.no_grad():
-                out = fn(q, k, v, causal)
-            sync(device)
-            return out
-
-    else:
+    if mode == "forward+backward":
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-        def run():
-            out = fn(q, k, v, causal)
-            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-            sync(device)
-            return out
+    run = make_run(fn, (q, k, v, causal), mode, device)
 
     result = benchmark(run)
     record(benchmark, op="attention", case=f"{case} {mode}", impl=impl, result=result.detach(), reference=reference)
@@ -105,12 +92,7 @@ def test_attention_memory_n8192(benchmark, impl, device):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 8192, 64, generator=gen).to(device) for _ in range(3))
 
-    def run():
-        with torch.no_grad():
-            out = IMPLS[impl](q, k, v, True)
-        sync(device)
-        return out
-
+    run = make_run(IMPLS[impl], (q, k, v, True), "forward", device)
     result = benchmark.pedantic(run, rounds=1, iterations=1)
     record(benchmark, op="attention", case="N8192-causal B1H2 forward", impl=impl, result=result, reference=result)
     if device == "cpu":
@@ -141,23 +123,9 @@ def test_attention_cuda(benchmark, case, impl, mode, device):
     fn = IMPLS[impl]
     with torch.no_grad():  # the reference is torch's own fused kernel (a float64 one would not fit)
         reference = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if mode == "forward":
-
-        def run():
-            with torch.no_grad():
-                out = fn(q, k, v, causal)
-            sync(device)
-            return out
-
-    else:
+    if mode == "forward+backward":
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        grad = torch.randn_like(reference)
-
-        def run():
-            out = fn(q, k, v, causal)
-            torch.autograd.grad(out, (q, k, v), grad)
-            sync(device)
-            return out
+    run = make_run(fn, (q, k, v, causal), mode, device, grad=torch.randn_like(reference))
 
     result = benchmark(run)
     record(benchmark, op="attention", case=f"cuda {case} fp16 {mode}", impl=impl, result=result.detach(),

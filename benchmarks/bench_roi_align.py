@@ -12,7 +12,7 @@ import torch
 import fastdl.ops
 from fastdl.ops._library import composite
 
-from ._common import record, sync
+from ._common import make_run, record
 
 # name: (feature map [N, C, H, W], number of boxes, output size, sampling ratio, quick?)
 CASES = {
@@ -91,22 +91,9 @@ def test_roi_align(benchmark, case, impl, mode, device):
     _, _, out_size, sampling, _ = CASES[case]
     fn = IMPLS[impl]
     reference = composite("roi_align")(x.double(), rois.double(), scale, out_size, out_size, sampling, True)
-    if mode == "forward":
-
-        def run():
-            out = fn(x, rois, out_size, scale, sampling, True)
-            sync(device)
-            return out
-
-    else:
+    if mode == "forward+backward":
         x.requires_grad_()
-        grad = torch.ones(rois.size(0), x.size(1), out_size, out_size, device=device)
-
-        def run():
-            out = fn(x, rois, out_size, scale, sampling, True)
-            (gx,) = torch.autograd.grad(out, x, grad)
-            sync(device)
-            return out
+    run = make_run(fn, (x, rois, out_size, scale, sampling, True), mode, device)
 
     result = benchmark(run)
     record(benchmark, op="roi_align", case=f"{case} {mode}", impl=impl, result=result.detach(), reference=reference)
