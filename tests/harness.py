@@ -38,11 +38,6 @@ def fresh_seed() -> int:
     return seed
 
 
-@pytest.fixture
-def seed() -> int:
-    return fresh_seed()
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **overrides):
     """Compare with the tolerance of ``dtype`` (default: ``actual``'s), in float64."""
     tol = dict(TOLERANCE[dtype or actual.dtype])
@@ -99,9 +94,3 @@ def composite_serves_mps(name: str) -> bool:
     return torch._C._dispatch_has_computed_kernel_for_dispatch_key(qualname, "MPS") and _library.implementation(
         name, "mps"
     ).startswith("composite")
-
-
-def implementations(name: str, device: str):
-    """pytest params: the native kernel for ``device`` (through the dispatcher) and the composite."""
-    native = getattr(torch.ops.fastdl, name).default
-    return [pytest.param(native, id="native"), pytest.param(_library.composite(name), id="composite")]

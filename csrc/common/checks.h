@@ -29,10 +29,6 @@ inline void check_same_dtype(const char* op, const char* name_a, const at::Tenso
               a.scalar_type(), " but ", name_b, " has dtype ", b.scalar_type());
 }
 
-inline void check_positive(const char* op, const char* name, int64_t value) {
-  TORCH_CHECK(value > 0, op, ": ", name, " must be positive, got ", value);
-}
-
 inline void check_floating_dtype(const char* op, const char* name, const at::Tensor& t,
                                  bool allow_reduced_precision) {
   const auto dtype = t.scalar_type();
