@@ -21,6 +21,13 @@ TORCH_LIBRARY(fastdl, m) {
       "SymInt height, SymInt width) -> Tensor");
   m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
   m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
+  // ---- convolution ----------------------------------------------------------------------
+  m.def(
+      "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, str? activation) -> Tensor");
+  m.def(
+      "_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // ---- attention ------------------------------------------------------------------------
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float scale, "

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_blas.h"
 #include "common/cpu_simd.h"
 #include "ops/attention/cpu_tiles.h"
 
@@ -43,16 +44,6 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
-
-// The Fortran BLAS entry points of the BLAS that libtorch itself links (MKL on x86-64 wheels).
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc);
-}
 
 namespace fastdl::attention {
 
@@ -195,26 +186,9 @@ double dot(int64_t n, const double* a, const double* b) {
 
 namespace {
 
-enum class TransposeType { NoTranspose, Transpose };
+using cpu::gemm;
+using cpu::TransposeType;
 
-// Column-major C = alpha * op(A) op(B) + beta * C (the BLAS convention; a row-major matrix is
-// the column-major view of its transpose).
-inline void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, float alpha,
-                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-                 int64_t ldc) {
-  const char ca = ta == TransposeType::Transpose ? 'T' : 'N';
-  const char cb = tb == TransposeType::Transpose ? 'T' : 'N';
-  const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
-  sgemm_(&ca, &cb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
-}
-inline void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k,
-                 double alpha, const double* a, int64_t lda, const double* b, int64_t ldb,
-                 double beta, double* c, int64_t ldc) {
-  const char ca = ta == TransposeType::Transpose ? 'T' : 'N';
-  const char cb = tb == TransposeType::Transpose ? 'T' : 'N';
-  const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
-  dgemm_(&ca, &cb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
-}
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 constexpr int64_t kBlockQ = 128;

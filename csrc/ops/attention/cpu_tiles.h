@@ -13,6 +13,8 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+
+#include "common/avx512_math.h"
 #define FASTDL_ATTENTION_TILES 1
 #else
 #define FASTDL_ATTENTION_TILES 0
@@ -187,8 +189,6 @@ __attribute__((target("avx512f"))) inline void pv_block(int64_t rows, int64_t n,
 }
 
 // x[i] = 2^(x[i] - m) for i < n, returns their sum; inputs below m - 125 (and -inf, NaN) give 0.
-// 2^t = 2^round(t) * 2^f with |f| <= 1/2: the Taylor polynomial of degree 6 for 2^f (relative
-// error below 1.3e-7) scaled by scalef, so no integer conversions or bit tricks are needed.
 __attribute__((target("avx512f"))) inline float exp2_shift_sum(int64_t n, float* x, float m) {
   const __m512 vm = _mm512_set1_ps(m), lo = _mm512_set1_ps(-125.0f);
   __m512 sum = _mm512_setzero_ps();
@@ -196,16 +196,7 @@ __attribute__((target("avx512f"))) inline float exp2_shift_sum(int64_t n, float*
     const __mmask16 in = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
     const __m512 t = _mm512_sub_ps(_mm512_maskz_loadu_ps(in, x + i), vm);
     const __mmask16 keep = _mm512_mask_cmp_ps_mask(in, t, lo, _CMP_GT_OQ);
-    const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, r);
-    __m512 p = _mm512_set1_ps(1.5403530393381608e-04f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512 e = _mm512_maskz_scalef_ps(keep, p, r);
+    const __m512 e = _mm512_maskz_mov_ps(keep, cpu::avx512::exp2(t));
     _mm512_mask_storeu_ps(x + i, in, e);
     sum = _mm512_add_ps(sum, e);
   }

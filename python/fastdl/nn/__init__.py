@@ -2,6 +2,7 @@
 
 from . import functional
 from .attention import MultiheadAttention
+from .conv import Conv2d, ConvBNAct, fuse_conv_bn
 from .detection import MultiScaleRoIAlign, RoIAlign, RoIPool
 
-__all__ = ["MultiScaleRoIAlign", "MultiheadAttention", "RoIAlign", "RoIPool"]
+__all__ = ["Conv2d", "ConvBNAct", "MultiScaleRoIAlign", "MultiheadAttention", "RoIAlign", "RoIPool", "fuse_conv_bn"]

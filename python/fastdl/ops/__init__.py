@@ -2,6 +2,7 @@
 
 from .. import _loader  # noqa: F401  (must precede the op modules)
 from .attention import attention
+from .conv2d import conv2d
 from .boxes import BoxCoder, box_area, box_convert, box_iou, clip_boxes_to_image, remove_small_boxes
 from .nms import batched_nms, nms
 from .poolers import multiscale_roi_align
@@ -16,6 +17,7 @@ __all__ = [
     "box_convert",
     "box_iou",
     "clip_boxes_to_image",
+    "conv2d",
     "multiscale_roi_align",
     "nms",
     "remove_small_boxes",

@@ -1,0 +1,48 @@
+// The BLAS that libtorch itself links (MKL on x86-64 wheels), through its Fortran entry points,
+// so kernels can run GEMM-shaped inner steps on raw pointers without building tensors.
+#pragma once
+
+#include <cstdint>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc);
+}
+
+namespace fastdl::cpu {
+
+enum class TransposeType { NoTranspose, Transpose };
+
+// Column-major C = alpha * op(A) op(B) + beta * C (the BLAS convention; a row-major matrix is
+// the column-major view of its transpose).
+inline void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, float alpha,
+                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                 int64_t ldc) {
+  const char ca = ta == TransposeType::Transpose ? 'T' : 'N';
+  const char cb = tb == TransposeType::Transpose ? 'T' : 'N';
+  const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+  sgemm_(&ca, &cb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+}
+inline void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k,
+                 double alpha, const double* a, int64_t lda, const double* b, int64_t ldb,
+                 double beta, double* c, int64_t ldc) {
+  const char ca = ta == TransposeType::Transpose ? 'T' : 'N';
+  const char cb = tb == TransposeType::Transpose ? 'T' : 'N';
+  const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+  dgemm_(&ca, &cb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+}
+
+// Row-major C[m, n] = alpha * op(A) op(B) + beta * C: the same call with the operands swapped,
+// because C^T = op(B)^T op(A)^T is exactly what column-major BLAS sees in row-major memory.
+template <typename T>
+inline void gemm_row_major(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k,
+                           T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
+                           T* c, int64_t ldc) {
+  gemm(tb, ta, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+}  // namespace fastdl::cpu

@@ -1,0 +1,410 @@
+// conv2d on the CPU: nn.Conv2d semantics with the bias and activation fused into the output pass.
+//
+// Forward, float32 with groups == 1 on an AVX-512 CPU (the CNN case): a direct convolution.
+// The input is copied once into a zero-padded NHWC buffer (the layout change an NCHW input
+// needs anyway) and the weights are packed into blocks of 32 output channels; each work item is
+// one output row, computed by the register-blocked tiles of cpu_tiles.h and stored straight into
+// the output in its memory format. No im2col buffer exists.
+//
+// Everything else (float64, grouped and depthwise convolutions, CPUs without AVX-512) and the
+// backward lower the convolution to GEMMs through the BLAS libtorch links, one image and group
+// at a time: im2col gathers each output pixel's window ([pixels, kh * kw * C/groups], NHWC
+// order, so a tap is one contiguous run of channels), and the backward's col2im is written as a
+// gather over input rows, so each row of grad_input has one owner: deterministic, no atomics.
+// 1x1 stride-1 unpadded convolutions skip both: the NHWC image already is the matrix.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+
+#include "common/checks.h"
+#include "common/cpu_blas.h"
+#include "common/cpu_simd.h"
+#include "ops/conv2d/conv2d.h"
+#include "ops/conv2d/cpu_tiles.h"
+
+namespace fastdl::conv2d {
+namespace {
+
+using cpu::TransposeType;
+
+struct Geometry {
+  int64_t batch, channels, height, width;           // input
+  int64_t out_channels, kernel_h, kernel_w, groups;  // weight
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t out_h, out_w;
+
+  int64_t group_channels() const { return channels / groups; }
+  int64_t group_out_channels() const { return out_channels / groups; }
+  int64_t pixels() const { return out_h * out_w; }
+  int64_t window() const { return kernel_h * kernel_w * group_channels(); }  // im2col row length
+  bool is_pointwise() const {  // 1x1, stride 1, no padding, one group: im2col is the identity
+    return kernel_h == 1 && kernel_w == 1 && stride_h == 1 && stride_w == 1 && pad_h == 0 &&
+           pad_w == 0 && groups == 1;
+  }
+};
+
+Geometry check_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_rank(op, "input", input, 4, "[N, C, H, W]");
+  check_rank(op, "weight", weight, 4, "[K, C / groups, kh, kw]");
+  check_floating_dtype(op, "input", input, /*allow_reduced_precision=*/true);
+  check_same_dtype(op, "input", input, "weight", weight);
+  check_same_device(op, "input", input, "weight", weight);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have two values each");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": dilation must be positive, got ",
+              dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ",
+              padding);
+  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
+  Geometry g{};
+  g.batch = input.size(0);
+  g.channels = input.size(1);
+  g.height = input.size(2);
+  g.width = input.size(3);
+  g.out_channels = weight.size(0);
+  g.kernel_h = weight.size(2);
+  g.kernel_w = weight.size(3);
+  g.groups = groups;
+  TORCH_CHECK(g.channels % groups == 0, op, ": groups=", groups,
+              " must divide the input channels, got input of shape ", sizes_str(input));
+  TORCH_CHECK(g.out_channels % groups == 0, op, ": groups=", groups,
+              " must divide the output channels, got weight of shape ", sizes_str(weight));
+  TORCH_CHECK(weight.size(1) * groups == g.channels, op, ": input has ", g.channels,
+              " channels but weight of shape ", sizes_str(weight), " with groups=", groups,
+              " expects ", weight.size(1) * groups);
+  TORCH_CHECK(g.out_channels > 0 && g.kernel_h > 0 && g.kernel_w > 0, op,
+              ": weight must be non-empty, got shape ", sizes_str(weight));
+  if (bias) {
+    check_rank(op, "bias", *bias, 1, "[K]");
+    TORCH_CHECK(bias->size(0) == g.out_channels, op, ": bias has ", bias->size(0),
+                " values but weight has ", g.out_channels, " output channels");
+    check_same_dtype(op, "input", input, "bias", *bias);
+    check_same_device(op, "input", input, "bias", *bias);
+  }
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dil_h = dilation[0];
+  g.dil_w = dilation[1];
+  const int64_t span_h = g.dil_h * (g.kernel_h - 1) + 1, span_w = g.dil_w * (g.kernel_w - 1) + 1;
+  TORCH_CHECK(span_h <= g.height + 2 * g.pad_h && span_w <= g.width + 2 * g.pad_w, op,
+              ": kernel of size ", span_h, "x", span_w, " (dilated) is larger than the padded input ",
+              g.height + 2 * g.pad_h, "x", g.width + 2 * g.pad_w, " (input of shape ",
+              sizes_str(input), ", padding ", padding, ")");
+  g.out_h = (g.height + 2 * g.pad_h - span_h) / g.stride_h + 1;
+  g.out_w = (g.width + 2 * g.pad_w - span_w) / g.stride_w + 1;
+  return g;
+}
+
+bool is_reduced_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+}
+
+// ---- direct float32 forward (AVX-512 tiles) ---------------------------------------------------
+
+// packed[kb][r][s][c][j] = weight[kb * 32 + j][c][r][s], zero for channels past K: the order in
+// which a tile reads them. Written sequentially in one pass; the 32 source rows it reads at a
+// time stay in cache.
+at::Tensor pack_weight(const Geometry& g, const at::Tensor& weight) {
+  using tiles::kChannelBlock;
+  const int64_t C = g.channels, taps = g.kernel_h * g.kernel_w, K = g.out_channels;
+  const int64_t blocks = (K + kChannelBlock - 1) / kChannelBlock;
+  at::Tensor packed = at::empty({blocks, taps, C, kChannelBlock}, weight.options());
+  const float* w = weight.const_data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, blocks * taps, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t kb = item / taps, tap = item % taps;
+      float* out = dst + item * C * kChannelBlock;
+      for (int64_t c = 0; c < C; ++c, out += kChannelBlock) {
+        for (int64_t j = 0; j < kChannelBlock; ++j) {
+          const int64_t k = kb * kChannelBlock + j;
+          out[j] = k < K ? w[(k * C + c) * taps + tap] : 0.0f;
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias, Activation act, at::Tensor& output) {
+  using tiles::kChannelBlock;
+  const int64_t C = g.channels, Hp = g.height + 2 * g.pad_h, Wp = g.width + 2 * g.pad_w;
+  at::Tensor padded = at::zeros({g.batch, Hp, Wp, C}, input.options());
+  padded.narrow(1, g.pad_h, g.height).narrow(2, g.pad_w, g.width).copy_(input.permute({0, 2, 3, 1}));
+
+  const int64_t blocks = (g.out_channels + kChannelBlock - 1) / kChannelBlock;
+  const at::Tensor packed = pack_weight(g, weight.contiguous());
+  at::Tensor bias_padded = at::zeros({blocks * kChannelBlock}, weight.options());
+  if (bias) bias_padded.narrow(0, 0, g.out_channels).copy_(*bias);
+
+  tiles::Window window{};
+  window.row_stride = g.dil_h * Wp * C;
+  window.kernel_h = g.kernel_h;
+  // Undilated kernel columns and channels are one contiguous run of the NHWC row.
+  window.taps_per_row = g.dil_w == 1 ? 1 : g.kernel_w;
+  window.tap_stride = g.dil_w * C;
+  window.run = g.dil_w == 1 ? g.kernel_w * C : C;
+
+  const float* x = padded.const_data_ptr<float>();
+  const float* w = packed.const_data_ptr<float>();
+  const float* b = bias_padded.const_data_ptr<float>();
+  float* out = output.data_ptr<float>();
+  const int64_t block_size = g.kernel_h * g.kernel_w * C * kChannelBlock;
+  const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2),
+                sW = output.stride(3);
+  const int64_t P = g.pixels(), tiles_per_image = (P + tiles::kMaxPixels - 1) / tiles::kMaxPixels;
+  // A thread takes runs of kTilesPerChunk tiles and sweeps every weight block over a run, so a
+  // block (kh * kw * C * 32 floats) is read once per run, not once per tile, and the run's input
+  // windows stay in cache across blocks.
+  constexpr int64_t kTilesPerChunk = 32;
+  const int64_t tiles_total = g.batch * tiles_per_image;
+  at::parallel_for(0, tiles_total, kTilesPerChunk, [&](int64_t begin, int64_t end) {
+    alignas(64) float result[tiles::kMaxPixels * kChannelBlock];
+    const float* origins[tiles::kMaxPixels];
+    float* targets[tiles::kMaxPixels];
+    tiles::Window win = window;
+    win.origins = origins;
+    for (int64_t chunk = begin; chunk < end; chunk += kTilesPerChunk) {
+      const int64_t chunk_end = std::min(end, chunk + kTilesPerChunk);
+      for (int64_t kb = 0; kb < blocks; ++kb) {
+        const int64_t valid = std::min(kChannelBlock, g.out_channels - kb * kChannelBlock);
+        for (int64_t t = chunk; t < chunk_end; ++t) {
+          const int64_t n = t / tiles_per_image, first = (t % tiles_per_image) * tiles::kMaxPixels;
+          const int pixels = static_cast<int>(std::min<int64_t>(tiles::kMaxPixels, P - first));
+          for (int p = 0; p < pixels; ++p) {
+            const int64_t oh = (first + p) / g.out_w, ow = (first + p) % g.out_w;
+            origins[p] = x + ((n * Hp + oh * g.stride_h) * Wp + ow * g.stride_w) * C;
+            targets[p] = out + n * sN + oh * sH + ow * sW + kb * kChannelBlock * sK;
+          }
+          tiles::run_tile(pixels, win, w + kb * block_size, b + kb * kChannelBlock, act, result);
+          if (sK == 1) {  // channels-last output: each pixel's channels are contiguous
+            for (int p = 0; p < pixels; ++p)
+              std::memcpy(targets[p], result + p * kChannelBlock, valid * sizeof(float));
+          } else {
+            for (int64_t j = 0; j < valid; ++j)
+              for (int p = 0; p < pixels; ++p) targets[p][j * sK] = result[p * kChannelBlock + j];
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---- GEMM lowering (any dtype, any groups) ----------------------------------------------------
+
+// col[p, (r * kw + s) * Cg + c] = x[h, w, group * Cg + c] for output pixel p's tap (r, s), or 0
+// in the padding. x is one NHWC image.
+template <typename T>
+void im2col(const Geometry& g, const T* x, int64_t group, T* col) {
+  const int64_t Cg = g.group_channels(), window = g.window();
+  at::parallel_for(0, g.out_h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t oh = begin; oh < end; ++oh) {
+      T* dst = col + oh * g.out_w * window;
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        for (int64_t r = 0; r < g.kernel_h; ++r) {
+          const int64_t h = oh * g.stride_h - g.pad_h + r * g.dil_h;
+          for (int64_t s = 0; s < g.kernel_w; ++s, dst += Cg) {
+            const int64_t w = ow * g.stride_w - g.pad_w + s * g.dil_w;
+            if (h >= 0 && h < g.height && w >= 0 && w < g.width) {
+              std::memcpy(dst, x + (h * g.width + w) * g.channels + group * Cg, Cg * sizeof(T));
+            } else {
+              std::fill_n(dst, Cg, T(0));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// The adjoint of im2col, accumulated into the NHWC image gradient dx: each input row h gathers
+// the taps of every output row that read it, so rows are owned by one thread each.
+template <typename T>
+void col2im_add(const Geometry& g, const T* col, int64_t group, T* dx) {
+  const int64_t Cg = g.group_channels(), window = g.window();
+  at::parallel_for(0, g.height, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      for (int64_t r = 0; r < g.kernel_h; ++r) {
+        const int64_t t = h + g.pad_h - r * g.dil_h;  // = oh * stride_h for the output row oh
+        if (t < 0 || t % g.stride_h != 0 || t / g.stride_h >= g.out_h) continue;
+        const int64_t oh = t / g.stride_h;
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          const T* src = col + (oh * g.out_w + ow) * window + r * g.kernel_w * Cg;
+          for (int64_t s = 0; s < g.kernel_w; ++s, src += Cg) {
+            const int64_t w = ow * g.stride_w - g.pad_w + s * g.dil_w;
+            if (w >= 0 && w < g.width) cpu::axpy(Cg, T(1), src, dx + (h * g.width + w) * g.channels + group * Cg);
+          }
+        }
+      }
+    }
+  });
+}
+
+// The NHWC matrix view of one image: [pixels, channels].
+template <typename T>
+const T* image(const at::Tensor& nhwc, int64_t n) {
+  return nhwc.const_data_ptr<T>() + n * nhwc.stride(0);
+}
+
+template <typename T>
+void forward_gemm(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, Activation act, at::Tensor& output) {
+  const int64_t Kg = g.group_out_channels(), window = g.window(), P = g.pixels();
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = weight.permute({0, 2, 3, 1}).contiguous();  // [K, kh, kw, Cg]
+  at::Tensor col = g.is_pointwise() ? at::Tensor() : at::empty({P, window}, input.options());
+  at::Tensor result = at::empty({P, Kg}, input.options());
+  const T* bias_data = bias ? bias->contiguous().const_data_ptr<T>() : nullptr;
+  T* out = output.data_ptr<T>();
+  const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2),
+                sW = output.stride(3);
+  for (int64_t n = 0; n < g.batch; ++n) {
+    for (int64_t group = 0; group < g.groups; ++group) {
+      const T* a = image<T>(x, n);
+      if (!g.is_pointwise()) {
+        im2col(g, a, group, col.data_ptr<T>());
+        a = col.const_data_ptr<T>();
+      }
+      T* res = result.data_ptr<T>();
+      cpu::gemm_row_major(TransposeType::NoTranspose, TransposeType::Transpose, P, Kg, window, T(1),
+                          a, window, w.const_data_ptr<T>() + group * Kg * window, window, T(0), res,
+                          Kg);
+      at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t k = 0; k < Kg; ++k) {
+          const int64_t channel = group * Kg + k;
+          const T b = bias_data ? bias_data[channel] : T(0);
+          T* o = out + n * sN + channel * sK;
+          for (int64_t p = begin; p < end; ++p) {
+            o[(p / g.out_w) * sH + (p % g.out_w) * sW] = activate(act, res[p * Kg + k] + b);
+          }
+        }
+      });
+    }
+  }
+}
+
+at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      std::optional<c10::string_view> activation) {
+  const Geometry g = check_args("conv2d", input, weight, bias, stride, padding, dilation, groups);
+  const Activation act = parse_activation(activation);
+  if (is_reduced_precision(input)) {  // float32 arithmetic, result rounded once
+    return conv2d_cpu(input.to(at::kFloat), weight.to(at::kFloat), to_float(bias), stride, padding,
+                      dilation, groups, activation)
+        .to(input.scalar_type());
+  }
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                                input.options().memory_format(input.suggest_memory_format()));
+  if (output.numel() == 0) return output;
+  if (input.scalar_type() == at::kFloat && g.groups == 1 && tiles::available()) {
+    forward_direct(g, input, weight, bias, act, output);
+    return output;
+  }
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_cpu", [&] {
+    forward_gemm<scalar_t>(g, input, weight, bias, act, output);
+  });
+  return output;
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+template <typename T>
+void backward_gemm(const Geometry& g, const at::Tensor& grad_output, const at::Tensor& input,
+                   const at::Tensor& weight, at::Tensor& grad_input_nhwc,
+                   at::Tensor& grad_weight_rows) {
+  const int64_t K = g.out_channels, Kg = g.group_out_channels(), window = g.window(),
+                P = g.pixels();
+  const bool want_input = grad_input_nhwc.defined(), want_weight = grad_weight_rows.defined();
+  const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = want_weight ? input.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  const at::Tensor w = want_input ? weight.permute({0, 2, 3, 1}).contiguous() : at::Tensor();
+  at::Tensor col = g.is_pointwise() ? at::Tensor() : at::empty({P, window}, input.options());
+  for (int64_t n = 0; n < g.batch; ++n) {
+    const T* dy_n = image<T>(dy, n);
+    for (int64_t group = 0; group < g.groups; ++group) {
+      const T* dy_g = dy_n + group * Kg;  // [P, Kg] with row stride K
+      if (want_weight) {  // dW_g[Kg, window] += dy_g^T col
+        const T* a = image<T>(x, n);
+        if (!g.is_pointwise()) {
+          im2col(g, a, group, col.data_ptr<T>());
+          a = col.const_data_ptr<T>();
+        }
+        cpu::gemm_row_major(TransposeType::Transpose, TransposeType::NoTranspose, Kg, window, P,
+                            T(1), dy_g, K, a, window, T(1),
+                            grad_weight_rows.data_ptr<T>() + group * Kg * window, window);
+      }
+      if (want_input) {  // dcol[P, window] = dy_g W_g, then scattered back to the image
+        T* dx_n = grad_input_nhwc.data_ptr<T>() + n * grad_input_nhwc.stride(0);
+        T* dcol = g.is_pointwise() ? dx_n : col.data_ptr<T>();
+        cpu::gemm_row_major(TransposeType::NoTranspose, TransposeType::NoTranspose, P, window, Kg,
+                            T(1), dy_g, K, w.const_data_ptr<T>() + group * Kg * window, window,
+                            T(0), dcol, window);
+        if (!g.is_pointwise()) col2im_add(g, dcol, group, dx_n);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  const char* op = "conv2d_backward";
+  const Geometry g = check_args(op, input, weight, std::nullopt, stride, padding, dilation, groups);
+  check_same_dtype(op, "grad_output", grad_output, "input", input);
+  check_same_device(op, "grad_output", grad_output, "input", input);
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape), op, ": grad_output has shape ",
+              sizes_str(grad_output), " but the convolution's output has shape ",
+              c10::IntArrayRef(out_shape));
+  if (is_reduced_precision(input)) {
+    auto [gi, gw, gb] = conv2d_backward_cpu(grad_output.to(at::kFloat), input.to(at::kFloat),
+                                            weight.to(at::kFloat), stride, padding, dilation,
+                                            groups, output_mask);
+    const auto dtype = input.scalar_type();
+    return {gi.to(dtype), gw.to(dtype), gb.to(dtype)};
+  }
+  const auto opts = input.options();
+  at::Tensor grad_input_nhwc, grad_weight_rows;
+  if (output_mask[0]) grad_input_nhwc = at::zeros({g.batch, g.height, g.width, g.channels}, opts);
+  if (output_mask[1]) grad_weight_rows = at::zeros({g.out_channels, g.window()}, opts);
+  if (g.batch > 0 && (output_mask[0] || output_mask[1])) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_backward_cpu", [&] {
+      backward_gemm<scalar_t>(g, grad_output, input, weight, grad_input_nhwc, grad_weight_rows);
+    });
+  }
+  at::Tensor grad_input = output_mask[0]
+                              ? grad_input_nhwc.permute({0, 3, 1, 2}).contiguous(input.suggest_memory_format())
+                              : at::empty({0}, opts);
+  at::Tensor grad_weight =
+      output_mask[1] ? grad_weight_rows.view({g.out_channels, g.kernel_h, g.kernel_w, g.group_channels()})
+                           .permute({0, 3, 1, 2})
+                           .contiguous()
+                     : at::empty({0}, opts);
+  at::Tensor grad_bias = output_mask[2] ? grad_output.sum({0, 2, 3}) : at::empty({0}, opts);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("conv2d", &conv2d_cpu);
+  m.impl("_conv2d_backward", &conv2d_backward_cpu);
+}
+
+}  // namespace fastdl::conv2d

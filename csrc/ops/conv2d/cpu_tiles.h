@@ -1,0 +1,130 @@
+// The register-blocked direct convolution tile of the float32 CPU forward (AVX-512).
+//
+// Input is a zero-padded NHWC image, so a tile never tests bounds. Weights are packed once per
+// call into blocks of 32 output channels laid out [kh][kw][C][32], in exactly the order the tile
+// reads them. A tile computes P <= 14 output pixels (consecutive in the image, possibly across
+// rows, so 7x7 maps still fill tiles) times 32 output channels: 28 zmm accumulators plus the two weight vectors of the current input channel fill
+// the 32 registers, and every input value is one broadcast feeding two FMAs. Bias is the
+// accumulators' initial value and the activation is applied before the single store.
+#pragma once
+
+#include <cstdint>
+
+#include "ops/conv2d/conv2d.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#include "common/avx512_math.h"
+#define FASTDL_CONV2D_TILES 1
+#else
+#define FASTDL_CONV2D_TILES 0
+#endif
+
+namespace fastdl::conv2d::tiles {
+
+constexpr int64_t kChannelBlock = 32;  // output channels per packed weight block (two vectors)
+constexpr int kMaxPixels = 14;         // 2 x 14 accumulators + 2 weight vectors = 30 registers
+
+struct Window {
+  const float* const* origins;  // per pixel: its window's first value in the padded NHWC input
+  int64_t row_stride;    // floats between kernel rows (dilation_h * padded_width * C)
+  int64_t tap_stride;    // floats between kernel columns (dilation_w * C)
+  int64_t kernel_h, taps_per_row, run;  // run: contiguous floats read per tap
+};
+
+#if FASTDL_CONV2D_TILES
+
+inline bool available() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+#define FASTDL_TILE_FN __attribute__((target("avx512f"), always_inline)) inline
+
+FASTDL_TILE_FN __m512 activate(Activation act, __m512 x) {
+  switch (act) {
+    case Activation::None: return x;
+    case Activation::ReLU: return _mm512_max_ps(x, _mm512_setzero_ps());
+    case Activation::ReLU6:
+      return _mm512_min_ps(_mm512_max_ps(x, _mm512_setzero_ps()), _mm512_set1_ps(6.0f));
+    case Activation::SiLU: {  // x / (1 + 2^(-x log2 e)); exp2 saturates to inf, giving -0
+      const __m512 e = cpu::avx512::exp2(_mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f)));
+      return _mm512_div_ps(x, _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+    }
+    case Activation::GELU: {
+      // 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7):
+      // erf(z) = 1 - t (a1 + t (a2 + ...)) e^(-z^2), t = 1 / (1 + p |z|), made odd by the sign.
+      const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.7071067811865476f));
+      const __m512 az = _mm512_abs_ps(z);
+      const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                     _mm512_fmadd_ps(az, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+      __m512 poly = _mm512_set1_ps(1.061405429f);
+      poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
+      poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+      poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+      poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+      const __m512 gauss =
+          cpu::avx512::exp2(_mm512_mul_ps(_mm512_mul_ps(az, az), _mm512_set1_ps(-1.4426950408889634f)));
+      const __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(poly, t), gauss, _mm512_set1_ps(1.0f));
+      const __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+      const __m512 erf = _mm512_mask_sub_ps(erf_abs, negative, _mm512_setzero_ps(), erf_abs);
+      return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(erf, _mm512_set1_ps(1.0f)));
+    }
+  }
+  return x;
+}
+
+// out[p * 32 + j] = act(bias[j] + sum over taps and channels) for p < P, j < 32.
+template <int P>
+FASTDL_TILE_FN void direct_tile(const Window& w, const float* weight, const float* bias,
+                                Activation act, float* out) {
+  __m512 acc0[P], acc1[P];
+  const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
+#pragma GCC unroll 14
+  for (int p = 0; p < P; ++p) {
+    acc0[p] = b0;
+    acc1[p] = b1;
+  }
+  for (int64_t r = 0; r < w.kernel_h; ++r) {
+    for (int64_t s = 0; s < w.taps_per_row; ++s) {
+      const int64_t shift = r * w.row_stride + s * w.tap_stride;
+      for (int64_t c = 0; c < w.run; ++c, weight += kChannelBlock) {
+        const __m512 w0 = _mm512_loadu_ps(weight), w1 = _mm512_loadu_ps(weight + 16);
+#pragma GCC unroll 14
+        for (int p = 0; p < P; ++p) {
+          const __m512 xv = _mm512_set1_ps(w.origins[p][shift + c]);
+          acc0[p] = _mm512_fmadd_ps(xv, w0, acc0[p]);
+          acc1[p] = _mm512_fmadd_ps(xv, w1, acc1[p]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 14
+  for (int p = 0; p < P; ++p) {
+    _mm512_storeu_ps(out + p * kChannelBlock, activate(act, acc0[p]));
+    _mm512_storeu_ps(out + p * kChannelBlock + 16, activate(act, acc1[p]));
+  }
+}
+
+// direct_tile<pixels> for a run-time pixel count in 1..kMaxPixels.
+template <int P = kMaxPixels>
+__attribute__((target("avx512f"))) void run_tile(int pixels, const Window& w, const float* weight,
+                                                 const float* bias, Activation act, float* out) {
+  if (pixels == P) {
+    direct_tile<P>(w, weight, bias, act, out);
+  } else if constexpr (P > 1) {
+    run_tile<P - 1>(pixels, w, weight, bias, act, out);
+  }
+}
+
+#undef FASTDL_TILE_FN
+
+#else
+
+inline bool available() { return false; }
+inline void run_tile(int, const Window&, const float*, const float*, Activation, float*) {}
+
+#endif
+
+}  // namespace fastdl::conv2d::tiles

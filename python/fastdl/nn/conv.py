@@ -1,0 +1,109 @@
+"""Convolution modules: a drop-in ``nn.Conv2d`` and the fused inference block ConvBNAct."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.conv2d import ACTIVATIONS
+
+__all__ = ["Conv2d", "ConvBNAct", "fuse_conv_bn"]
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` computed by :func:`fastdl.ops.conv2d`: same arguments, parameters and
+    state_dict (weights load both ways), plus an optional fused ``activation`` ("relu",
+    "relu6", "silu", "gelu"). ``padding_mode`` other than "zeros" pads with ``F.pad`` first."""
+
+    def __init__(self, *args, activation: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Conv2d: unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+        self.activation = activation
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return ops.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups, self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Weight and bias of ``bn(conv(x))`` with BatchNorm in eval mode, as one convolution:
+    ``w' = w * gamma / sqrt(var + eps)`` per output channel, ``b' = (b - mean) * that + beta``."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("fuse_conv_bn: the BatchNorm2d must track running statistics")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"fuse_conv_bn: conv has {conv.out_channels} output channels but bn has {bn.num_features} features")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    shift = (bias - bn.running_mean) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return conv.weight * scale.reshape(-1, 1, 1, 1), shift
+
+
+@torch.no_grad()
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str | None = None) -> Conv2d:
+    """One :class:`Conv2d` computing ``activation(bn(conv(x)))`` for inference (``bn`` in eval
+    mode, its running statistics folded into the weight and bias), in a single output pass."""
+    fused = Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        conv.groups, bias=True, padding_mode=conv.padding_mode, activation=activation,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    weight, bias = _folded(conv, bn)
+    fused.weight.copy_(weight)
+    fused.bias.copy_(bias)
+    return fused.eval()
+
+
+class ConvBNAct(nn.Module):
+    """Conv2d (no bias) -> BatchNorm2d -> activation, the block of ResNet-style networks.
+
+    In training, or whenever parameter gradients are wanted, it runs the three steps (BatchNorm
+    needs batch statistics). In eval mode under ``torch.no_grad()``/``torch.inference_mode()``
+    (or with frozen parameters) it runs one fused convolution with BatchNorm folded into the weights; the folded weights are cached
+    and recomputed only when a parameter or running statistic changes. ``padding`` defaults to
+    ``dilation * (kernel_size - 1) // 2`` (the output keeps the input size at stride 1).
+    state_dict keys: ``conv.weight``, ``bn.weight``, ``bn.bias``, ``bn.running_mean``, ...
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int | None = None, dilation: int = 1, groups: int = 1, activation: str | None = "relu",
+                 eps: float = 1e-5, momentum: float = 0.1, device=None, dtype=None):
+        super().__init__()
+        if padding is None:
+            padding = dilation * (kernel_size - 1) // 2
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False,
+                           device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ConvBNAct: unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+        self.activation = activation
+        self._fused: tuple[tuple, Tensor, Tensor] | None = None
+
+    def _fused_parameters(self) -> tuple[Tensor, Tensor]:
+        tensors = (self.conv.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
+        key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                weight, bias = _folded(self.conv, self.bn)
+            self._fused = (key, weight, bias)
+        return self._fused[1], self._fused[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        needs_parameter_grads = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if self.training or needs_parameter_grads:
+            return ACTIVATIONS[self.activation](self.bn(self.conv(x)))
+        weight, bias = self._fused_parameters()
+        c = self.conv
+        return ops.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups, self.activation)

@@ -1,0 +1,362 @@
+"""conv2d against float64 ``F.conv2d`` (+ activation), and the modules built on it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdl.nn
+import fastdl.ops
+from fastdl.ops import _library
+from fastdl.ops.conv2d import ACTIVATIONS
+from harness import DEVICES, LAYOUTS, assert_close, check_compiled, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck, with_layout
+
+ACTS = list(ACTIVATIONS)
+# float32 sums of a few hundred products: compare with a tolerance that scales with them
+CONV_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: {}, torch.bfloat16: dict(rtol=3e-2, atol=1e-1)}
+
+# name: (N, C, H, W, K, (kh, kw), stride, padding, dilation, groups)
+CASES = {
+    "3x3": (2, 16, 13, 11, 40, (3, 3), 1, 1, 1, 1),
+    "1x1_stride2_downsample": (2, 24, 14, 15, 48, (1, 1), 2, 0, 1, 1),
+    "1x1_pointwise": (3, 20, 7, 9, 33, (1, 1), 1, 0, 1, 1),
+    "7x7_stride2_stem": (2, 3, 33, 30, 16, (7, 7), 2, 3, 1, 1),
+    "5x5": (1, 6, 12, 12, 10, (5, 5), 1, 2, 1, 1),
+    "non_square_3x5": (2, 5, 10, 13, 7, (3, 5), (2, 1), (1, 2), 1, 1),
+    "dilated": (2, 8, 15, 15, 12, (3, 3), 1, 2, 2, 1),
+    "dilation_w_only": (1, 4, 9, 16, 35, (3, 3), 1, 1, (1, 3), 1),
+    "grouped": (2, 8, 9, 9, 12, (3, 3), 1, 1, 1, 4),
+    "depthwise": (2, 16, 10, 10, 16, (3, 3), 1, 1, 1, 16),
+    "depthwise_multiplier_stride2": (1, 6, 11, 11, 12, (3, 3), 2, 1, 1, 6),
+    "smaller_than_kernel_padded": (2, 4, 2, 3, 6, (5, 5), 1, 2, 1, 1),
+    "one_pixel_output": (1, 9, 3, 3, 65, (3, 3), 1, 0, 1, 1),
+    "wide_channels": (1, 70, 6, 20, 97, (3, 3), 1, 1, 1, 1),
+    "batch_0": (0, 4, 8, 8, 6, (3, 3), 1, 1, 1, 1),
+}
+
+
+def reference(x, w, b, stride, padding, dilation, groups, activation=None):
+    out = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding, dilation, groups)
+    return ACTIVATIONS[activation](out)
+
+
+def make_case(case, dtype=torch.float32, device="cpu", layout="contiguous", bias=True):
+    n, c, h, w, k, kernel, stride, padding, dilation, groups = case
+    x = with_layout(torch.randn(n, c, h, w, dtype=dtype, device=device), layout)
+    weight = torch.randn(k, c // groups, *kernel, dtype=dtype, device=device)
+    b = torch.randn(k, dtype=dtype, device=device) if bias else None
+    return x, weight, b, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def random_case():
+    """A random geometry: kernel up to 7, stride up to 3, dilation up to 2, groups in {1, 2, C}."""
+    kh, kw = random.randint(1, 7), random.randint(1, 7)
+    sh, sw, dh, dw = random.randint(1, 3), random.randint(1, 3), random.randint(1, 2), random.randint(1, 2)
+    ph, pw = random.randint(0, 3), random.randint(0, 3)
+    groups = random.choice([1, 1, 2, "depthwise"])
+    c = random.randint(1, 12) * (2 if groups == 2 else 1)
+    groups = c if groups == "depthwise" else groups
+    k = random.randint(1, 40) * groups
+    h = random.randint(max(1, dh * (kh - 1) + 1 - 2 * ph), 20)
+    w = random.randint(max(1, dw * (kw - 1) + 1 - 2 * pw), 20)
+    return (random.randint(1, 3), c, h, w, k, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_matches_reference(name, layout, dtype, device):
+    fresh_seed()
+    x, w, b, args = make_case(CASES[name], dtype, device, layout)
+    out = fastdl.ops.conv2d(x, w, b, **args)
+    assert_close(out, reference(x, w, b, **args), **CONV_TOL[dtype])
+    expected_format = torch.channels_last if layout == "channels_last" and x.size(0) > 0 else torch.contiguous_format
+    assert out.is_contiguous(memory_format=expected_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_geometries(dtype):
+    fresh_seed()
+    for _ in range(25):
+        case = random_case()
+        layout = random.choice(LAYOUTS)
+        act = random.choice(ACTS)
+        x, w, b, args = make_case(case, dtype, layout=layout, bias=random.random() < 0.7)
+        out = fastdl.ops.conv2d(x, w, b, activation=act, **args)
+        assert_close(out, reference(x, w, b, activation=act, **args), **CONV_TOL[dtype]), case
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_activation(activation, layout):
+    fresh_seed()
+    x, w, b, args = make_case(CASES["wide_channels"], layout=layout)
+    x = x * 3  # outputs well past relu6's 6 and deep into silu/gelu's tails
+    out = fastdl.ops.conv2d(x, w, b, activation=activation, **args)
+    assert_close(out, reference(x, w, b, activation=activation, **args), **CONV_TOL[torch.float32])
+
+
+def test_bfloat16_on_cpu():
+    fresh_seed()
+    x, w, b, args = make_case(CASES["3x3"], torch.bfloat16)
+    out = fastdl.ops.conv2d(x, w, b, activation="relu", **args)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, reference(x, w, b, activation="relu", **args), **CONV_TOL[torch.bfloat16])
+    x.requires_grad_()
+    fastdl.ops.conv2d(x, w, b, **args).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("kernel", [(3, 3), (4, 2), (2, 5)])
+def test_string_padding(padding, kernel):
+    fresh_seed()
+    x = torch.randn(2, 3, 9, 11)
+    conv = nn.Conv2d(3, 5, kernel, padding=padding, dilation=(1, 2))
+    ours = fastdl.ops.conv2d(x, conv.weight, conv.bias, padding=padding, dilation=(1, 2))
+    assert_close(ours, conv(x).double(), **CONV_TOL[torch.float32])
+
+
+# ---- gradients --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["3x3", "7x7_stride2_stem", "non_square_3x5", "dilated", "grouped", "depthwise", "1x1_pointwise", "smaller_than_kernel_padded", "batch_0"])
+def test_gradients_match_reference(name, layout, activation):
+    fresh_seed()
+    x, w, b, args = make_case(CASES[name], torch.float64, layout=layout)
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    out = fastdl.ops.conv2d(*inputs, activation=activation, **args)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, inputs, grad)
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(reference(*ref_inputs, activation=activation, **args), ref_inputs, grad)
+    for a, e in zip(ours, expected):
+        assert_close(a, e)
+    if layout == "channels_last" and x.size(0) > 0:
+        assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gradients_float32_and_partial():
+    fresh_seed()
+    x, w, b, args = make_case(CASES["wide_channels"], layout="channels_last")
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(fastdl.ops.conv2d(x, w, b, activation="relu", **args).square().sum(), [x])
+    xr = x.detach().double().requires_grad_()
+    (ex,) = torch.autograd.grad(reference(xr, w, b, activation="relu", **args).square().sum(), [xr])
+    assert_close(gx, ex, rtol=1e-4, atol=1e-3)
+    w.requires_grad_()  # weight only, no bias gradient wanted
+    (gw,) = torch.autograd.grad(fastdl.ops.conv2d(x.detach(), w, b, **args).sum(), [w])
+    wr = w.detach().double().requires_grad_()
+    (ew,) = torch.autograd.grad(reference(x.detach(), wr, b, **args).sum(), [wr])
+    assert_close(gw, ew, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["3x3", "7x7_stride2_stem", "dilated", "grouped", "non_square_3x5"])
+def test_weight_gradient_is_window_sum(name):
+    """With loss = out.sum(), dW[k, c, r, s] is the sum of every input value tap (r, s) reads."""
+    fresh_seed()
+    x, w, _, args = make_case(CASES[name], torch.float64, bias=False)
+    w.requires_grad_()
+    fastdl.ops.conv2d(x, w, None, **args).sum().backward()
+    sh, sw = (args["stride"],) * 2 if isinstance(args["stride"], int) else args["stride"]
+    ph, pw = (args["padding"],) * 2 if isinstance(args["padding"], int) else args["padding"]
+    dh, dw = (args["dilation"],) * 2 if isinstance(args["dilation"], int) else args["dilation"]
+    groups, (k, cg, kh, kw) = args["groups"], w.shape
+    padded = F.pad(x, (pw, pw, ph, ph))
+    out_h = (padded.size(2) - dh * (kh - 1) - 1) // sh + 1
+    out_w = (padded.size(3) - dw * (kw - 1) - 1) // sw + 1
+    expected = torch.zeros_like(w)
+    for out_channel in range(k):
+        group = out_channel // (k // groups)
+        for r in range(kh):
+            for s in range(kw):
+                rows = padded[:, group * cg : (group + 1) * cg, r * dh : r * dh + sh * (out_h - 1) + 1 : sh]
+                window = rows[..., s * dw : s * dw + sw * (out_w - 1) + 1 : sw]
+                expected[out_channel, :, r, s] = window.sum(dim=(0, 2, 3))
+    assert_close(w.grad, expected)
+
+
+@pytest.mark.parametrize("activation", [None, "silu", "gelu", "relu6"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck(activation, layout):
+    fresh_seed()
+    x, w, b, args = make_case((1, 3, 5, 6, 4, (3, 2), (2, 1), 1, (1, 2), 1), torch.float64, layout=layout)
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    op = torch.ops.fastdl.conv2d.default  # the op itself, so the registered autograd formula runs
+    assert torch.autograd.gradcheck(
+        lambda *t: op(*t, [2, 1], [1, 1], [1, 2], 1, activation), inputs, nondet_tol=1e-12
+    )
+
+
+# ---- dispatcher-level checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(layout, activation, device):
+    fresh_seed()
+    x, w, b, _ = make_case((2, 4, 7, 6, 5, (3, 3), 1, 1, 1, 1), device=device, layout=layout)
+    run_opcheck(torch.ops.fastdl.conv2d.default, (x.requires_grad_(), w.requires_grad_(), b, [2, 1], [1, 0], [1, 1], 1, activation))
+    grad = torch.randn(2, 5, 4, 4, device=device)
+    run_opcheck(torch.ops.fastdl._conv2d_backward.default, (grad, x.detach(), w.detach(), [2, 1], [1, 0], [1, 1], 1, [True, True, False]))
+
+
+def test_torch_compile():
+    fresh_seed()
+    x, w, b, _ = make_case((2, 4, 9, 9, 6, (3, 3), 1, 1, 1, 1), layout="channels_last")
+    fn = lambda x, w, b: fastdl.ops.conv2d(x, w, b, stride=2, padding=1, activation="relu")  # noqa: E731
+    check_compiled(fn, x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+
+
+def test_composite_matches_and_serves_mps():
+    fresh_seed()
+    x, w, b, _ = make_case(CASES["grouped"], layout="channels_last")
+    composite = _library.composite("conv2d")
+    native = fastdl.ops.conv2d(x, w, b, 1, 1, 1, 4, "silu")
+    assert_close(composite(x, w, b, [1, 1], [1, 1], [1, 1], 4, "silu"), native.double(), **CONV_TOL[torch.float32])
+    grad = torch.randn_like(native)
+    back = _library.composite("_conv2d_backward")(grad, x, w, [1, 1], [1, 1], [1, 1], 4, [True, True, True])
+    native_back = torch.ops.fastdl._conv2d_backward(grad, x, w, [1, 1], [1, 1], [1, 1], 4, [True, True, True])
+    for a, e in zip(back, native_back):
+        assert_close(a, e.double(), **CONV_TOL[torch.float32])
+    assert composite_serves_mps("conv2d") and composite_serves_mps("_conv2d_backward")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_resnet_block_shapes(layout, dtype):
+    fresh_seed()
+    for case in [(8, 64, 56, 56, 64, (3, 3), 1, 1, 1, 1), (8, 3, 224, 224, 64, (7, 7), 2, 3, 1, 1), (8, 64, 56, 56, 128, (1, 1), 2, 0, 1, 1)]:
+        x, w, b, args = make_case(case, dtype, "cuda", layout)
+        out = fastdl.ops.conv2d(x, w, b, activation="relu", **args)
+        tol = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-1)
+        assert_close(out, reference(x, w, b, activation="relu", **args).cuda(), **tol)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["native", "composite"])
+def test_bad_input(impl):
+    op = torch.ops.fastdl.conv2d.default if impl == "native" else _library.composite("conv2d")
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    one, zero = [1, 1], [0, 0]
+    with pytest.raises(RuntimeError, match="4-D tensor"):
+        op(x[0], w, None, one, zero, one, 1, None)
+    with pytest.raises(RuntimeError, match="input has 4 channels but weight"):
+        op(x, torch.randn(6, 3, 3, 3), None, one, zero, one, 1, None)
+    with pytest.raises(RuntimeError, match="groups=3 must divide the input channels"):
+        op(x, w, None, one, zero, one, 3, None)
+    with pytest.raises(RuntimeError, match="groups=4 must divide the output channels"):
+        op(x, torch.randn(6, 1, 3, 3), None, one, zero, one, 4, None)
+    with pytest.raises(RuntimeError, match="stride must be positive"):
+        op(x, w, None, [0, 1], zero, one, 1, None)
+    with pytest.raises(RuntimeError, match="padding must be non-negative"):
+        op(x, w, None, one, [-1, 0], one, 1, None)
+    with pytest.raises(RuntimeError, match="dilation must be positive"):
+        op(x, w, None, one, zero, [1, 0], 1, None)
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        op(torch.randn(1, 4, 2, 8), w, None, one, zero, one, 1, None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(x, w.double(), None, one, zero, one, 1, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        op(x, w, torch.randn(5), one, zero, one, 1, None)
+    with pytest.raises((RuntimeError, ValueError), match="unknown activation"):
+        op(x, w, None, one, zero, one, 1, "tanh")
+
+
+def test_bad_wrapper_arguments():
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="stride 1"):
+        fastdl.ops.conv2d(x, w, padding="same", stride=2)
+    with pytest.raises(ValueError, match="padding must be"):
+        fastdl.ops.conv2d(x, w, padding="full")
+    with pytest.raises(ValueError, match="stride must be an int or a pair"):
+        fastdl.ops.conv2d(x, w, stride=(1, 2, 3))
+    with pytest.raises(ValueError, match="unknown activation"):
+        fastdl.ops.conv2d(x, w, activation="tanh")
+
+
+# ---- modules ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_module_is_drop_in(padding_mode):
+    fresh_seed()
+    ref = nn.Conv2d(6, 9, (3, 5), stride=(1, 2), padding=(1, 2), groups=3, padding_mode=padding_mode)
+    ours = fastdl.nn.Conv2d(6, 9, (3, 5), stride=(1, 2), padding=(1, 2), groups=3, padding_mode=padding_mode)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, 6, 10, 11)
+    assert_close(ours(x), ref(x).double(), **CONV_TOL[torch.float32])
+    ref.load_state_dict(ours.state_dict())
+
+
+def test_conv2d_module_activation_and_training_step():
+    fresh_seed()
+    conv = fastdl.nn.Conv2d(3, 8, 3, padding="same", activation="silu")
+    ref = nn.Conv2d(3, 8, 3, padding="same")
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(4, 3, 12, 12)
+    out, expected = conv(x), F.silu(ref(x))
+    assert_close(out, expected.double(), **CONV_TOL[torch.float32])
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    assert_close(conv.weight.grad, ref.weight.grad.double(), rtol=1e-4, atol=1e-5)
+    assert_close(conv.bias.grad, ref.bias.grad.double(), rtol=1e-4, atol=1e-5)
+    assert "activation='silu'" in repr(conv)
+
+
+def trained_batchnorm(channels):
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    return bn.eval()
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fuse_conv_bn_equals_conv_bn_act(activation, bias):
+    fresh_seed()
+    conv, bn = nn.Conv2d(5, 12, 3, stride=2, padding=1, bias=bias), trained_batchnorm(12)
+    fused = fastdl.nn.fuse_conv_bn(conv, bn, activation)
+    x = torch.randn(3, 5, 13, 9)
+    with torch.no_grad():
+        assert_close(fused(x), ACTIVATIONS[activation](bn(conv(x))).double(), **CONV_TOL[torch.float32])
+
+
+def test_conv_bn_act_train_and_eval():
+    fresh_seed()
+    block = fastdl.nn.ConvBNAct(4, 8, 3, stride=2, activation="relu")
+    assert {"conv.weight", "bn.weight", "bn.running_mean"} <= set(block.state_dict())
+    x = torch.randn(6, 4, 11, 11)
+    block.train()
+    out = block(x)  # batch statistics, and the running statistics move
+    expected = F.relu(F.batch_norm(F.conv2d(x, block.conv.weight, None, 2, 1), None, None, block.bn.weight, block.bn.bias, True))
+    assert_close(out, expected.double(), **CONV_TOL[torch.float32])
+    out.sum().backward()
+    assert block.conv.weight.grad is not None
+    block.eval()
+    with torch.no_grad():
+        unfused = F.relu(block.bn(block.conv(x)))
+        assert_close(block(x), unfused.double(), **CONV_TOL[torch.float32])
+        block.bn.running_mean.add_(1.0)  # an updated statistic invalidates the cached folding
+        unfused = F.relu(block.bn(block.conv(x)))
+        assert_close(block(x), unfused.double(), **CONV_TOL[torch.float32])
+
+
+def test_fuse_conv_bn_rejects_mismatch():
+    with pytest.raises(ValueError, match="output channels"):
+        fastdl.nn.fuse_conv_bn(nn.Conv2d(3, 4, 3), trained_batchnorm(5))
