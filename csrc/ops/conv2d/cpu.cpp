@@ -172,7 +172,9 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   // windows stay in cache across blocks.
   constexpr int64_t kTilesPerChunk = 32;
   const int64_t tiles_total = g.batch * tiles_per_image;
-  at::parallel_for(0, tiles_total, kTilesPerChunk, [&](int64_t begin, int64_t end) {
+  // Fewer tiles than threads x chunk (small maps): smaller runs, so every thread has work.
+  const int64_t grain = std::clamp<int64_t>(tiles_total / at::get_num_threads(), 1, kTilesPerChunk);
+  at::parallel_for(0, tiles_total, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float result[tiles::kMaxPixels * kChannelBlock];
     const float* origins[tiles::kMaxPixels];
     float* targets[tiles::kMaxPixels];
@@ -308,6 +310,13 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                       dilation, groups, activation)
         .to(input.scalar_type());
   }
+  if (g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 && g.pad_w == 0 &&
+      (g.stride_h > 1 || g.stride_w > 1)) {
+    // A strided 1x1 convolution reads only every stride-th pixel: subsample first (a view), so
+    // the kernels copy and read a stride_h * stride_w times smaller input.
+    const at::Tensor sampled = input.slice(2, 0, g.height, g.stride_h).slice(3, 0, g.width, g.stride_w);
+    return conv2d_cpu(sampled, weight, bias, {1, 1}, padding, dilation, groups, activation);
+  }
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                                 input.options().memory_format(input.suggest_memory_format()));
   if (output.numel() == 0) return output;
@@ -333,28 +342,35 @@ void backward_gemm(const Geometry& g, const at::Tensor& grad_output, const at::T
   const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor x = want_weight ? input.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
   const at::Tensor w = want_input ? weight.permute({0, 2, 3, 1}).contiguous() : at::Tensor();
-  at::Tensor col = g.is_pointwise() ? at::Tensor() : at::empty({P, window}, input.options());
-  for (int64_t n = 0; n < g.batch; ++n) {
-    const T* dy_n = image<T>(dy, n);
+  // Several images per GEMM (their rows are consecutive in NHWC), so small feature maps still
+  // give the BLAS a long reduction; the im2col buffer stays around 16 MB.
+  const int64_t images = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(P * window, 1), 1, g.batch);
+  at::Tensor col = g.is_pointwise() ? at::Tensor() : at::empty({images * P, window}, input.options());
+  for (int64_t n0 = 0; n0 < g.batch; n0 += images) {
+    const int64_t count = std::min(images, g.batch - n0), rows = count * P;
     for (int64_t group = 0; group < g.groups; ++group) {
-      const T* dy_g = dy_n + group * Kg;  // [P, Kg] with row stride K
+      const T* dy_g = image<T>(dy, n0) + group * Kg;  // [rows, Kg] with row stride K
       if (want_weight) {  // dW_g[Kg, window] += dy_g^T col
-        const T* a = image<T>(x, n);
+        const T* a = image<T>(x, n0);
         if (!g.is_pointwise()) {
-          im2col(g, a, group, col.data_ptr<T>());
+          for (int64_t i = 0; i < count; ++i)
+            im2col(g, image<T>(x, n0 + i), group, col.data_ptr<T>() + i * P * window);
           a = col.const_data_ptr<T>();
         }
-        cpu::gemm_row_major(TransposeType::Transpose, TransposeType::NoTranspose, Kg, window, P,
+        cpu::gemm_row_major(TransposeType::Transpose, TransposeType::NoTranspose, Kg, window, rows,
                             T(1), dy_g, K, a, window, T(1),
                             grad_weight_rows.data_ptr<T>() + group * Kg * window, window);
       }
-      if (want_input) {  // dcol[P, window] = dy_g W_g, then scattered back to the image
-        T* dx_n = grad_input_nhwc.data_ptr<T>() + n * grad_input_nhwc.stride(0);
-        T* dcol = g.is_pointwise() ? dx_n : col.data_ptr<T>();
-        cpu::gemm_row_major(TransposeType::NoTranspose, TransposeType::NoTranspose, P, window, Kg,
+      if (want_input) {  // dcol[rows, window] = dy_g W_g, then scattered back to the images
+        T* dx = grad_input_nhwc.data_ptr<T>() + n0 * grad_input_nhwc.stride(0);
+        T* dcol = g.is_pointwise() ? dx : col.data_ptr<T>();
+        cpu::gemm_row_major(TransposeType::NoTranspose, TransposeType::NoTranspose, rows, window, Kg,
                             T(1), dy_g, K, w.const_data_ptr<T>() + group * Kg * window, window,
                             T(0), dcol, window);
-        if (!g.is_pointwise()) col2im_add(g, dcol, group, dx_n);
+        if (!g.is_pointwise()) {
+          for (int64_t i = 0; i < count; ++i)
+            col2im_add(g, dcol + i * P * window, group, dx + i * grad_input_nhwc.stride(0));
+        }
       }
     }
   }
@@ -380,6 +396,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     return {gi.to(dtype), gw.to(dtype), gb.to(dtype)};
   }
   const auto opts = input.options();
+  at::Tensor grad_input;
+  const int64_t full_pad_h = g.dil_h * (g.kernel_h - 1), full_pad_w = g.dil_w * (g.kernel_w - 1);
+  if (output_mask[0] && g.batch > 0 && input.scalar_type() == at::kFloat && g.groups == 1 &&
+      g.stride_h == 1 && g.stride_w == 1 && g.pad_h <= full_pad_h && g.pad_w <= full_pad_w &&
+      tiles::available()) {
+    // At stride 1, grad_input is itself a convolution: grad_output, padded to "full", with the
+    // kernel flipped and its channel axes swapped. The direct kernel then does it without
+    // im2col/col2im.
+    grad_input = conv2d_cpu(grad_output, weight.flip({2, 3}).transpose(0, 1), std::nullopt, {1, 1},
+                            {full_pad_h - g.pad_h, full_pad_w - g.pad_w},
+                            {g.dil_h, g.dil_w}, 1, std::nullopt)
+                     .contiguous(input.suggest_memory_format());
+    output_mask[0] = false;
+  }
   at::Tensor grad_input_nhwc, grad_weight_rows;
   if (output_mask[0]) grad_input_nhwc = at::zeros({g.batch, g.height, g.width, g.channels}, opts);
   if (output_mask[1]) grad_weight_rows = at::zeros({g.out_channels, g.window()}, opts);
@@ -388,9 +418,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       backward_gemm<scalar_t>(g, grad_output, input, weight, grad_input_nhwc, grad_weight_rows);
     });
   }
-  at::Tensor grad_input = output_mask[0]
-                              ? grad_input_nhwc.permute({0, 3, 1, 2}).contiguous(input.suggest_memory_format())
-                              : at::empty({0}, opts);
+  if (!grad_input.defined()) {
+    grad_input = output_mask[0]
+                     ? grad_input_nhwc.permute({0, 3, 1, 2}).contiguous(input.suggest_memory_format())
+                     : at::empty({0}, opts);
+  }
   at::Tensor grad_weight =
       output_mask[1] ? grad_weight_rows.view({g.out_channels, g.kernel_h, g.kernel_w, g.group_channels()})
                            .permute({0, 3, 1, 2})
