@@ -450,13 +450,42 @@ def test_multihead_attention_matches_torch(case):
         assert_close(a, e, atol=5e-5, rtol=5e-5)
 
 
-def test_multihead_attention_unbatched_and_need_weights():
+def test_multihead_attention_unbatched():
     fresh_seed()
     ours, theirs = _mha_pair(16, 2)
     x = torch.randn(5, 16)
     assert_close(ours(x, x, x)[0], theirs(x, x, x, need_weights=False)[0], atol=2e-5, rtol=2e-5)
-    with pytest.raises(NotImplementedError, match="need_weights=False"):
-        ours(x, x, x, need_weights=True)
+    out, weights = ours(x, x, x, need_weights=True)
+    expected, expected_weights = theirs(x, x, x, need_weights=True)
+    assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    assert_close(weights, expected_weights, atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("masks", ["none", "key-padding+bool", "float-3d"])
+def test_multihead_attention_need_weights(masks, average):
+    fresh_seed()
+    b, n, embed, heads = 3, 7, 32, 4
+    ours, theirs = _mha_pair(embed, heads)
+    x = torch.randn(b, n, embed, requires_grad=True)
+    kwargs = {}
+    if masks == "key-padding+bool":
+        pad = torch.zeros(b, n, dtype=torch.bool)
+        pad[0, -2:] = True
+        kwargs = dict(key_padding_mask=pad, attn_mask=torch.ones(n, n, dtype=torch.bool).triu(1))
+    elif masks == "float-3d":
+        kwargs = dict(attn_mask=torch.randn(b * heads, n, n))
+    out, weights = ours(x, x, x, need_weights=True, average_attn_weights=average, **kwargs)
+    expected, expected_weights = theirs(x, x, x, need_weights=True, average_attn_weights=average, **kwargs)
+    assert weights.shape == expected_weights.shape == ((b, n, n) if average else (b, heads, n, n))
+    assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    assert_close(weights, expected_weights, atol=2e-6, rtol=2e-5)
+    got = torch.autograd.grad((out.square().sum() + weights.sum()), [x, *ours.parameters()])
+    want = torch.autograd.grad((expected.square().sum() + expected_weights.sum()), [x, *theirs.parameters()])
+    for a, e in zip(got, want):
+        assert_close(a, e, atol=5e-5, rtol=5e-5)
+    # the fused path (need_weights=False) gives the same output
+    assert_close(ours(x, x, x, **kwargs)[0], expected, atol=2e-5, rtol=2e-5)
 
 
 def test_functional_sdpa_matches_torch():

@@ -20,9 +20,12 @@ class MultiheadAttention(nn.Module):
     ``attn_mask`` (``[Nq, Nk]`` or ``[B * heads, Nq, Nk]``, boolean ``True`` = not allowed, or
     floating and added) follow torch's conventions; ``is_causal=True`` applies a causal mask.
 
-    Differences: attention weights are never materialised, so ``need_weights`` must be ``False``
-    (it defaults to ``False`` here) and the second returned value is ``None``; a query that may
-    see no key returns zeros instead of NaN.
+    ``need_weights`` defaults to ``False`` here: the fused kernel never materialises the weights
+    and the second returned value is ``None``. With ``need_weights=True`` the weights are
+    computed explicitly (O(Nq * Nk) memory, as torch does on that path) and returned like torch's:
+    after dropout, averaged over heads unless ``average_attn_weights=False`` (then
+    ``[B, heads, Nq, Nk]``). Difference: a query that may see no key returns zeros (and zero
+    weights) instead of NaN.
     """
 
     def __init__(
@@ -93,11 +96,7 @@ class MultiheadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[Tensor, None]:
-        if need_weights:
-            raise NotImplementedError(
-                "fastdl.nn.MultiheadAttention never materialises attention weights; pass need_weights=False"
-            )
+    ) -> tuple[Tensor, Tensor | None]:
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -107,13 +106,22 @@ class MultiheadAttention(nn.Module):
             wq, wk, wv = self.in_proj_weight.chunk(3)
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        out = FA.multi_head_attention(
-            query, key, value, self.num_heads, wq, wk, wv, self.in_proj_bias,
-            self.out_proj.weight, self.out_proj.bias,
-            key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return (out.squeeze(0) if unbatched else out), None
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            q, k, v = FA.in_projection(query, key, value, self.num_heads, wq, wk, wv, self.in_proj_bias)
+            mask = FA.merge_masks(attn_mask, key_padding_mask, query.size(0), self.num_heads, query.size(1), key.size(1))
+            weights = torch.nn.functional.dropout(FA.attention_probabilities(q, k, mask, is_causal), dropout_p)
+            out = FA.out_projection(weights @ v, self.out_proj.weight, self.out_proj.bias)
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+            weights = weights.squeeze(0) if unbatched else weights
+        else:
+            out = FA.multi_head_attention(
+                query, key, value, self.num_heads, wq, wk, wv, self.in_proj_bias,
+                self.out_proj.weight, self.out_proj.bias,
+                key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=is_causal, dropout_p=dropout_p,
+            )
+        return (out.squeeze(0) if unbatched else out), weights
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"

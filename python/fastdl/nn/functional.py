@@ -8,7 +8,14 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["scaled_dot_product_attention", "multi_head_attention", "merge_masks"]
+__all__ = [
+    "attention_probabilities",
+    "in_projection",
+    "merge_masks",
+    "multi_head_attention",
+    "out_projection",
+    "scaled_dot_product_attention",
+]
 
 
 def scaled_dot_product_attention(
@@ -76,6 +83,44 @@ def merge_masks(
     return total
 
 
+def in_projection(
+    query: Tensor, key: Tensor, value: Tensor, num_heads: int, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor,
+    in_bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Project batch-first ``[B, N, E]`` inputs and split heads: ``q, k, v`` as ``Tensor[B, heads, N, E / heads]``."""
+    bq = bk = bv = None
+    if in_bias is not None:
+        bq, bk, bv = in_bias.chunk(3)
+    q, k, v = F.linear(query, q_weight, bq), F.linear(key, k_weight, bk), F.linear(value, v_weight, bv)
+    b, head_dim = query.size(0), q_weight.size(0) // num_heads
+    return tuple(t.view(b, t.size(1), num_heads, head_dim).transpose(1, 2) for t in (q, k, v))
+
+
+def out_projection(heads: Tensor, out_weight: Tensor, out_bias: Tensor | None) -> Tensor:
+    """Merge ``Tensor[B, heads, N, D]`` into ``[B, N, heads * D]`` and project."""
+    b, h, n, d = heads.shape
+    return F.linear(heads.transpose(1, 2).reshape(b, n, h * d), out_weight, out_bias)
+
+
+def attention_probabilities(
+    q: Tensor, k: Tensor, attn_mask: Tensor | None = None, causal: bool = False, scale: float | None = None
+) -> Tensor:
+    """The softmax weights :func:`fastdl.ops.attention` applies, materialised: ``Tensor[B, H, Nq, Nk]``.
+
+    Same conventions as the op (boolean mask ``True`` = may attend, floating mask added, causal
+    aligned to the end, rows with no visible key all zero). O(Nq * Nk) memory: for inspection and
+    ``need_weights=True``, not for the fast path."""
+    if k.size(1) != q.size(1):  # grouped heads share keys
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * (q.size(-1) ** -0.5 if scale is None else scale)
+    nq, nk = scores.shape[-2:]
+    if causal:
+        scores = scores.masked_fill(~torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq), float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)
+
+
 def multi_head_attention(
     query: Tensor,
     key: Tensor,
@@ -97,16 +142,7 @@ def multi_head_attention(
     :func:`fastdl.ops.attention`, merge heads, project out. Masks follow
     ``torch.nn.MultiheadAttention`` (see :func:`merge_masks`). Used by GPT / encoder blocks and by
     :class:`fastdl.nn.MultiheadAttention`."""
-    b, nq, e = query.shape
-    nk = key.size(1)
-    head_dim = e // num_heads
-    bq = bk = bv = None
-    if in_bias is not None:
-        bq, bk, bv = in_bias.chunk(3)
-    q, k, v = F.linear(query, q_weight, bq), F.linear(key, k_weight, bk), F.linear(value, v_weight, bv)
-    q = q.view(b, nq, num_heads, head_dim).transpose(1, 2)
-    k = k.view(b, nk, num_heads, head_dim).transpose(1, 2)
-    v = v.view(b, nk, num_heads, head_dim).transpose(1, 2)
-    mask = merge_masks(attn_mask, key_padding_mask, b, num_heads, nq, nk)
+    q, k, v = in_projection(query, key, value, num_heads, q_weight, k_weight, v_weight, in_bias)
+    mask = merge_masks(attn_mask, key_padding_mask, query.size(0), num_heads, query.size(1), key.size(1))
     out = ops.attention(q, k, v, causal=causal, attn_mask=mask, dropout_p=dropout_p)
-    return F.linear(out.transpose(1, 2).reshape(b, nq, e), out_weight, out_bias)
+    return out_projection(out, out_weight, out_bias)
