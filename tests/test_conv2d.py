@@ -35,6 +35,10 @@ CASES = {
     "smaller_than_kernel_padded": (2, 4, 2, 3, 6, (5, 5), 1, 2, 1, 1),
     "one_pixel_output": (1, 9, 3, 3, 65, (3, 3), 1, 0, 1, 1),
     "wide_channels": (1, 70, 6, 20, 97, (3, 3), 1, 1, 1, 1),
+    # 3x3 stride 1 with enough channels and tiles: the Winograd path (odd sizes: partial tiles)
+    "3x3_winograd": (4, 33, 13, 11, 37, (3, 3), 1, 1, 1, 1),
+    "3x3_winograd_valid": (3, 40, 16, 17, 48, (3, 3), 1, 0, 1, 1),
+    "3x3_winograd_pad2": (2, 32, 12, 12, 64, (3, 3), 1, 2, 1, 1),
     "batch_0": (0, 4, 8, 8, 6, (3, 3), 1, 1, 1, 1),
 }
 
@@ -93,9 +97,10 @@ def test_random_geometries(dtype):
 
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_fused_activation(activation, layout):
+@pytest.mark.parametrize("name", ["wide_channels", "3x3_winograd"])
+def test_fused_activation(name, activation, layout):
     fresh_seed()
-    x, w, b, args = make_case(CASES["wide_channels"], layout=layout)
+    x, w, b, args = make_case(CASES[name], layout=layout)
     x = x * 3  # outputs well past relu6's 6 and deep into silu/gelu's tails
     out = fastdl.ops.conv2d(x, w, b, activation=activation, **args)
     assert_close(out, reference(x, w, b, activation=activation, **args), **CONV_TOL[torch.float32])
@@ -143,9 +148,10 @@ def test_gradients_match_reference(name, layout, activation):
         assert ours[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_gradients_float32_and_partial():
+@pytest.mark.parametrize("name", ["wide_channels", "3x3_winograd", "7x7_stride2_stem"])
+def test_gradients_float32_and_partial(name):
     fresh_seed()
-    x, w, b, args = make_case(CASES["wide_channels"], layout="channels_last")
+    x, w, b, args = make_case(CASES[name], layout="channels_last")
     x.requires_grad_()
     (gx,) = torch.autograd.grad(fastdl.ops.conv2d(x, w, b, activation="relu", **args).square().sum(), [x])
     xr = x.detach().double().requires_grad_()

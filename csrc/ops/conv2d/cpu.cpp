@@ -19,12 +19,14 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_blas.h"
 #include "common/cpu_simd.h"
 #include "ops/conv2d/conv2d.h"
 #include "ops/conv2d/cpu_tiles.h"
+#include "ops/conv2d/cpu_winograd.h"
 
 namespace fastdl::conv2d {
 namespace {
@@ -114,6 +116,14 @@ std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
 
 // ---- direct float32 forward (AVX-512 tiles) ---------------------------------------------------
 
+// The input as a zero-padded NHWC buffer [N, Hp, Wp, C] with the image at (pad_h, pad_w): the
+// one layout change an NCHW input needs, after which no kernel tests bounds.
+at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, int64_t Wp) {
+  at::Tensor padded = at::zeros({g.batch, Hp, Wp, g.channels}, input.options());
+  padded.narrow(1, g.pad_h, g.height).narrow(2, g.pad_w, g.width).copy_(input.permute({0, 2, 3, 1}));
+  return padded;
+}
+
 // packed[kb][r][s][c][j] = weight[kb * 32 + j][c][r][s], zero for channels past K: the order in
 // which a tile reads them. Written sequentially in one pass; the 32 source rows it reads at a
 // time stay in cache.
@@ -143,8 +153,7 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
                     const std::optional<at::Tensor>& bias, Activation act, at::Tensor& output) {
   using tiles::kChannelBlock;
   const int64_t C = g.channels, Hp = g.height + 2 * g.pad_h, Wp = g.width + 2 * g.pad_w;
-  at::Tensor padded = at::zeros({g.batch, Hp, Wp, C}, input.options());
-  padded.narrow(1, g.pad_h, g.height).narrow(2, g.pad_w, g.width).copy_(input.permute({0, 2, 3, 1}));
+  const at::Tensor padded = padded_nhwc(g, input, Hp, Wp);
 
   const int64_t blocks = (g.out_channels + kChannelBlock - 1) / kChannelBlock;
   const at::Tensor packed = pack_weight(g, weight.contiguous());
@@ -201,6 +210,108 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
               for (int p = 0; p < pixels; ++p) targets[p][j * sK] = result[p * kChannelBlock + j];
           }
         }
+      }
+    }
+  });
+}
+
+// ---- Winograd F(2x2, 3x3) float32 forward (AVX-512 transforms, BLAS products) -----------------
+
+bool use_winograd(const Geometry& g) {
+  // The transforms cost memory traffic that pays off with enough channels on both sides and
+  // enough tiles; the transformed weights (16 C K floats, re-read for every chunk of tiles) must
+  // stay cache-sized, so the widest layers (512 x 512 at 7x7) keep the direct kernel.
+  const int64_t tiles = g.batch * ((g.out_h + 1) / 2) * ((g.out_w + 1) / 2);
+  return g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 &&
+         g.dil_h == 1 && g.dil_w == 1 && g.groups == 1 && g.channels >= 32 &&
+         g.out_channels >= 32 && g.channels * g.out_channels <= 256 * 256 && tiles >= 64 &&
+         winograd::available();
+}
+
+// U[e][c][k] = (G f G^T)[e] for the 3x3 filter f = weight[k][c], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
+at::Tensor winograd_weight(const Geometry& g, const at::Tensor& weight) {
+  const int64_t C = g.channels, K = g.out_channels;
+  at::Tensor u = at::empty({winograd::kPoints, C, K}, weight.options());
+  const float* w = weight.const_data_ptr<float>();
+  float* dst = u.data_ptr<float>();
+  const auto transform = [](float a, float b, float c, float* out) {  // G applied to (a, b, c)
+    out[0] = a;
+    out[1] = 0.5f * (a + b + c);
+    out[2] = 0.5f * (a - b + c);
+    out[3] = c;
+  };
+  // Sixteen output channels at a time, so every store is a whole cache line of U.
+  constexpr int64_t kBlock = 16;
+  at::parallel_for(0, (K + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    float points[winograd::kPoints][kBlock];
+    for (int64_t k0 = b0 * kBlock; k0 < std::min(K, b1 * kBlock); k0 += kBlock) {
+      const int64_t valid = std::min(kBlock, K - k0);
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t kk = 0; kk < valid; ++kk) {
+          const float* f = w + ((k0 + kk) * C + c) * 9;
+          float columns[3][4], point[4];
+          for (int j = 0; j < 3; ++j) transform(f[j], f[3 + j], f[6 + j], columns[j]);
+          for (int i = 0; i < 4; ++i) {
+            transform(columns[0][i], columns[1][i], columns[2][i], point);
+            for (int j = 0; j < 4; ++j) points[4 * i + j][kk] = point[j];
+          }
+        }
+        for (int e = 0; e < winograd::kPoints; ++e)
+          std::memcpy(dst + (e * C + c) * K + k0, points[e], valid * sizeof(float));
+      }
+    }
+  });
+  return u;
+}
+
+void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, Activation act, at::Tensor& output) {
+  const int64_t C = g.channels, K = g.out_channels;
+  const int64_t tiles_h = (g.out_h + 1) / 2, tiles_w = (g.out_w + 1) / 2;
+  // Odd output sizes: the last tile row/column reads zeros past the padded image.
+  const int64_t Hp = std::max(g.height + 2 * g.pad_h, 2 * tiles_h + 2);
+  const int64_t Wp = std::max(g.width + 2 * g.pad_w, 2 * tiles_w + 2);
+  const at::Tensor padded = padded_nhwc(g, input, Hp, Wp);
+  const at::Tensor u = winograd_weight(g, weight.contiguous());
+  const at::Tensor bias_values = bias ? bias->contiguous() : at::zeros({K}, weight.options());
+  const float* x = padded.const_data_ptr<float>();
+  const float* up = u.const_data_ptr<float>();
+  const float* b = bias_values.const_data_ptr<float>();
+  float* out = output.data_ptr<float>();
+  const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2),
+                sW = output.stride(3);
+  const int64_t tiles_total = g.batch * tiles_h * tiles_w;
+  // Tiles per GEMM: the chunk's transformed input and products (16 x tiles x channels each)
+  // stay within about 1 MB, so they are still in cache when the next step reads them.
+  const int64_t chunk = std::clamp<int64_t>(16384 / std::max(C, K), 16, 256);
+  const int64_t grain = std::clamp<int64_t>(tiles_total / at::get_num_threads(), 1, chunk);
+  at::parallel_for(0, tiles_total, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> transformed(winograd::kPoints * chunk * C), products(winograd::kPoints * chunk * K);
+    for (int64_t first = begin; first < end; first += chunk) {
+      const int64_t count = std::min(chunk, end - first);
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t tile = first + t, n = tile / (tiles_h * tiles_w);
+        const int64_t th = tile / tiles_w % tiles_h, tw = tile % tiles_w;
+        const float* rows[4];
+        for (int i = 0; i < 4; ++i) rows[i] = x + ((n * Hp + 2 * th + i) * Wp + 2 * tw) * C;
+        winograd::input_tile(rows, C, C, transformed.data() + t * C, count * C);
+      }
+      for (int e = 0; e < winograd::kPoints; ++e) {
+        cpu::gemm_row_major(TransposeType::NoTranspose, TransposeType::NoTranspose, count, K, C,
+                            1.0f, transformed.data() + e * count * C, C, up + e * C * K, K, 0.0f,
+                            products.data() + e * count * K, K);
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t tile = first + t, n = tile / (tiles_h * tiles_w);
+        const int64_t th = tile / tiles_w % tiles_h, tw = tile % tiles_w;
+        float* targets[2][2];
+        for (int i = 0; i < 2; ++i) {
+          for (int j = 0; j < 2; ++j) {
+            const int64_t oh = 2 * th + i, ow = 2 * tw + j;
+            targets[i][j] = oh < g.out_h && ow < g.out_w ? out + n * sN + oh * sH + ow * sW : nullptr;
+          }
+        }
+        winograd::output_tile(products.data() + t * K, count * K, K, b, act, targets, sK);
       }
     }
   });
@@ -320,6 +431,10 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                                 input.options().memory_format(input.suggest_memory_format()));
   if (output.numel() == 0) return output;
+  if (input.scalar_type() == at::kFloat && use_winograd(g)) {
+    forward_winograd(g, input, weight, bias, act, output);
+    return output;
+  }
   if (input.scalar_type() == at::kFloat && g.groups == 1 && tiles::available()) {
     forward_direct(g, input, weight, bias, act, output);
     return output;

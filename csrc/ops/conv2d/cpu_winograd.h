@@ -1,0 +1,105 @@
+// Winograd F(2x2, 3x3) transforms for the float32 CPU forward of 3x3 stride-1 convolutions
+// (AVX-512; vectors run along channels of NHWC data).
+//
+// A 2x2 output tile needs a 4x4 input tile d; with U = G g G^T (per output/input channel pair)
+// and V = B^T d B (per tile and input channel), the 16 products M[e] = sum_c V[e][c] U[e][c][k]
+// are 16 independent GEMMs, and the tile is Y = A^T M A. That is 16 multiplies per 4 outputs
+// instead of 36: 2.25x fewer FMAs than a direct convolution. F(2x2, 3x3)'s transforms only add,
+// subtract and halve, so float32 results stay as accurate as the direct form's (larger tiles
+// such as F(4x4, 3x3) lose digits).
+#pragma once
+
+#include <cstdint>
+
+#include "ops/conv2d/conv2d.h"
+#include "ops/conv2d/cpu_tiles.h"
+
+namespace fastdl::conv2d::winograd {
+
+constexpr int kPoints = 16;  // the 4x4 transform domain
+
+#if FASTDL_CONV2D_TILES
+
+#define FASTDL_WINO_FN __attribute__((target("avx512f"))) inline
+
+inline __mmask16 lanes(int64_t remaining) {
+  return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1u);
+}
+
+// v[i][j] = (B^T d B)[i][j] for d[i][j] = rows[i][j * pixel + c], c in [c0, c0 + 16).
+// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. Writes v[e] to out + e * point_stride.
+FASTDL_WINO_FN void input_tile(const float* const rows[4], int64_t pixel, int64_t channels,
+                               float* out, int64_t point_stride) {
+  for (int64_t c = 0; c < channels; c += 16) {
+    const __mmask16 m = lanes(channels - c);
+    __m512 t[4][4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512 d0 = _mm512_maskz_loadu_ps(m, rows[0] + j * pixel + c);
+      const __m512 d1 = _mm512_maskz_loadu_ps(m, rows[1] + j * pixel + c);
+      const __m512 d2 = _mm512_maskz_loadu_ps(m, rows[2] + j * pixel + c);
+      const __m512 d3 = _mm512_maskz_loadu_ps(m, rows[3] + j * pixel + c);
+      t[0][j] = _mm512_sub_ps(d0, d2);
+      t[1][j] = _mm512_add_ps(d1, d2);
+      t[2][j] = _mm512_sub_ps(d2, d1);
+      t[3][j] = _mm512_sub_ps(d1, d3);
+    }
+    for (int i = 0; i < 4; ++i) {
+      float* o = out + (4 * i) * point_stride + c;
+      _mm512_mask_storeu_ps(o, m, _mm512_sub_ps(t[i][0], t[i][2]));
+      _mm512_mask_storeu_ps(o + point_stride, m, _mm512_add_ps(t[i][1], t[i][2]));
+      _mm512_mask_storeu_ps(o + 2 * point_stride, m, _mm512_sub_ps(t[i][2], t[i][1]));
+      _mm512_mask_storeu_ps(o + 3 * point_stride, m, _mm512_sub_ps(t[i][1], t[i][3]));
+    }
+  }
+}
+
+// y = act(A^T M A + bias) for the 16 points m[e] = in[e * point_stride + k], k in [k0, k0 + 16),
+// A^T = [1 1 1 0; 0 1 -1 -1]; y[i][j] goes to out[i][j] + k (out[i][j] null: outside the image).
+FASTDL_WINO_FN void output_tile(const float* in, int64_t point_stride, int64_t channels,
+                                const float* bias, Activation act, float* const out[2][2],
+                                int64_t channel_stride) {
+  alignas(64) float scattered[16];
+  for (int64_t k = 0; k < channels; k += 16) {
+    const __mmask16 msk = lanes(channels - k);
+    __m512 t[2][4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512 m0 = _mm512_maskz_loadu_ps(msk, in + j * point_stride + k);
+      const __m512 m1 = _mm512_maskz_loadu_ps(msk, in + (4 + j) * point_stride + k);
+      const __m512 m2 = _mm512_maskz_loadu_ps(msk, in + (8 + j) * point_stride + k);
+      const __m512 m3 = _mm512_maskz_loadu_ps(msk, in + (12 + j) * point_stride + k);
+      t[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+      t[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+    }
+    const __m512 b = _mm512_maskz_loadu_ps(msk, bias + k);
+    for (int i = 0; i < 2; ++i) {
+      const __m512 y[2] = {
+          _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(t[i][0], t[i][1]), t[i][2]), b),
+          _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(t[i][1], t[i][2]), t[i][3]), b)};
+      for (int j = 0; j < 2; ++j) {
+        if (out[i][j] == nullptr) continue;
+        const __m512 v = tiles::activate(act, y[j]);
+        if (channel_stride == 1) {
+          _mm512_mask_storeu_ps(out[i][j] + k, msk, v);
+        } else {  // NCHW output: channels are planes apart
+          _mm512_store_ps(scattered, v);
+          for (int64_t l = 0; l < 16 && k + l < channels; ++l) out[i][j][(k + l) * channel_stride] = scattered[l];
+        }
+      }
+    }
+  }
+}
+
+#undef FASTDL_WINO_FN
+
+inline bool available() { return tiles::available(); }
+
+#else
+
+inline bool available() { return false; }
+inline void input_tile(const float* const*, int64_t, int64_t, float*, int64_t) {}
+inline void output_tile(const float*, int64_t, int64_t, const float*, Activation,
+                        float* const (*)[2], int64_t) {}
+
+#endif
+
+}  // namespace fastdl::conv2d::winograd
