@@ -57,6 +57,24 @@ def public_ops() -> list[str]:
     return sorted(_OPS, key=lambda n: (n.startswith("_"), n))
 
 
+def register_triton_kernels(kernels: dict[str, Callable]) -> None:
+    """Serve CUDA for each ``fastdl::name`` with ``kernels[name]`` (a Triton entry point). Called
+    only when :func:`triton_available`; without it the composite keeps serving CUDA."""
+    for name, kernel in kernels.items():
+        torch.library.register_kernel(qualname(name), "cuda", kernel)
+
+
+def triton_available() -> bool:
+    """A CUDA device is present and triton imports (so ``fastdl.kernels`` can run)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def implementation(name: str, device: str) -> str:
     """Which implementation serves ``fastdl::name`` on ``device`` ("cpu", "cuda" or "mps")."""
     key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}[device]

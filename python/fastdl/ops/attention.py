@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._library import register_composite
+from ._library import register_composite, register_triton_kernels, triton_available
 
 __all__ = ["attention"]
 
@@ -334,16 +334,9 @@ def attention_backward_composite(grad_out, q, k, v, attn_mask, out, lse, grad_ls
 # ---- CUDA: Triton kernels, registered only where they can run -----------------------------------
 
 
-def _register_triton():
-    """Serve CUDA with fastdl.kernels.attention (float64 inputs are passed on to the composite)."""
-    if not torch.cuda.is_available():
-        return
-    try:
-        from fastdl.kernels import attention as triton_attention
-    except ImportError:  # triton missing: the composite serves CUDA
-        return
-    torch.library.register_kernel("fastdl::attention", "cuda", triton_attention.attention_forward_op)
-    torch.library.register_kernel("fastdl::_attention_backward", "cuda", triton_attention.attention_backward_op)
+if triton_available():
+    from fastdl.kernels import attention as triton_attention
 
-
-_register_triton()
+    register_triton_kernels(
+        {"attention": triton_attention.attention_forward_op, "_attention_backward": triton_attention.attention_backward_op}
+    )

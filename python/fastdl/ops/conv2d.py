@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._library import register_composite
+from ._library import register_composite, register_triton_kernels, triton_available
 from ._utils import pair, suggest_memory_format
 
 __all__ = ["conv2d", "ACTIVATIONS"]
@@ -191,12 +191,7 @@ def _conv2d_backward_composite(grad_output, input, weight, stride, padding, dila
 
 def _register_triton():
     """Serve CUDA with fastdl.kernels.conv2d (float64 inputs are passed on to the composite)."""
-    if not torch.cuda.is_available():
-        return
-    try:
-        from fastdl.kernels import conv2d as triton_conv2d
-    except ImportError:  # triton missing: the composite serves CUDA
-        return
+    from fastdl.kernels import conv2d as triton_conv2d
 
     def forward(input, weight, bias, stride, padding, dilation, groups, activation):
         if input.dtype == torch.float64:
@@ -210,8 +205,8 @@ def _register_triton():
         _output_size("conv2d_backward", input, weight, None, stride, padding, dilation, groups)
         return triton_conv2d.conv2d_backward_op(grad_output, input, weight, stride, padding, dilation, groups, output_mask)
 
-    torch.library.register_kernel("fastdl::conv2d", "cuda", forward)
-    torch.library.register_kernel("fastdl::_conv2d_backward", "cuda", backward)
+    register_triton_kernels({"conv2d": forward, "_conv2d_backward": backward})
 
 
-_register_triton()
+if triton_available():
+    _register_triton()
