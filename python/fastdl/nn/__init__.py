@@ -3,5 +3,6 @@
 from . import functional
 from .attention import MultiheadAttention
 from .detection import MultiScaleRoIAlign, RoIAlign, RoIPool
+from .recurrent import LSTM, LSTMCell
 
-__all__ = ["MultiScaleRoIAlign", "MultiheadAttention", "RoIAlign", "RoIPool"]
+__all__ = ["LSTM", "LSTMCell", "MultiScaleRoIAlign", "MultiheadAttention", "RoIAlign", "RoIPool"]

@@ -3,6 +3,7 @@
 from .. import _loader  # noqa: F401  (must precede the op modules)
 from .attention import attention
 from .boxes import BoxCoder, box_area, box_convert, box_iou, clip_boxes_to_image, remove_small_boxes
+from .lstm import lstm, lstm_cell
 from .nms import batched_nms, nms
 from .poolers import multiscale_roi_align
 from .roi_align import roi_align
@@ -16,6 +17,8 @@ __all__ = [
     "box_convert",
     "box_iou",
     "clip_boxes_to_image",
+    "lstm",
+    "lstm_cell",
     "multiscale_roi_align",
     "nms",
     "remove_small_boxes",
