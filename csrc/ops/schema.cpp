@@ -36,4 +36,16 @@ TORCH_LIBRARY(fastdl, m) {
       "_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
       "Tensor out, Tensor lse, Tensor? grad_lse, bool causal, float scale, float dropout_p, "
       "int seed) -> (Tensor, Tensor, Tensor)");
+  // ---- recurrent ------------------------------------------------------------------------
+  m.def(
+      "lstm_layer(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, "
+      "bool save_activations) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
+      "Tensor cells)");
+  m.def(
+      "_lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
+      "Tensor output, Tensor gates, Tensor cells, bool reverse) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
+      "Tensor grad_w_hr)");
 }

@@ -4,5 +4,16 @@ from . import functional
 from .attention import MultiheadAttention
 from .conv import Conv2d, ConvBNAct, fuse_conv_bn
 from .detection import MultiScaleRoIAlign, RoIAlign, RoIPool
+from .recurrent import LSTM, LSTMCell
 
-__all__ = ["Conv2d", "ConvBNAct", "MultiScaleRoIAlign", "MultiheadAttention", "RoIAlign", "RoIPool", "fuse_conv_bn"]
+__all__ = [
+    "Conv2d",
+    "ConvBNAct",
+    "LSTM",
+    "LSTMCell",
+    "MultiScaleRoIAlign",
+    "MultiheadAttention",
+    "RoIAlign",
+    "RoIPool",
+    "fuse_conv_bn",
+]

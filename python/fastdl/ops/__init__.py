@@ -2,8 +2,9 @@
 
 from .. import _loader  # noqa: F401  (must precede the op modules)
 from .attention import attention
-from .conv2d import conv2d
 from .boxes import BoxCoder, box_area, box_convert, box_iou, clip_boxes_to_image, remove_small_boxes
+from .conv2d import conv2d
+from .lstm import lstm, lstm_cell
 from .nms import batched_nms, nms
 from .poolers import multiscale_roi_align
 from .roi_align import roi_align
@@ -18,6 +19,8 @@ __all__ = [
     "box_iou",
     "clip_boxes_to_image",
     "conv2d",
+    "lstm",
+    "lstm_cell",
     "multiscale_roi_align",
     "nms",
     "remove_small_boxes",
