@@ -18,7 +18,12 @@ Backward (probabilities recomputed from the saved log-sum-exp):
 Head dims that are not powers of two are padded to the next one with masked loads. Boolean and
 additive floating masks are read through their broadcast strides (stride 0 on broadcast
 dimensions: the mask is never expanded in memory). Dropout uses the same counter-based hash as the
-composite and the C++ kernel, so all implementations drop exactly the same elements.
+composite and the C++ kernel, so all implementations drop exactly the same elements; it hashes the
+absolute (row, column) index, so the dropped elements do not depend on the tiles.
+
+The forward, dK/dV and dQ kernels are autotuned on a GPU (tile sizes, warps, pipeline stages; see
+the tiles section); the preprocessing kernel keeps a fixed block. Under the interpreter each kernel
+gets a single small tile, so nothing is benchmarked there.
 
 The host functions take CPU tensors as well, which lets the Triton interpreter
 (``TRITON_INTERPRET=1``) run and test these kernels on machines without a GPU.
@@ -26,16 +31,122 @@ The host functions take CPU tensors as well, which lets the Triton interpreter
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET as _INTERPRET
+from ._common import mm as _mm
+from ._common import precision as _precision
+from ._common import tile_configs
+
 __all__ = ["attention_forward_op", "attention_backward_op"]
 
 _LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---- tiles -------------------------------------------------------------------------------------
+
+# Candidates (BM query rows, BN key columns, num_warps, num_stages) of each kernel; BM and BN are
+# powers of two >= 16 (tl.dot). Nothing ties BM to BN: the causal loop bounds are computed from
+# the tile's own rows and columns. Under the interpreter each kernel gets one small tile with
+# BM != BN, so the tests cover query and key blocks that meet the diagonal at different places.
+_GPU_TILES = {
+    "fwd": [
+        (128, 128, 8, 2),
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (128, 64, 8, 2),
+        (64, 64, 4, 4),
+        (64, 64, 4, 2),
+        (64, 32, 4, 2),
+        (32, 64, 4, 3),  # few queries (decoding), many keys
+        (32, 32, 4, 2),
+        (32, 32, 4, 1),  # float32 with D = 256
+    ],
+    "dkdv": [  # BN keys stay on chip while BM queries stream past
+        (64, 128, 8, 2),
+        (32, 128, 8, 2),
+        (32, 128, 4, 3),
+        (64, 64, 4, 2),
+        (32, 64, 4, 3),
+        (32, 64, 8, 2),
+        (32, 32, 4, 2),
+        (16, 32, 8, 1),  # float32 with D = 256
+    ],
+    "dq": [  # BM queries stay on chip while BN keys stream past
+        (128, 64, 8, 2),
+        (128, 32, 8, 2),
+        (64, 64, 4, 2),
+        (64, 32, 4, 3),
+        (32, 64, 4, 3),  # few queries (decoding), many keys
+        (32, 32, 4, 2),
+        (32, 16, 8, 1),  # float32 with D = 256
+    ],
+}
+_INTERPRETER_TILES = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
+# Shared memory a program may use: under the 99 KB per-block limit of sm_86 / sm_89 (A100 and H100
+# allow more), leaving room for what the _shared_memory estimate leaves out.
+_SHARED_MEMORY_BUDGET = 96 * 1024
+
+
+def _tile_configs(kernel: str, interpret: bool = _INTERPRET) -> list[triton.Config]:
+    return tile_configs(("BM", "BN"), _GPU_TILES[kernel], _INTERPRETER_TILES[kernel], interpret)
+
+
+def _shared_memory(kernel: str, bm: int, bn: int, block_d: int, elem_size: int, num_stages: int) -> int:
+    """Bytes of shared memory one program needs, roughly: the [*, BLOCK_D] tiles it keeps on chip
+    plus num_stages buffers of the tiles its loop streams in (the software pipeline)."""
+    resident, streamed = {
+        "fwd": (bm, 2 * bn),  # Q; K and V
+        "dkdv": (2 * bn, 2 * bm),  # K and V; Q and dO
+        "dq": (2 * bm, 2 * bn),  # Q and dO; K and V
+    }[kernel]
+    return (resident + num_stages * streamed) * block_d * elem_size
+
+
+def _usable_tiles(kernel, configs, block_d, elem_size, nq_bucket, nk_bucket):
+    """The configs worth benchmarking: those within the shared-memory budget, without tiles far
+    longer than the sequences (they only add masked work and tuning time). Never empty: falls
+    back to the config needing the least shared memory."""
+
+    def shared_memory(c):
+        return _shared_memory(kernel, c.kwargs["BM"], c.kwargs["BN"], block_d, elem_size, c.num_stages)
+
+    fitting = [c for c in configs if shared_memory(c) <= _SHARED_MEMORY_BUDGET]
+    short = [c for c in fitting if c.kwargs["BM"] <= nq_bucket and c.kwargs["BN"] <= nk_bucket]
+    return short or [min(fitting or configs, key=shared_memory)]
+
+
+def _prune_tiles(kernel, configs, named_args, **kwargs):
+    return _usable_tiles(kernel, configs, kwargs["BLOCK_D"], named_args["Q"].element_size(),
+                         named_args["Nq_bucket"], named_args["Nk_bucket"])
+
+
+def _autotuned(kernel: str):
+    """Autotune over _GPU_TILES[kernel]. The key is what changes the best tile: the sequence
+    lengths rounded up to powers of two (so a growing KV cache does not re-tune at every step),
+    the head dim and the constexpr features; the autotuner adds the tensors' dtypes. Every launch
+    writes each output element exactly once (no atomics, nothing accumulated across launches), so
+    the benchmark launches need no reset_to_zero."""
+    return triton.autotune(
+        configs=_tile_configs(kernel),
+        key=["Nq_bucket", "Nk_bucket", "D", "CAUSAL", "HAS_MASK", "MASK_BOOL", "DROPOUT"],
+        prune_configs_by={"early_config_prune": functools.partial(_prune_tiles, kernel)},
+    )
+
+
+def _length_bucket(n: int) -> int:
+    """A sequence length rounded up to a power of two, at least 32: tiles up to 32 are never
+    considered too long (the smallest GPU tiles, and a decoding step has a single query)."""
+    return max(32, triton.next_power_of_2(n))
+
+
+def _length_args(nq: int, nk: int) -> tuple[int, int, int, int]:
+    """The kernels' (Nq, Nk, Nq_bucket, Nk_bucket); the buckets are read only by the autotuner."""
+    return nq, nk, _length_bucket(nq), _length_bucket(nk)
 
 
 # ---- dropout: the shared counter-based hash (see fastdl.ops.attention.dropout_keep) ------------
@@ -60,16 +171,6 @@ def _dropout_keep(row_counter, offs_n, s1, s2, threshold):
     x = _fmix32(lo ^ s1.to(tl.uint32, bitcast=True))
     x = _fmix32(x ^ hi ^ s2.to(tl.uint32, bitcast=True))
     return (x >> 8).to(tl.int32) >= threshold
-
-
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr):
-    """a @ b with float32 accumulation. PREC "upcast" multiplies in float32 (the interpreter's
-    bfloat16 dot is unreliable; the operands are already rounded to bfloat16 by then)."""
-    if PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -139,10 +240,11 @@ def _query_block(H, G, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr)
     return bh, b, h, bhk, start_m, start_m + tl.arange(0, BM), offs_d, offs_d < D
 
 
+@_autotuned("fwd")
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, MASK, SEEDS,
                 stride_mb, stride_mh, stride_mi, stride_mj,
-                H, G, Nq, Nk, qk_scale, threshold, rescale,
+                H, G, Nq, Nk, Nq_bucket, Nk_bucket, qk_scale, threshold, rescale,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                 DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -259,10 +361,11 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
     return dk, dv
 
 
+@_autotuned("dkdv")
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEEDS,
               stride_mb, stride_mh, stride_mi, stride_mj,
-              H, G, Nq, Nk, qk_scale, sm_scale, threshold, rescale,
+              H, G, Nq, Nk, Nq_bucket, Nk_bucket, qk_scale, sm_scale, threshold, rescale,
               D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
               DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -338,10 +441,11 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, offs_d,
     return dq
 
 
+@_autotuned("dq")
 @triton.jit
 def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, SEEDS,
             stride_mb, stride_mh, stride_mi, stride_mj,
-            H, G, Nq, Nk, qk_scale, sm_scale, threshold, rescale,
+            H, G, Nq, Nk, Nq_bucket, Nk_bucket, qk_scale, sm_scale, threshold, rescale,
             D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
             DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -383,41 +487,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
-
-
-def _fwd_config(block_d: int, elem_size: int = 2):
-    """(BM, BN, num_warps, num_stages) of the forward kernel (shared memory kept under ~100 KB)."""
-    if _INTERPRET:
-        return 32, 16, 1, 1
-    if elem_size >= 4:  # float32 tiles are twice as large
-        return (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
-    if block_d <= 64:
-        return 128, 64, 4, 3
-    if block_d <= 128:
-        return 128, 64, 8, 2
-    return 64, 32, 8, 2
-
-
-def _bwd_config(block_d: int, elem_size: int = 2):
-    """((BM, BN) of the dK/dV kernel, (BM, BN) of the dQ kernel, num_warps, num_stages)."""
-    if _INTERPRET:
-        return (16, 32), (32, 16), 1, 1
-    if elem_size >= 4:
-        return ((32, 32), (32, 32), 4, 1) if block_d <= 128 else ((16, 32), (32, 16), 8, 1)
-    if block_d <= 64:
-        return (64, 64), (64, 64), 4, 2
-    if block_d <= 128:
-        return (32, 64), (64, 32), 8, 2
-    return (16, 32), (32, 16), 8, 1
-
-
-def _precision(dtype) -> str:
-    # float32 inputs get exact float32 products (no TF32), matching the other implementations
-    if dtype == torch.float32:
-        return "ieee"
-    if _INTERPRET and dtype == torch.bfloat16:
-        return "upcast"
-    return "tf32"
 
 
 def _mask_args(attn_mask, q, b, h, nq, nk):
@@ -468,14 +537,11 @@ def attention_forward_op(q, k, v, attn_mask, causal, scale, dropout_p, seed):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     mask, (smb, smh, smi, smj), has_mask, mask_bool = _mask_args(attn_mask, q, b, h, nq, nk)
     seeds, threshold, rescale, use_dropout = _dropout_args(seed, float(dropout_p), q.device)
-    block_d = _block_d(d)
-    bm, bn, warps, stages = _fwd_config(block_d, q.element_size())
-    grid = (triton.cdiv(nq, bm), b * h)
-    _fwd_kernel[grid](
+    _fwd_kernel[lambda meta: (triton.cdiv(nq, meta["BM"]), b * h)](
         q, k, v, out, lse, mask, seeds, smb, smh, smi, smj,
-        h, h // hkv, nq, nk, float(scale) * _LOG2E, threshold, rescale,
-        D=d, BLOCK_D=block_d, BM=bm, BN=bn, CAUSAL=bool(causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool,
-        DROPOUT=use_dropout, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        h, h // hkv, *_length_args(nq, nk), float(scale) * _LOG2E, threshold, rescale,
+        D=d, BLOCK_D=_block_d(d), CAUSAL=bool(causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+        DROPOUT=use_dropout, PREC=_precision(q.dtype),
     )
     return out, lse
 
@@ -497,7 +563,6 @@ def attention_backward_op(grad_out, q, k, v, attn_mask, out, lse, grad_lse, caus
     grad_out, out = grad_out.to(q.dtype).contiguous(), out.to(q.dtype).contiguous()
     lse = lse.to(torch.float32).contiguous()
     block_d = _block_d(d)
-    (bm1, bn1), (bm2, bn2), warps, stages = _bwd_config(block_d, q.element_size())
 
     delta = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     glse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else delta
@@ -508,19 +573,20 @@ def attention_backward_op(grad_out, q, k, v, attn_mask, out, lse, grad_lse, caus
     mask, (smb, smh, smi, smj), has_mask, mask_bool = _mask_args(attn_mask, q, b, h, nq, nk)
     seeds, threshold, rescale, use_dropout = _dropout_args(seed, float(dropout_p), q.device)
     qk_scale = float(scale) * _LOG2E
+    lengths = _length_args(nq, nk)
     common = dict(
         D=d, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool,
-        DROPOUT=use_dropout, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        DROPOUT=use_dropout, PREC=_precision(q.dtype),
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    _bwd_dkdv[(triton.cdiv(nk, bn1), b * hkv)](
+    _bwd_dkdv[lambda meta: (triton.cdiv(nk, meta["BN"]), b * hkv)](
         q, k, v, grad_out, lse, delta, dk, dv, mask, seeds, smb, smh, smi, smj,
-        h, h // hkv, nq, nk, qk_scale, float(scale), threshold, rescale, BM=bm1, BN=bn1, **common,
+        h, h // hkv, *lengths, qk_scale, float(scale), threshold, rescale, **common,
     )
     dq = torch.empty_like(q)
-    _bwd_dq[(triton.cdiv(nq, bm2), b * h)](
+    _bwd_dq[lambda meta: (triton.cdiv(nq, meta["BM"]), b * h)](
         q, k, v, grad_out, lse, delta, dq, mask, seeds, smb, smh, smi, smj,
-        h, h // hkv, nq, nk, qk_scale, float(scale), threshold, rescale, BM=bm2, BN=bn2, **common,
+        h, h // hkv, *lengths, qk_scale, float(scale), threshold, rescale, **common,
     )
     return dq, dk, dv

@@ -32,15 +32,18 @@ Tiles are autotuned per GEMM size and dtype on a GPU; under the Triton interpret
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET as _INTERPRET
+from ._common import mm as _mm
+from ._common import precision as _precision
+from ._common import tile_configs
+
 __all__ = ["conv2d_forward_op", "conv2d_backward_op", "output_memory_format"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _ACTIVATIONS = (None, "relu", "relu6", "silu", "gelu")
 # grad_weight splits its pixel reduction in multiples of this many pixels: a multiple of every BK
 # (so no tile straddles two splits) and enough work per program; small in the interpreter so the
@@ -54,9 +57,7 @@ _PIXEL_CHUNK = 32 if _INTERPRET else 512
 def _tile_configs(interpret: bool) -> list[triton.Config]:
     """Autotuning candidates (BM rows x BN cols, BK reduction step); all powers of two >= 16 for
     ``tl.dot``. The interpreter gets exactly one, so autotuning never benchmarks there."""
-    if interpret:
-        return [triton.Config({"BM": 32, "BN": 16, "BK": 16}, num_warps=1, num_stages=1)]
-    shapes = [  # (BM, BN, BK, num_warps, num_stages)
+    gpu_tiles = [  # (BM, BN, BK, num_warps, num_stages)
         (128, 128, 32, 8, 3),
         (128, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
@@ -66,7 +67,7 @@ def _tile_configs(interpret: bool) -> list[triton.Config]:
         (32, 32, 64, 2, 4),
         (128, 16, 32, 4, 3),  # few output channels per group (depthwise: one)
     ]
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st) for bm, bn, bk, w, st in shapes]
+    return tile_configs(("BM", "BN", "BK"), gpu_tiles, (32, 16, 16, 1, 1), interpret)
 
 
 def _prune_tiles(configs, named_args, **kwargs):
@@ -87,16 +88,6 @@ def _autotuned(kernel):
 
 
 # ---- shared device helpers -------------------------------------------------------------------------
-
-
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr):
-    """a @ b with float32 accumulation. PREC "upcast" multiplies in float32 (the interpreter's
-    bfloat16 dot goes through float16; the operands are bfloat16 values either way)."""
-    if PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -282,16 +273,6 @@ def _conv_bwd_weight_kernel(DY, X, PARTIAL,
 # ---- host side -----------------------------------------------------------------------------------
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _precision(dtype) -> str:
-    # float32 inputs get exact float32 products (no TF32), matching the other implementations;
-    # for 16-bit inputs the setting is moot on a GPU
-    if dtype == torch.float32:
-        return "ieee"
-    if _INTERPRET and dtype == torch.bfloat16:
-        return "upcast"
-    return "tf32"
 
 
 def output_memory_format(input: torch.Tensor) -> torch.memory_format:

@@ -29,6 +29,16 @@ TOLERANCE = {
 }
 
 
+def require_triton(kernels: str):
+    """Skip the calling test module unless the Triton ``kernels`` can run: triton must import, and
+    there must be a CUDA device or the interpreter (tests/conftest.py sets TRITON_INTERPRET when
+    there is no GPU). Returns the triton module."""
+    triton = pytest.importorskip("triton", reason=f"triton is not installed: the Triton {kernels} kernels cannot run")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set: the Triton kernels cannot run", allow_module_level=True)
+    return triton
+
+
 def fresh_seed() -> int:
     """Seed torch and random with a new seed each run and print it (shown on failure)."""
     seed = int.from_bytes(os.urandom(4), "little")

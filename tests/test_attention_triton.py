@@ -7,16 +7,12 @@ before anything imports them) on CPU tensors, so the sizes here are small. The c
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed: the Triton attention kernels cannot run")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip(
-        "no CUDA device and TRITON_INTERPRET is not set: the Triton kernels cannot run", allow_module_level=True
-    )
+from harness import require_triton
+
+triton = require_triton("attention")
 
 import fastdl.ops  # noqa: E402,F401  (registers the ops)
 from fastdl.kernels import attention as triton_attention  # noqa: E402
@@ -214,18 +210,95 @@ def test_bad_inputs_rejected():
         FORWARD(q, k, v, None, False, 0.25, 0.0, 0)
 
 
+def test_head_dim_padding():
+    for d in range(8, 257, 8):
+        bd = triton_attention._block_d(d)
+        assert bd >= d and bd & (bd - 1) == 0 and bd >= 16
+
+
+KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv", "dq": "_bwd_dq"}
+
+
 @pytest.mark.parametrize("interpret", [False, True])
-def test_block_configs_are_valid(monkeypatch, interpret):
-    """Every head dim and dtype maps to power-of-two tiles that tl.dot accepts (>= 16)."""
-    monkeypatch.setattr(triton_attention, "_INTERPRET", interpret)
-    for elem_size in (2, 4):
-        for d in range(8, 257, 8):
-            bd = triton_attention._block_d(d)
-            assert bd >= d and bd & (bd - 1) == 0 and bd >= 16
-            fwd = triton_attention._fwd_config(bd, elem_size)
-            bwd = triton_attention._bwd_config(bd, elem_size)
-            for blk in (*fwd[:2], *bwd[0], *bwd[1]):
-                assert blk >= 16 and blk & (blk - 1) == 0, (d, elem_size, fwd, bwd)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_tile_configs_are_valid(kernel, interpret):
+    """Power-of-two tiles >= 16 (tl.dot); one tile in the interpreter, several on a GPU; the pruning
+    keeps at least one, never more shared memory than the budget, and several for long sequences."""
+    configs = triton_attention._tile_configs(kernel, interpret)
+    assert len(configs) == 1 if interpret else len(configs) > 1
+    for cfg in configs:
+        for block in ("BM", "BN"):
+            size = cfg.kwargs[block]
+            assert size >= 16 and size & (size - 1) == 0, cfg
+    if interpret == triton_attention._INTERPRET:  # what the kernels were decorated with
+        assert getattr(triton_attention, KERNELS[kernel]).configs == configs
+    if interpret:
+        return
+    bucket = triton_attention._length_bucket
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        elem_size = dtype.itemsize
+        for d in (16, 64, 128, 256):
+            block_d = triton_attention._block_d(d)
+            for nq, nk in ((1, 1), (1, 5000), (20, 33), (4096, 4096)):
+                kept = triton_attention._usable_tiles(kernel, configs, block_d, elem_size, bucket(nq), bucket(nk))
+                assert kept and all(c in configs for c in kept), (d, dtype, nq, nk)
+                for c in kept:
+                    bm, bn = c.kwargs["BM"], c.kwargs["BN"]
+                    smem = triton_attention._shared_memory(kernel, bm, bn, block_d, elem_size, c.num_stages)
+                    assert smem <= triton_attention._SHARED_MEMORY_BUDGET, (d, dtype, c)
+                    # no tile that is mostly padding (the smallest GPU tiles are 32 long)
+                    assert bm < 2 * max(32, nq) and bn < 2 * max(32, nk), (nq, nk, c)
+                    if d == 256 and dtype == torch.float32:
+                        assert bm * bn <= 32 * 32, c
+                if d <= 128 and elem_size == 2 and nq == 4096:
+                    assert len(kept) > 1, (d, dtype)  # something left to tune
+
+
+def test_autotuner_prunes_with_kernel_arguments(monkeypatch):
+    """The pruning hook reads the launch arguments (Q, the length buckets, BLOCK_D): a tile longer
+    than both sequences is dropped before anything is benchmarked."""
+    kernel = triton_attention._fwd_kernel
+    small = triton.Config({"BM": 32, "BN": 16}, num_warps=1, num_stages=1)
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BM": 64, "BN": 64}, num_warps=1, num_stages=1), small])
+    monkeypatch.setattr(kernel, "cache", {})
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 16)
+    out, _ = FORWARD(q, k, v, None, True, 0.25, 0.0, 0)
+    assert kernel.best_config == small
+    torch.testing.assert_close(out.double(), expected(q, k, v, None, True, 0.25)[0], **TOL[torch.float32])
+
+
+def force_tiles(monkeypatch, fwd, dkdv, dq):
+    """Make every kernel run the given (BM, BN) tile, as if the autotuner had picked it."""
+    for kernel, (bm, bn) in zip(KERNELS.values(), (fwd, dkdv, dq)):
+        config = triton.Config({"BM": bm, "BN": bn}, num_warps=1, num_stages=1)
+        monkeypatch.setattr(getattr(triton_attention, kernel), "configs", [config])
+
+
+# (fwd, dkdv, dq) tiles: the interpreter's own, the transposed shapes, and tiles longer than Nq
+TILE_SETS = [None, ((16, 32), (32, 16), (16, 32)), ((64, 32), (64, 64), (64, 16))]
+
+
+def test_results_do_not_depend_on_tiles(monkeypatch):
+    """Whatever tiles the autotuner picks, outputs match the composite and each other, and dropout
+    drops the same elements (it hashes absolute (row, column) indices, not block indices)."""
+    h, hkv, nq, nk, d = 4, 2, 33, 40, 40
+    q, k, _ = make_qkv(1, h, hkv, nq, nk, d)
+    v = torch.eye(nk, d).expand(1, hkv, nk, d).contiguous()  # out[..., i, j] = dropped probability p[i, j]
+    mask = make_mask("bool", 1, h, nq, nk)
+    results = []
+    for tiles in TILE_SETS:
+        with monkeypatch.context() as patch:
+            if tiles is not None:
+                force_tiles(patch, *tiles)
+            results.append(check_all(q, k, v, mask, causal=True, dropout_p=0.3, seed=1234))
+    (out, lse, grads), others = results[0], results[1:]
+    assert (out == 0).any() and not (out == 0).all()
+    for other_out, other_lse, other_grads in others:
+        assert torch.equal(other_out == 0, out == 0)  # the same dropped (and hidden) elements
+        torch.testing.assert_close(other_out, out, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(other_lse, lse, atol=1e-6, rtol=1e-6)
+        for actual, exp in zip(other_grads, grads):
+            torch.testing.assert_close(actual, exp, atol=1e-5, rtol=1e-5)
 
 
 # ---- GPU: the registered CUDA op at realistic sizes ---------------------------------------------

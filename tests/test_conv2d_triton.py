@@ -9,17 +9,14 @@ is imported at the top (not fastdl.ops, whose extension may be rebuilding); the 
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-triton = pytest.importorskip("triton", reason="triton is not installed: the Triton conv2d kernels cannot run")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip(
-        "no CUDA device and TRITON_INTERPRET is not set: the Triton kernels cannot run", allow_module_level=True
-    )
+from harness import fresh_seed, require_triton
+
+triton = require_triton("conv2d")
 
 from fastdl.kernels import conv2d as triton_conv2d  # noqa: E402
 
@@ -45,9 +42,7 @@ ACTIVATIONS = {
 @pytest.fixture
 def gen():
     """A generator with a fresh seed each run, printed (shown on failure)."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(fresh_seed())
 
 
 def make_inputs(gen, n, c, h, w, k, kh, kw, groups=1, bias=True, dtype=torch.float32):
