@@ -117,10 +117,34 @@ std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
 // ---- direct float32 forward (AVX-512 tiles) ---------------------------------------------------
 
 // The input as a zero-padded NHWC buffer [N, Hp, Wp, C] with the image at (pad_h, pad_w): the
-// one layout change an NCHW input needs, after which no kernel tests bounds.
+// one layout change an NCHW input needs, after which no kernel tests bounds. Rows are filled in
+// parallel, each in one pass (a row of C x Wp floats stays in L1 while it is transposed).
 at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, int64_t Wp) {
-  at::Tensor padded = at::zeros({g.batch, Hp, Wp, g.channels}, input.options());
-  padded.narrow(1, g.pad_h, g.height).narrow(2, g.pad_w, g.width).copy_(input.permute({0, 2, 3, 1}));
+  const int64_t C = g.channels;
+  at::Tensor padded = at::empty({g.batch, Hp, Wp, C}, input.options());
+  const float* src = input.const_data_ptr<float>();
+  float* dst = padded.data_ptr<float>();
+  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
+  at::parallel_for(0, g.batch * Hp, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / Hp, h = row % Hp - g.pad_h;
+      float* out = dst + row * Wp * C;
+      if (h < 0 || h >= g.height) {
+        std::fill_n(out, Wp * C, 0.0f);
+        continue;
+      }
+      std::fill_n(out, g.pad_w * C, 0.0f);
+      std::fill_n(out + (g.pad_w + g.width) * C, (Wp - g.pad_w - g.width) * C, 0.0f);
+      out += g.pad_w * C;
+      const float* in = src + n * sN + h * sH;
+      if (sC == 1) {  // channels-last input: a pixel's channels are already contiguous
+        for (int64_t w = 0; w < g.width; ++w) std::memcpy(out + w * C, in + w * sW, C * sizeof(float));
+      } else {
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t w = 0; w < g.width; ++w) out[w * C + c] = in[c * sC + w * sW];
+      }
+    }
+  });
   return padded;
 }
 
