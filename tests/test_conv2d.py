@@ -48,6 +48,8 @@ CASES = {
     "3x3_winograd": (4, 33, 13, 11, 37, (3, 3), 1, 1, 1, 1),
     "3x3_winograd_valid": (3, 40, 16, 17, 48, (3, 3), 1, 0, 1, 1),
     "3x3_winograd_pad2": (2, 32, 12, 12, 64, (3, 3), 1, 2, 1, 1),
+    # stride 1 on a large map: the weight gradient's shifted-GEMM path (no im2col)
+    "large_map_dilated": (2, 8, 24, 30, 12, (3, 5), 1, (1, 3), (1, 2), 1),
     "batch_0": (0, 4, 8, 8, 6, (3, 3), 1, 1, 1, 1),
 }
 
@@ -160,10 +162,11 @@ def test_gradients_match_reference(name, layout, activation):
         assert ours[0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("name", ["wide_channels", "3x3_winograd", "7x7_stride2_stem"])
-def test_gradients_float32_and_partial(name):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", ["wide_channels", "3x3_winograd", "7x7_stride2_stem", "large_map_dilated"])
+def test_gradients_float32_and_partial(name, layout):
     fresh_seed()
-    x, w, b, args = make_case(CASES[name], layout="channels_last")
+    x, w, b, args = make_case(CASES[name], layout=layout)
     x.requires_grad_()
     (gx,) = torch.autograd.grad(fastdl.ops.conv2d(x, w, b, activation="relu", **args).square().sum(), [x])
     xr = x.detach().double().requires_grad_()

@@ -515,6 +515,36 @@ void backward_gemm(const Geometry& g, const at::Tensor& grad_output, const at::T
   }
 }
 
+// At stride 1 each tap's weight gradient is one GEMM over shifted rows of the padded input, so
+// no im2col buffer is built: with grad_output laid out on the padded width (zero columns past
+// Wo), output pixel p = oh * Wp + ow reads padded-input pixel p + r * dil_h * Wp + s * dil_w,
+// and tap (r, s)'s input matrix is one contiguous slice of the image.
+at::Tensor grad_weight_shifted(const Geometry& g, const at::Tensor& grad_output,
+                               const at::Tensor& input) {
+  const int64_t C = g.channels, K = g.out_channels;
+  const int64_t Hp = g.height + 2 * g.pad_h, Wp = g.width + 2 * g.pad_w;
+  // One extra zero row: the zero columns of the last output row read up to
+  // (kw - 1) * dil_w pixels past the padded image.
+  const at::Tensor x = padded_nhwc(g, input, Hp + 1, Wp);
+  at::Tensor dy = at::zeros({g.batch, g.out_h, Wp, K}, grad_output.options());
+  dy.narrow(2, 0, g.out_w).copy_(grad_output.permute({0, 2, 3, 1}));
+  at::Tensor taps = at::zeros({g.kernel_h, g.kernel_w, K, C}, input.options());
+  const int64_t rows = g.out_h * Wp;
+  for (int64_t n = 0; n < g.batch; ++n) {
+    const float* dy_n = dy.const_data_ptr<float>() + n * rows * K;
+    const float* x_n = x.const_data_ptr<float>() + n * (Hp + 1) * Wp * C;
+    for (int64_t r = 0; r < g.kernel_h; ++r) {
+      for (int64_t s = 0; s < g.kernel_w; ++s) {
+        const float* shifted = x_n + (r * g.dil_h * Wp + s * g.dil_w) * C;
+        float* tap = taps.data_ptr<float>() + (r * g.kernel_w + s) * K * C;
+        cpu::gemm_row_major(TransposeType::Transpose, TransposeType::NoTranspose, K, C, rows, 1.0f,
+                            dy_n, K, shifted, C, 1.0f, tap, C);
+      }
+    }
+  }
+  return taps.permute({2, 3, 0, 1}).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -549,6 +579,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
                      .contiguous(input.suggest_memory_format());
     output_mask[0] = false;
   }
+  at::Tensor grad_weight;
+  // Small maps keep the batched-image GEMMs below: per-image GEMMs over a few rows would be
+  // bound by re-reading the K x C accumulators.
+  if (output_mask[1] && g.batch > 0 && input.scalar_type() == at::kFloat && g.groups == 1 &&
+      g.stride_h == 1 && g.stride_w == 1 && g.out_h * (g.width + 2 * g.pad_w) >= 512) {
+    grad_weight = grad_weight_shifted(g, grad_output, input);
+    output_mask[1] = false;
+  }
   at::Tensor grad_input_nhwc, grad_weight_rows;
   if (output_mask[0]) grad_input_nhwc = at::zeros({g.batch, g.height, g.width, g.channels}, opts);
   if (output_mask[1]) grad_weight_rows = at::zeros({g.out_channels, g.window()}, opts);
@@ -562,11 +600,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
                      ? grad_input_nhwc.permute({0, 3, 1, 2}).contiguous(input.suggest_memory_format())
                      : at::empty({0}, opts);
   }
-  at::Tensor grad_weight =
-      output_mask[1] ? grad_weight_rows.view({g.out_channels, g.kernel_h, g.kernel_w, g.group_channels()})
-                           .permute({0, 3, 1, 2})
-                           .contiguous()
-                     : at::empty({0}, opts);
+  if (!grad_weight.defined()) {
+    grad_weight = output_mask[1]
+                      ? grad_weight_rows.view({g.out_channels, g.kernel_h, g.kernel_w, g.group_channels()})
+                            .permute({0, 3, 1, 2})
+                            .contiguous()
+                      : at::empty({0}, opts);
+  }
   at::Tensor grad_bias = output_mask[2] ? grad_output.sum({0, 2, 3}) : at::empty({0}, opts);
   return {grad_input, grad_weight, grad_bias};
 }
