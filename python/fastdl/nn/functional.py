@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..ops.attention import _chunk_scores, _compute_dtype, _grouped_mask, _probs
 
 __all__ = [
     "attention_probabilities",
@@ -110,15 +111,16 @@ def attention_probabilities(
     Same conventions as the op (boolean mask ``True`` = may attend, floating mask added, causal
     aligned to the end, rows with no visible key all zero). O(Nq * Nk) memory: for inspection and
     ``need_weights=True``, not for the fast path."""
-    if k.size(1) != q.size(1):  # grouped heads share keys
-        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-    scores = (q @ k.transpose(-1, -2)).float() * (q.size(-1) ** -0.5 if scale is None else scale)
-    nq, nk = scores.shape[-2:]
-    if causal:
-        scores = scores.masked_fill(~torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq), float("-inf"))
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)
+    # the op's own composite formulas (grouped heads, masks, end-aligned causal, empty rows)
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1:3]
+    cdt = _compute_dtype(q.dtype)
+    mask = _grouped_mask(attn_mask, b, h, hkv, nq, nk)
+    kt = k.to(cdt).unsqueeze(2).transpose(-1, -2)
+    scores = _chunk_scores(
+        q.unflatten(1, (hkv, h // hkv)).to(cdt), kt, mask, causal, 0, nq, nk, d**-0.5 if scale is None else scale, cdt
+    )
+    return _probs(scores, torch.logsumexp(scores, dim=-1)).flatten(1, 2).to(q.dtype)
 
 
 def multi_head_attention(
