@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -305,6 +306,10 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2),
                 sW = output.stride(3);
   const int64_t tiles_total = g.batch * tiles_h * tiles_w;
+  // Image and top-left output pixel of a tile; its input tile starts at the same padded pixel.
+  const auto tile_origin = [&](int64_t tile) {
+    return std::array<int64_t, 3>{tile / (tiles_h * tiles_w), 2 * (tile / tiles_w % tiles_h), 2 * (tile % tiles_w)};
+  };
   // Tiles per GEMM: the chunk's transformed input and products (16 x tiles x channels each)
   // stay within about 1 MB, so they are still in cache when the next step reads them.
   const int64_t chunk = std::clamp<int64_t>(16384 / std::max(C, K), 16, 256);
@@ -314,10 +319,9 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
     for (int64_t first = begin; first < end; first += chunk) {
       const int64_t count = std::min(chunk, end - first);
       for (int64_t t = 0; t < count; ++t) {
-        const int64_t tile = first + t, n = tile / (tiles_h * tiles_w);
-        const int64_t th = tile / tiles_w % tiles_h, tw = tile % tiles_w;
+        const auto [n, oh, ow] = tile_origin(first + t);
         const float* rows[4];
-        for (int i = 0; i < 4; ++i) rows[i] = x + ((n * Hp + 2 * th + i) * Wp + 2 * tw) * C;
+        for (int i = 0; i < 4; ++i) rows[i] = x + ((n * Hp + oh + i) * Wp + ow) * C;
         winograd::input_tile(rows, C, C, transformed.data() + t * C, count * C);
       }
       for (int e = 0; e < winograd::kPoints; ++e) {
@@ -326,13 +330,12 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
                             products.data() + e * count * K, K);
       }
       for (int64_t t = 0; t < count; ++t) {
-        const int64_t tile = first + t, n = tile / (tiles_h * tiles_w);
-        const int64_t th = tile / tiles_w % tiles_h, tw = tile % tiles_w;
+        const auto [n, oh, ow] = tile_origin(first + t);
         float* targets[2][2];
         for (int i = 0; i < 2; ++i) {
           for (int j = 0; j < 2; ++j) {
-            const int64_t oh = 2 * th + i, ow = 2 * tw + j;
-            targets[i][j] = oh < g.out_h && ow < g.out_w ? out + n * sN + oh * sH + ow * sW : nullptr;
+            const bool inside = oh + i < g.out_h && ow + j < g.out_w;
+            targets[i][j] = inside ? out + n * sN + (oh + i) * sH + (ow + j) * sW : nullptr;
           }
         }
         winograd::output_tile(products.data() + t * K, count * K, K, b, act, targets, sK);

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.conv2d import ACTIVATIONS
+from ..ops.conv2d import ACTIVATIONS, check_activation
 
 __all__ = ["Conv2d", "ConvBNAct", "fuse_conv_bn"]
 
@@ -19,8 +19,7 @@ class Conv2d(nn.Conv2d):
 
     def __init__(self, *args, activation: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"Conv2d: unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+        check_activation(activation, "Conv2d")
         self.activation = activation
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -86,8 +85,7 @@ class ConvBNAct(nn.Module):
         self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False,
                            device=device, dtype=dtype)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"ConvBNAct: unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+        check_activation(activation, "ConvBNAct")
         self.activation = activation
         self._fused: tuple[tuple, Tensor, Tensor] | None = None
 

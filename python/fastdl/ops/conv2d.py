@@ -10,7 +10,7 @@ from torch import Tensor
 from ._library import register_composite, register_triton_kernels, triton_available
 from ._utils import pair, suggest_memory_format
 
-__all__ = ["conv2d", "ACTIVATIONS"]
+__all__ = ["conv2d", "ACTIVATIONS", "check_activation"]
 
 # Activations the kernels fuse, with their plain-PyTorch forms (GELU is the exact erf form).
 ACTIVATIONS = {
@@ -20,6 +20,12 @@ ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
 }
+
+
+def check_activation(activation, where: str = "conv2d") -> None:
+    """Raise a ValueError naming ``where`` unless ``activation`` is one the kernels fuse."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{where}: unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
 
 
 def conv2d(
@@ -58,8 +64,7 @@ def conv2d(
         input, padding = _resolve_padding_mode(input, weight, padding, stride, dilation)
     else:
         padding = pair(padding, "padding")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"conv2d: unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+    check_activation(activation)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     if activation in ("silu", "gelu") and needs_grad:
         out = torch.ops.fastdl.conv2d.default(input, weight, bias, stride, padding, dilation, groups, None)
@@ -171,8 +176,7 @@ torch.library.register_autograd("fastdl::conv2d", _backward, setup_context=_setu
 @register_composite("conv2d", cuda_kernel="Triton")
 def _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation):
     _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"conv2d: unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+    check_activation(activation)
     out = ACTIVATIONS[activation](F.conv2d(input, weight, bias, stride, padding, dilation, groups))
     return out.contiguous(memory_format=suggest_memory_format(input))
 
