@@ -48,6 +48,8 @@ CASES = {
     "3x3_winograd": (4, 33, 13, 11, 37, (3, 3), 1, 1, 1, 1),
     "3x3_winograd_valid": (3, 40, 16, 17, 48, (3, 3), 1, 0, 1, 1),
     "3x3_winograd_pad2": (2, 32, 12, 12, 64, (3, 3), 1, 2, 1, 1),
+    # few tiles for a wide layer (like ResNet's 512-channel 7x7 stage): products split by point
+    "3x3_winograd_few_tiles": (8, 200, 5, 5, 160, (3, 3), 1, 1, 1, 1),
     # stride 1 on a large map: the weight gradient's shifted-GEMM path (no im2col)
     "large_map_dilated": (2, 8, 24, 30, 12, (3, 5), 1, (1, 3), (1, 2), 1),
     "batch_0": (0, 4, 8, 8, 6, (3, 3), 1, 1, 1, 1),
@@ -110,7 +112,7 @@ def test_random_geometries(dtype):
 
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", ["wide_channels", "3x3_winograd"])
+@pytest.mark.parametrize("name", ["wide_channels", "3x3_winograd", "3x3_winograd_few_tiles"])
 def test_fused_activation(name, activation, layout):
     fresh_seed()
     x, w, b, args = make_case(CASES[name], layout=layout)

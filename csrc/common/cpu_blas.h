@@ -11,6 +11,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc);
+// MKL's per-thread thread count; a weak reference, null with any other BLAS.
+int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 }
 
 namespace fastdl::cpu {
@@ -44,5 +46,22 @@ inline void gemm_row_major(TransposeType ta, TransposeType tb, int64_t m, int64_
                            T* c, int64_t ldc) {
   gemm(tb, ta, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
+
+// Scope in which this thread's BLAS calls run on one thread. Inside a parallel region each worker
+// multiplies its own small blocks; MKL then still prefers its packing kernels, which may thread,
+// unless told it has one thread, when it takes the copy-free ones (about 1.4x faster on the
+// Winograd products of a 64-channel layer).
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_;  // 0: the thread followed the global setting
+};
 
 }  // namespace fastdl::cpu

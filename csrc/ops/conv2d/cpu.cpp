@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -119,7 +120,7 @@ std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
 
 // The input as a zero-padded NHWC buffer [N, Hp, Wp, C] with the image at (pad_h, pad_w): the
 // one layout change an NCHW input needs, after which no kernel tests bounds. Rows are filled in
-// parallel, each in one pass (a row of C x Wp floats stays in L1 while it is transposed).
+// parallel, each in one pass (a row of C x Wp floats stays in cache while it is transposed).
 at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, int64_t Wp) {
   const int64_t C = g.channels;
   at::Tensor padded = at::empty({g.batch, Hp, Wp, C}, input.options());
@@ -138,8 +139,12 @@ at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, i
       std::fill_n(out + (g.pad_w + g.width) * C, (Wp - g.pad_w - g.width) * C, 0.0f);
       out += g.pad_w * C;
       const float* in = src + n * sN + h * sH;
-      if (sC == 1) {  // channels-last input: a pixel's channels are already contiguous
+      if (sC == 1 && sW == C) {  // channels-last: the row is already NHWC
+        std::memcpy(out, in, g.width * C * sizeof(float));
+      } else if (sC == 1) {  // a pixel's channels are contiguous
         for (int64_t w = 0; w < g.width; ++w) std::memcpy(out + w * C, in + w * sW, C * sizeof(float));
+      } else if (sW == 1) {  // NCHW: the row is a [C, W] matrix
+        tiles::transpose(in, C, g.width, sC, out, C);
       } else {
         for (int64_t c = 0; c < C; ++c)
           for (int64_t w = 0; w < g.width; ++w) out[w * C + c] = in[c * sC + w * sW];
@@ -177,8 +182,13 @@ at::Tensor pack_weight(const Geometry& g, const at::Tensor& weight) {
 void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, Activation act, at::Tensor& output) {
   using tiles::kChannelBlock;
-  const int64_t C = g.channels, Hp = g.height + 2 * g.pad_h, Wp = g.width + 2 * g.pad_w;
-  const at::Tensor padded = padded_nhwc(g, input, Hp, Wp);
+  const int64_t C = g.channels;
+  // A channels-last input without padding already is the NHWC image the tiles read, at its own
+  // strides (a strided 1x1 convolution's subsampled view included): no copy.
+  const bool in_place = input.stride(1) == 1 && g.pad_h == 0 && g.pad_w == 0;
+  const at::Tensor padded =  // logically NCHW either way
+      in_place ? input : padded_nhwc(g, input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w).permute({0, 3, 1, 2});
+  const int64_t image_step = padded.stride(0), row_step = padded.stride(2), pixel_step = padded.stride(3);
 
   const int64_t blocks = (g.out_channels + kChannelBlock - 1) / kChannelBlock;
   const at::Tensor packed = pack_weight(g, weight.contiguous());
@@ -186,12 +196,13 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   if (bias) bias_padded.narrow(0, 0, g.out_channels).copy_(*bias);
 
   tiles::Window window{};
-  window.row_stride = g.dil_h * Wp * C;
+  window.row_stride = g.dil_h * row_step;
   window.kernel_h = g.kernel_h;
-  // Undilated kernel columns and channels are one contiguous run of the NHWC row.
-  window.taps_per_row = g.dil_w == 1 ? 1 : g.kernel_w;
-  window.tap_stride = g.dil_w * C;
-  window.run = g.dil_w == 1 ? g.kernel_w * C : C;
+  // Undilated kernel columns of contiguous pixels and their channels are one run of the row.
+  const bool one_run = g.dil_w == 1 && pixel_step == C;
+  window.taps_per_row = one_run ? 1 : g.kernel_w;
+  window.tap_stride = g.dil_w * pixel_step;
+  window.run = one_run ? g.kernel_w * C : C;
 
   const float* x = padded.const_data_ptr<float>();
   const float* w = packed.const_data_ptr<float>();
@@ -200,6 +211,8 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   const int64_t block_size = g.kernel_h * g.kernel_w * C * kChannelBlock;
   const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2),
                 sW = output.stride(3);
+  const bool channels_last = sK == 1;
+  TORCH_INTERNAL_ASSERT(channels_last || (sH == g.out_w && sW == 1), "conv2d: unexpected output strides");
   const int64_t P = g.pixels(), tiles_per_image = (P + tiles::kMaxPixels - 1) / tiles::kMaxPixels;
   // A thread takes runs of kTilesPerChunk tiles and sweeps every weight block over a run, so a
   // block (kh * kw * C * 32 floats) is read once per run, not once per tile, and the run's input
@@ -210,29 +223,36 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   const int64_t grain = std::clamp<int64_t>(tiles_total / at::get_num_threads(), 1, kTilesPerChunk);
   at::parallel_for(0, tiles_total, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float result[tiles::kMaxPixels * kChannelBlock];
-    const float* origins[tiles::kMaxPixels];
-    float* targets[tiles::kMaxPixels];
+    // Per pixel of the run: its window's origin and its output offset (channels-last), found
+    // once per run, not once per block; pixels step along rows, so no division per pixel.
+    const float* origins[kTilesPerChunk * tiles::kMaxPixels];
+    int64_t offsets[kTilesPerChunk * tiles::kMaxPixels];
     tiles::Window win = window;
-    win.origins = origins;
     for (int64_t chunk = begin; chunk < end; chunk += kTilesPerChunk) {
       const int64_t chunk_end = std::min(end, chunk + kTilesPerChunk);
+      for (int64_t t = chunk; t < chunk_end; ++t) {
+        const int64_t n = t / tiles_per_image, first = (t % tiles_per_image) * tiles::kMaxPixels;
+        int64_t oh = first / g.out_w, ow = first % g.out_w;
+        for (int64_t i = (t - chunk) * tiles::kMaxPixels, p = first; p < std::min(P, first + tiles::kMaxPixels); ++i, ++p) {
+          origins[i] = x + n * image_step + oh * g.stride_h * row_step + ow * g.stride_w * pixel_step;
+          offsets[i] = n * sN + oh * sH + ow * sW;
+          if (++ow == g.out_w) ow = 0, ++oh;
+        }
+      }
       for (int64_t kb = 0; kb < blocks; ++kb) {
         const int64_t valid = std::min(kChannelBlock, g.out_channels - kb * kChannelBlock);
         for (int64_t t = chunk; t < chunk_end; ++t) {
-          const int64_t n = t / tiles_per_image, first = (t % tiles_per_image) * tiles::kMaxPixels;
+          const int64_t first = (t % tiles_per_image) * tiles::kMaxPixels;
           const int pixels = static_cast<int>(std::min<int64_t>(tiles::kMaxPixels, P - first));
-          for (int p = 0; p < pixels; ++p) {
-            const int64_t oh = (first + p) / g.out_w, ow = (first + p) % g.out_w;
-            origins[p] = x + ((n * Hp + oh * g.stride_h) * Wp + ow * g.stride_w) * C;
-            targets[p] = out + n * sN + oh * sH + ow * sW + kb * kChannelBlock * sK;
-          }
+          const int64_t i0 = (t - chunk) * tiles::kMaxPixels;
+          win.origins = origins + i0;
           tiles::run_tile(pixels, win, w + kb * block_size, b + kb * kChannelBlock, act, result);
-          if (sK == 1) {  // channels-last output: each pixel's channels are contiguous
+          float* target = out + kb * kChannelBlock * sK;
+          if (channels_last) {  // each pixel's channels are contiguous
             for (int p = 0; p < pixels; ++p)
-              std::memcpy(targets[p], result + p * kChannelBlock, valid * sizeof(float));
-          } else {
-            for (int64_t j = 0; j < valid; ++j)
-              for (int p = 0; p < pixels; ++p) targets[p][j * sK] = result[p * kChannelBlock + j];
+              std::memcpy(target + offsets[i0 + p], result + p * kChannelBlock, valid * sizeof(float));
+          } else {  // NCHW: the tile's pixels are one contiguous run of each channel's plane
+            tiles::transpose(result, pixels, valid, kChannelBlock, target + offsets[i0], sK);
           }
         }
       }
@@ -244,46 +264,32 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
 
 bool use_winograd(const Geometry& g) {
   // The transforms cost memory traffic that pays off with enough channels on both sides and
-  // enough tiles; the transformed weights (16 C K floats, re-read for every chunk of tiles) must
-  // stay cache-sized, so the widest layers (512 x 512 at 7x7) keep the direct kernel.
+  // enough tiles.
   const int64_t tiles = g.batch * ((g.out_h + 1) / 2) * ((g.out_w + 1) / 2);
   return g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 &&
          g.dil_h == 1 && g.dil_w == 1 && g.groups == 1 && g.channels >= 32 &&
-         g.out_channels >= 32 && g.channels * g.out_channels <= 256 * 256 && tiles >= 64 &&
+         g.out_channels >= 32 && tiles >= 64 &&
          winograd::available();
 }
 
-// U[e][c][k] = (G f G^T)[e] for the 3x3 filter f = weight[k][c], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
+// U[e][c][k] = (G f G^T)[e] for the 3x3 filter f = weight[k][c]. Sixteen input channels at a
+// time: their points are computed per output channel k as vectors along c ([e][k][16]), then
+// transposed into U's [e][c][k], where the block's 16 rows are contiguous: every write of U is
+// sequential and each page of it is touched once.
 at::Tensor winograd_weight(const Geometry& g, const at::Tensor& weight) {
   const int64_t C = g.channels, K = g.out_channels;
   at::Tensor u = at::empty({winograd::kPoints, C, K}, weight.options());
   const float* w = weight.const_data_ptr<float>();
   float* dst = u.data_ptr<float>();
-  const auto transform = [](float a, float b, float c, float* out) {  // G applied to (a, b, c)
-    out[0] = a;
-    out[1] = 0.5f * (a + b + c);
-    out[2] = 0.5f * (a - b + c);
-    out[3] = c;
-  };
-  // Sixteen output channels at a time, so every store is a whole cache line of U.
   constexpr int64_t kBlock = 16;
-  at::parallel_for(0, (K + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
-    float points[winograd::kPoints][kBlock];
-    for (int64_t k0 = b0 * kBlock; k0 < std::min(K, b1 * kBlock); k0 += kBlock) {
-      const int64_t valid = std::min(kBlock, K - k0);
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t kk = 0; kk < valid; ++kk) {
-          const float* f = w + ((k0 + kk) * C + c) * 9;
-          float columns[3][4], point[4];
-          for (int j = 0; j < 3; ++j) transform(f[j], f[3 + j], f[6 + j], columns[j]);
-          for (int i = 0; i < 4; ++i) {
-            transform(columns[0][i], columns[1][i], columns[2][i], point);
-            for (int j = 0; j < 4; ++j) points[4 * i + j][kk] = point[j];
-          }
-        }
-        for (int e = 0; e < winograd::kPoints; ++e)
-          std::memcpy(dst + (e * C + c) * K + k0, points[e], valid * sizeof(float));
-      }
+  at::parallel_for(0, (C + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> block(new float[winograd::kPoints * K * kBlock]);
+    for (int64_t c0 = begin * kBlock; c0 < std::min(C, end * kBlock); c0 += kBlock) {
+      const int64_t count = std::min(kBlock, C - c0);
+      for (int64_t k = 0; k < K; ++k)
+        winograd::weight_tile(w + (k * C + c0) * 9, count, block.get() + k * kBlock, K * kBlock);
+      for (int e = 0; e < winograd::kPoints; ++e)
+        tiles::transpose(block.get() + e * K * kBlock, K, count, kBlock, dst + (e * C + c0) * K, K);
     }
   });
   return u;
@@ -303,43 +309,83 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   const float* up = u.const_data_ptr<float>();
   const float* b = bias_values.const_data_ptr<float>();
   float* out = output.data_ptr<float>();
-  const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2),
-                sW = output.stride(3);
-  const int64_t tiles_total = g.batch * tiles_h * tiles_w;
-  // Image and top-left output pixel of a tile; its input tile starts at the same padded pixel.
-  const auto tile_origin = [&](int64_t tile) {
-    return std::array<int64_t, 3>{tile / (tiles_h * tiles_w), 2 * (tile / tiles_w % tiles_h), 2 * (tile % tiles_w)};
+  const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2);
+  const bool channels_last = sK == 1;
+  TORCH_INTERNAL_ASSERT(channels_last || (sH == g.out_w && output.stride(3) == 1),
+                        "conv2d: unexpected output strides");
+  const int64_t tile_rows = g.batch * tiles_h, tiles_total = tile_rows * tiles_w;
+  const int64_t staged_row = 2 * tiles_w * K;  // one output row (and the odd column past it), NHWC
+
+  // The three steps, each over whole rows of tiles (a row of tiles: two output rows of one
+  // image). The transformed inputs V and products M of the tiles in a buffer are [16][tiles][C]
+  // and [16][tiles][K]; row_offset is the row's first tile in it.
+  const auto transform_row = [&](int64_t row, float* v, int64_t row_offset, int64_t tiles) {
+    const int64_t n = row / tiles_h, oh = 2 * (row % tiles_h);
+    for (int64_t tw = 0; tw < tiles_w; ++tw) {
+      const float* rows[4];
+      for (int i = 0; i < 4; ++i) rows[i] = x + ((n * Hp + oh + i) * Wp + 2 * tw) * C;
+      winograd::input_tile(rows, C, C, v + (row_offset + tw) * C, tiles * C);
+    }
   };
-  // Tiles per GEMM: the chunk's transformed input and products (16 x tiles x channels each)
-  // stay within about 1 MB, so they are still in cache when the next step reads them.
-  const int64_t chunk = std::clamp<int64_t>(16384 / std::max(C, K), 16, 256);
-  const int64_t grain = std::clamp<int64_t>(tiles_total / at::get_num_threads(), 1, chunk);
-  at::parallel_for(0, tiles_total, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> transformed(winograd::kPoints * chunk * C), products(winograd::kPoints * chunk * K);
-    for (int64_t first = begin; first < end; first += chunk) {
-      const int64_t count = std::min(chunk, end - first);
-      for (int64_t t = 0; t < count; ++t) {
-        const auto [n, oh, ow] = tile_origin(first + t);
-        const float* rows[4];
-        for (int i = 0; i < 4; ++i) rows[i] = x + ((n * Hp + oh + i) * Wp + ow) * C;
-        winograd::input_tile(rows, C, C, transformed.data() + t * C, count * C);
+  const auto multiply = [&](const float* v, float* m, int64_t tiles, int64_t first_point, int64_t end_point) {
+    for (int64_t e = first_point; e < end_point; ++e) {
+      cpu::gemm_row_major(TransposeType::NoTranspose, TransposeType::NoTranspose, tiles, K, C, 1.0f,
+                          v + e * tiles * C, C, up + e * C * K, K, 0.0f, m + e * tiles * K, K);
+    }
+  };
+  // Output tiles are assembled NHWC in `staged` (2 rows), then copied or transposed into place.
+  const auto write_row = [&](int64_t row, const float* m, int64_t row_offset, int64_t tiles, float* staged) {
+    for (int64_t tw = 0; tw < tiles_w; ++tw) {
+      float* const targets[2][2] = {{staged + 2 * tw * K, staged + (2 * tw + 1) * K},
+                                    {staged + staged_row + 2 * tw * K, staged + staged_row + (2 * tw + 1) * K}};
+      winograd::output_tile(m + (row_offset + tw) * K, tiles * K, K, b, act, targets);
+    }
+    const int64_t n = row / tiles_h, oh = 2 * (row % tiles_h);
+    for (int64_t i = 0; i < std::min<int64_t>(2, g.out_h - oh); ++i) {
+      float* target = out + n * sN + (oh + i) * sH;
+      if (channels_last) {
+        std::memcpy(target, staged + i * staged_row, g.out_w * K * sizeof(float));
+      } else {
+        tiles::transpose(staged + i * staged_row, g.out_w, K, K, target, sK);
       }
-      for (int e = 0; e < winograd::kPoints; ++e) {
-        cpu::gemm_row_major(TransposeType::NoTranspose, TransposeType::NoTranspose, count, K, C,
-                            1.0f, transformed.data() + e * count * C, C, up + e * C * K, K, 0.0f,
-                            products.data() + e * count * K, K);
-      }
-      for (int64_t t = 0; t < count; ++t) {
-        const auto [n, oh, ow] = tile_origin(first + t);
-        float* targets[2][2];
-        for (int i = 0; i < 2; ++i) {
-          for (int j = 0; j < 2; ++j) {
-            const bool inside = oh + i < g.out_h && ow + j < g.out_w;
-            targets[i][j] = inside ? out + n * sN + (oh + i) * sH + (ow + j) * sW : nullptr;
-          }
-        }
-        winograd::output_tile(products.data() + t * K, count * K, K, b, act, targets, sK);
-      }
+    }
+  };
+
+  if (C * K > tiles_total * (C + K)) {
+    // Few tiles, wide layer (512 channels at 7x7): U outweighs V and M. Each step runs over all
+    // tiles, and the threads split the products by point, so each reads only its share of U.
+    std::unique_ptr<float[]> v(new float[winograd::kPoints * tiles_total * C]);
+    std::unique_ptr<float[]> m(new float[winograd::kPoints * tiles_total * K]);
+    at::parallel_for(0, tile_rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) transform_row(row, v.get(), row * tiles_w, tiles_total);
+    });
+    at::parallel_for(0, winograd::kPoints, 1, [&](int64_t begin, int64_t end) {
+      const cpu::SequentialBlas sequential_blas;
+      multiply(v.get(), m.get(), tiles_total, begin, end);
+    });
+    at::parallel_for(0, tile_rows, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<float[]> staged(new float[2 * staged_row]);
+      for (int64_t row = begin; row < end; ++row)
+        write_row(row, m.get(), row * tiles_w, tiles_total, staged.get());
+    });
+    return;
+  }
+  // Otherwise a thread takes a chunk of rows through all three steps while the chunk's V and M
+  // (up to 2 MB) are still in cache; U is re-read for every chunk, so wider layers take more
+  // tiles per chunk.
+  const int64_t rows_per_chunk = std::max<int64_t>(1, std::min<int64_t>(256, 32768 / std::max(C, K)) / tiles_w);
+  const int64_t grain = std::clamp<int64_t>(tile_rows / at::get_num_threads(), 1, rows_per_chunk);
+  at::parallel_for(0, tile_rows, grain, [&](int64_t begin, int64_t end) {
+    const cpu::SequentialBlas sequential_blas;
+    const int64_t max_tiles = rows_per_chunk * tiles_w;
+    std::unique_ptr<float[]> v(new float[winograd::kPoints * max_tiles * C]);
+    std::unique_ptr<float[]> m(new float[winograd::kPoints * max_tiles * K]);
+    std::unique_ptr<float[]> staged(new float[2 * staged_row]);
+    for (int64_t first_row = begin; first_row < end; first_row += rows_per_chunk) {
+      const int64_t rows = std::min(rows_per_chunk, end - first_row), tiles = rows * tiles_w;
+      for (int64_t r = 0; r < rows; ++r) transform_row(first_row + r, v.get(), r * tiles_w, tiles);
+      multiply(v.get(), m.get(), tiles, 0, winograd::kPoints);
+      for (int64_t r = 0; r < rows; ++r) write_row(first_row + r, m.get(), r * tiles_w, tiles, staged.get());
     }
   });
 }

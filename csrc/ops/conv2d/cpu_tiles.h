@@ -8,6 +8,7 @@
 // accumulators' initial value and the activation is applied before the single store.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "ops/conv2d/conv2d.h"
@@ -118,12 +119,54 @@ __attribute__((target("avx512f"))) void run_tile(int pixels, const Window& w, co
   }
 }
 
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols: the NCHW <-> NHWC layout
+// change at either end of the kernels, 16 x 16 blocks at a time in registers (three rounds of
+// in-lane shuffles: 32-bit pairs, 64-bit pairs, then 128-bit lanes), masked at the edges, so
+// every load and store is a contiguous vector instead of a scalar at a plane's distance.
+__attribute__((target("avx512f"))) inline void transpose(const float* src, int64_t rows,
+                                                         int64_t cols, int64_t src_ld, float* dst,
+                                                         int64_t dst_ld) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, rows - r0);
+    const __mmask16 row_mask = static_cast<__mmask16>((1u << nr) - 1u);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, cols - c0);
+      const __mmask16 col_mask = static_cast<__mmask16>((1u << nc) - 1u);
+      __m512 r[16], t[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nr ? _mm512_maskz_loadu_ps(col_mask, src + (r0 + i) * src_ld + c0) : _mm512_setzero_ps();
+      for (int i = 0; i < 16; i += 2) {  // lane l of t[i], t[i+1]: rows i, i+1 of columns 4l..4l+3
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {  // lane l of r[i + j]: rows i..i+3 of column 4l + j
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+      }
+      for (int j = 0; j < 4; ++j) {  // column 4l + j gathers lane l of r[j], r[4 + j], r[8 + j], r[12 + j]
+        const __m512 low01 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44);
+        const __m512 high01 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
+        const __m512 low23 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
+        const __m512 high23 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+        t[j] = _mm512_shuffle_f32x4(low01, low23, 0x88);
+        t[4 + j] = _mm512_shuffle_f32x4(low01, low23, 0xDD);
+        t[8 + j] = _mm512_shuffle_f32x4(high01, high23, 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(high01, high23, 0xDD);
+      }
+      for (int c = 0; c < nc; ++c) _mm512_mask_storeu_ps(dst + (c0 + c) * dst_ld + r0, row_mask, t[c]);
+    }
+  }
+}
+
 #undef FASTDL_TILE_FN
 
 #else
 
 inline bool available() { return false; }
 inline void run_tile(int, const Window&, const float*, const float*, Activation, float*) {}
+inline void transpose(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
 
 #endif
 

@@ -26,6 +26,30 @@ inline __mmask16 lanes(int64_t remaining) {
   return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1u);
 }
 
+// (G v)[0..3] for a filter row or column v = (a, b, c), G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
+FASTDL_WINO_FN void apply_g(__m512 a, __m512 b, __m512 c, __m512 out[4]) {
+  const __m512 half = _mm512_set1_ps(0.5f);
+  out[0] = a;
+  out[1] = _mm512_mul_ps(half, _mm512_add_ps(_mm512_add_ps(a, b), c));
+  out[2] = _mm512_mul_ps(half, _mm512_add_ps(_mm512_sub_ps(a, b), c));
+  out[3] = c;
+}
+
+// U = G f G^T for the 3x3 filters f = filters + c * 9 of `count` <= 16 consecutive input
+// channels c; writes U[e] to out + e * point_stride + c.
+FASTDL_WINO_FN void weight_tile(const float* filters, int64_t count, float* out, int64_t point_stride) {
+  alignas(64) float taps[9][16];
+  tiles::transpose(filters, count, 9, 9, &taps[0][0], 16);  // taps[j][c]: vectors over channels
+  __m512 columns[3][4], point[4];
+  for (int j = 0; j < 3; ++j)
+    apply_g(_mm512_load_ps(taps[j]), _mm512_load_ps(taps[3 + j]), _mm512_load_ps(taps[6 + j]), columns[j]);
+  const __mmask16 m = lanes(count);
+  for (int i = 0; i < 4; ++i) {
+    apply_g(columns[0][i], columns[1][i], columns[2][i], point);
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(out + (4 * i + j) * point_stride, m, point[j]);
+  }
+}
+
 // v[i][j] = (B^T d B)[i][j] for d[i][j] = rows[i][j * pixel + c], c in [c0, c0 + 16).
 // B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. Writes v[e] to out + e * point_stride.
 FASTDL_WINO_FN void input_tile(const float* const rows[4], int64_t pixel, int64_t channels,
@@ -54,11 +78,9 @@ FASTDL_WINO_FN void input_tile(const float* const rows[4], int64_t pixel, int64_
 }
 
 // y = act(A^T M A + bias) for the 16 points m[e] = in[e * point_stride + k], k in [k0, k0 + 16),
-// A^T = [1 1 1 0; 0 1 -1 -1]; y[i][j] goes to out[i][j] + k (out[i][j] null: outside the image).
+// A^T = [1 1 1 0; 0 1 -1 -1]; y[i][j] goes to out[i][j] + k.
 FASTDL_WINO_FN void output_tile(const float* in, int64_t point_stride, int64_t channels,
-                                const float* bias, Activation act, float* const out[2][2],
-                                int64_t channel_stride) {
-  alignas(64) float scattered[16];
+                                const float* bias, Activation act, float* const out[2][2]) {
   for (int64_t k = 0; k < channels; k += 16) {
     const __mmask16 msk = lanes(channels - k);
     __m512 t[2][4];
@@ -72,19 +94,10 @@ FASTDL_WINO_FN void output_tile(const float* in, int64_t point_stride, int64_t c
     }
     const __m512 b = _mm512_maskz_loadu_ps(msk, bias + k);
     for (int i = 0; i < 2; ++i) {
-      const __m512 y[2] = {
-          _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(t[i][0], t[i][1]), t[i][2]), b),
-          _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(t[i][1], t[i][2]), t[i][3]), b)};
-      for (int j = 0; j < 2; ++j) {
-        if (out[i][j] == nullptr) continue;
-        const __m512 v = tiles::activate(act, y[j]);
-        if (channel_stride == 1) {
-          _mm512_mask_storeu_ps(out[i][j] + k, msk, v);
-        } else {  // NCHW output: channels are planes apart
-          _mm512_store_ps(scattered, v);
-          for (int64_t l = 0; l < 16 && k + l < channels; ++l) out[i][j][(k + l) * channel_stride] = scattered[l];
-        }
-      }
+      const __m512 y0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(t[i][0], t[i][1]), t[i][2]), b);
+      const __m512 y1 = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(t[i][1], t[i][2]), t[i][3]), b);
+      _mm512_mask_storeu_ps(out[i][0] + k, msk, tiles::activate(act, y0));
+      _mm512_mask_storeu_ps(out[i][1] + k, msk, tiles::activate(act, y1));
     }
   }
 }
@@ -96,9 +109,10 @@ inline bool available() { return tiles::available(); }
 #else
 
 inline bool available() { return false; }
+inline void weight_tile(const float*, int64_t, float*, int64_t) {}
 inline void input_tile(const float* const*, int64_t, int64_t, float*, int64_t) {}
 inline void output_tile(const float*, int64_t, int64_t, const float*, Activation,
-                        float* const (*)[2], int64_t) {}
+                        float* const (*)[2]) {}
 
 #endif
 
