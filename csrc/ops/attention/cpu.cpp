@@ -425,6 +425,7 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
   }
   const int64_t strips_per_head = (sh.Nk + tiles::kStrip - 1) / tiles::kStrip;
   at::parallel_for(0, sh.B * sh.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    const cpu::SequentialBlas sequential_blas;
     std::vector<T> s2(kBlockQ * kBlockK), acc(kBlockQ * D), m(kBlockQ), l(kBlockQ);
     std::vector<float> bmax(tiled ? kBlockQ : 0), vmax(tiled ? 16 * kBlockQ : 0);
     for (int64_t item = begin; item < end; ++item) {
@@ -519,6 +520,7 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const bool fast_exp = tiles::available();  // AVX-512 exp2 rows (float32 only)
   at::parallel_for(0, sh.B * sh.Hkv, 1, [&](int64_t begin, int64_t end) {
+    const cpu::SequentialBlas sequential_blas;
     std::vector<T> p(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), dk_acc(kBlockK * D),
         dv_acc(kBlockK * D), delta(G * sh.Nq), lse2(G * sh.Nq);
     for (int64_t item = begin; item < end; ++item) {
