@@ -19,12 +19,12 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <memory>
 #include <tuple>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_blas.h"
+#include "common/cpu_scratch.h"
 #include "common/cpu_simd.h"
 #include "ops/conv2d/conv2d.h"
 #include "ops/conv2d/cpu_tiles.h"
@@ -34,6 +34,9 @@ namespace fastdl::conv2d {
 namespace {
 
 using cpu::TransposeType;
+
+// Scratch slots of the forward kernels (common/cpu_scratch.h).
+enum ScratchSlot : int { kPaddedInput, kWinogradWeights, kTransformed, kProducts, kStaged, kWeightBlock };
 
 struct Geometry {
   int64_t batch, channels, height, width;           // input
@@ -121,9 +124,12 @@ std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
 // The input as a zero-padded NHWC buffer [N, Hp, Wp, C] with the image at (pad_h, pad_w): the
 // one layout change an NCHW input needs, after which no kernel tests bounds. Rows are filled in
 // parallel, each in one pass (a row of C x Wp floats stays in cache while it is transposed).
-at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, int64_t Wp) {
+at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, int64_t Wp,
+                       bool in_scratch = false) {
   const int64_t C = g.channels;
-  at::Tensor padded = at::empty({g.batch, Hp, Wp, C}, input.options());
+  at::Tensor padded = in_scratch
+      ? at::from_blob(cpu::scratch<float>(kPaddedInput, g.batch * Hp * Wp * C), {g.batch, Hp, Wp, C}, input.options())
+      : at::empty({g.batch, Hp, Wp, C}, input.options());
   const float* src = input.const_data_ptr<float>();
   float* dst = padded.data_ptr<float>();
   const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
@@ -187,7 +193,9 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   // strides (a strided 1x1 convolution's subsampled view included): no copy.
   const bool in_place = input.stride(1) == 1 && g.pad_h == 0 && g.pad_w == 0;
   const at::Tensor padded =  // logically NCHW either way
-      in_place ? input : padded_nhwc(g, input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w).permute({0, 3, 1, 2});
+      in_place ? input
+               : padded_nhwc(g, input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, /*in_scratch=*/true)
+                     .permute({0, 3, 1, 2});
   const int64_t image_step = padded.stride(0), row_step = padded.stride(2), pixel_step = padded.stride(3);
 
   const int64_t blocks = (g.out_channels + kChannelBlock - 1) / kChannelBlock;
@@ -276,20 +284,19 @@ bool use_winograd(const Geometry& g) {
 // time: their points are computed per output channel k as vectors along c ([e][k][16]), then
 // transposed into U's [e][c][k], where the block's 16 rows are contiguous: every write of U is
 // sequential and each page of it is touched once.
-at::Tensor winograd_weight(const Geometry& g, const at::Tensor& weight) {
+const float* winograd_weight(const Geometry& g, const at::Tensor& weight) {
   const int64_t C = g.channels, K = g.out_channels;
-  at::Tensor u = at::empty({winograd::kPoints, C, K}, weight.options());
+  float* u = cpu::scratch<float>(kWinogradWeights, winograd::kPoints * C * K);
   const float* w = weight.const_data_ptr<float>();
-  float* dst = u.data_ptr<float>();
   constexpr int64_t kBlock = 16;
   at::parallel_for(0, (C + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> block(new float[winograd::kPoints * K * kBlock]);
+    float* block = cpu::scratch<float>(kWeightBlock, winograd::kPoints * K * kBlock);
     for (int64_t c0 = begin * kBlock; c0 < std::min(C, end * kBlock); c0 += kBlock) {
       const int64_t count = std::min(kBlock, C - c0);
       for (int64_t k = 0; k < K; ++k)
-        winograd::weight_tile(w + (k * C + c0) * 9, count, block.get() + k * kBlock, K * kBlock);
+        winograd::weight_tile(w + (k * C + c0) * 9, count, block + k * kBlock, K * kBlock);
       for (int e = 0; e < winograd::kPoints; ++e)
-        tiles::transpose(block.get() + e * K * kBlock, K, count, kBlock, dst + (e * C + c0) * K, K);
+        tiles::transpose(block + e * K * kBlock, K, count, kBlock, u + (e * C + c0) * K, K);
     }
   });
   return u;
@@ -302,11 +309,10 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   // Odd output sizes: the last tile row/column reads zeros past the padded image.
   const int64_t Hp = std::max(g.height + 2 * g.pad_h, 2 * tiles_h + 2);
   const int64_t Wp = std::max(g.width + 2 * g.pad_w, 2 * tiles_w + 2);
-  const at::Tensor padded = padded_nhwc(g, input, Hp, Wp);
-  const at::Tensor u = winograd_weight(g, weight.contiguous());
+  const at::Tensor padded = padded_nhwc(g, input, Hp, Wp, /*in_scratch=*/true);
+  const float* up = winograd_weight(g, weight.contiguous());
   const at::Tensor bias_values = bias ? bias->contiguous() : at::zeros({K}, weight.options());
   const float* x = padded.const_data_ptr<float>();
-  const float* up = u.const_data_ptr<float>();
   const float* b = bias_values.const_data_ptr<float>();
   float* out = output.data_ptr<float>();
   const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2);
@@ -354,19 +360,18 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   if (C * K > tiles_total * (C + K)) {
     // Few tiles, wide layer (512 channels at 7x7): U outweighs V and M. Each step runs over all
     // tiles, and the threads split the products by point, so each reads only its share of U.
-    std::unique_ptr<float[]> v(new float[winograd::kPoints * tiles_total * C]);
-    std::unique_ptr<float[]> m(new float[winograd::kPoints * tiles_total * K]);
+    float* v = cpu::scratch<float>(kTransformed, winograd::kPoints * tiles_total * C);
+    float* m = cpu::scratch<float>(kProducts, winograd::kPoints * tiles_total * K);
     at::parallel_for(0, tile_rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) transform_row(row, v.get(), row * tiles_w, tiles_total);
+      for (int64_t row = begin; row < end; ++row) transform_row(row, v, row * tiles_w, tiles_total);
     });
     at::parallel_for(0, winograd::kPoints, 1, [&](int64_t begin, int64_t end) {
       const cpu::SequentialBlas sequential_blas;
-      multiply(v.get(), m.get(), tiles_total, begin, end);
+      multiply(v, m, tiles_total, begin, end);
     });
     at::parallel_for(0, tile_rows, 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<float[]> staged(new float[2 * staged_row]);
-      for (int64_t row = begin; row < end; ++row)
-        write_row(row, m.get(), row * tiles_w, tiles_total, staged.get());
+      float* staged = cpu::scratch<float>(kStaged, 2 * staged_row);
+      for (int64_t row = begin; row < end; ++row) write_row(row, m, row * tiles_w, tiles_total, staged);
     });
     return;
   }
@@ -378,14 +383,14 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   at::parallel_for(0, tile_rows, grain, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlas sequential_blas;
     const int64_t max_tiles = rows_per_chunk * tiles_w;
-    std::unique_ptr<float[]> v(new float[winograd::kPoints * max_tiles * C]);
-    std::unique_ptr<float[]> m(new float[winograd::kPoints * max_tiles * K]);
-    std::unique_ptr<float[]> staged(new float[2 * staged_row]);
+    float* v = cpu::scratch<float>(kTransformed, winograd::kPoints * max_tiles * C);
+    float* m = cpu::scratch<float>(kProducts, winograd::kPoints * max_tiles * K);
+    float* staged = cpu::scratch<float>(kStaged, 2 * staged_row);
     for (int64_t first_row = begin; first_row < end; first_row += rows_per_chunk) {
       const int64_t rows = std::min(rows_per_chunk, end - first_row), tiles = rows * tiles_w;
-      for (int64_t r = 0; r < rows; ++r) transform_row(first_row + r, v.get(), r * tiles_w, tiles);
-      multiply(v.get(), m.get(), tiles, 0, winograd::kPoints);
-      for (int64_t r = 0; r < rows; ++r) write_row(first_row + r, m.get(), r * tiles_w, tiles, staged.get());
+      for (int64_t r = 0; r < rows; ++r) transform_row(first_row + r, v, r * tiles_w, tiles);
+      multiply(v, m, tiles, 0, winograd::kPoints);
+      for (int64_t r = 0; r < rows; ++r) write_row(first_row + r, m, r * tiles_w, tiles, staged);
     }
   });
 }
