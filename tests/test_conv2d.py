@@ -50,6 +50,8 @@ CASES = {
     "3x3_winograd_pad2": (2, 32, 12, 12, 64, (3, 3), 1, 2, 1, 1),
     # few tiles for a wide layer (like ResNet's 512-channel 7x7 stage): products split by point
     "3x3_winograd_few_tiles": (8, 200, 5, 5, 160, (3, 3), 1, 1, 1, 1),
+    # transformed weights of 8 MB: written with streaming stores
+    "3x3_winograd_wide": (2, 256, 11, 11, 512, (3, 3), 1, 1, 1, 1),
     # stride 1 on a large map: the weight gradient's shifted-GEMM path (no im2col)
     "large_map_dilated": (2, 8, 24, 30, 12, (3, 5), 1, (1, 3), (1, 2), 1),
     "batch_0": (0, 4, 8, 8, 6, (3, 3), 1, 1, 1, 1),

@@ -36,7 +36,7 @@ namespace {
 using cpu::TransposeType;
 
 // Scratch slots of the forward kernels (common/cpu_scratch.h).
-enum ScratchSlot : int { kPaddedInput, kWinogradWeights, kTransformed, kProducts, kStaged, kWeightBlock };
+enum ScratchSlot : int { kPaddedInput, kWinogradWeights, kTransformed, kProducts, kStaged };
 
 struct Geometry {
   int64_t batch, channels, height, width;           // input
@@ -280,24 +280,17 @@ bool use_winograd(const Geometry& g) {
          winograd::available();
 }
 
-// U[e][c][k] = (G f G^T)[e] for the 3x3 filter f = weight[k][c]. Sixteen input channels at a
-// time: their points are computed per output channel k as vectors along c ([e][k][16]), then
-// transposed into U's [e][c][k], where the block's 16 rows are contiguous: every write of U is
-// sequential and each page of it is touched once.
+// U[e][c][k] = (G f G^T)[e] for the 3x3 filter f = weight[k][c], 16 output channels per task.
 const float* winograd_weight(const Geometry& g, const at::Tensor& weight) {
   const int64_t C = g.channels, K = g.out_channels;
   float* u = cpu::scratch<float>(kWinogradWeights, winograd::kPoints * C * K);
   const float* w = weight.const_data_ptr<float>();
+  // Stream U past the cache when it outgrows it (8 MB: 512 x 256 channels and up).
+  const bool stream = K % 16 == 0 && winograd::kPoints * C * K * sizeof(float) >= (size_t(8) << 20);
   constexpr int64_t kBlock = 16;
-  at::parallel_for(0, (C + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
-    float* block = cpu::scratch<float>(kWeightBlock, winograd::kPoints * K * kBlock);
-    for (int64_t c0 = begin * kBlock; c0 < std::min(C, end * kBlock); c0 += kBlock) {
-      const int64_t count = std::min(kBlock, C - c0);
-      for (int64_t k = 0; k < K; ++k)
-        winograd::weight_tile(w + (k * C + c0) * 9, count, block + k * kBlock, K * kBlock);
-      for (int e = 0; e < winograd::kPoints; ++e)
-        tiles::transpose(block + e * K * kBlock, K, count, kBlock, u + (e * C + c0) * K, K);
-    }
+  at::parallel_for(0, (K + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k0 = begin * kBlock; k0 < std::min(K, end * kBlock); k0 += kBlock)
+      winograd::weight_block(w, C, K, k0, std::min(kBlock, K - k0), u, stream);
   });
   return u;
 }
