@@ -54,6 +54,7 @@ CASES = {
     "3x3_winograd_wide": (2, 256, 11, 11, 512, (3, 3), 1, 1, 1, 1),
     # stride 1 on a large map: the weight gradient's shifted-GEMM path (no im2col)
     "large_map_dilated": (2, 8, 24, 30, 12, (3, 5), 1, (1, 3), (1, 2), 1),
+    "large_map_one_image": (1, 8, 24, 30, 12, (3, 3), 1, 1, 1, 1),  # fewer images than threads
     "batch_0": (0, 4, 8, 8, 6, (3, 3), 1, 1, 1, 1),
 }
 
@@ -167,7 +168,9 @@ def test_gradients_match_reference(name, layout, activation):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", ["wide_channels", "3x3_winograd", "7x7_stride2_stem", "large_map_dilated"])
+@pytest.mark.parametrize(
+    "name", ["wide_channels", "3x3_winograd", "7x7_stride2_stem", "large_map_dilated", "large_map_one_image"]
+)
 def test_gradients_float32_and_partial(name, layout):
     fresh_seed()
     x, w, b, args = make_case(CASES[name], layout=layout)
