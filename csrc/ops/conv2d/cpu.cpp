@@ -395,14 +395,23 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
 template <typename T>
 void im2col(const Geometry& g, const T* x, int64_t group, T* col) {
   const int64_t Cg = g.group_channels(), window = g.window();
+  // One group, no dilation along W: a kernel row inside the image is one run of kw * C values.
+  const bool whole_rows = g.groups == 1 && g.dil_w == 1;
   at::parallel_for(0, g.out_h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t oh = begin; oh < end; ++oh) {
       T* dst = col + oh * g.out_w * window;
       for (int64_t ow = 0; ow < g.out_w; ++ow) {
         for (int64_t r = 0; r < g.kernel_h; ++r) {
           const int64_t h = oh * g.stride_h - g.pad_h + r * g.dil_h;
+          const int64_t w0 = ow * g.stride_w - g.pad_w;
+          if (whole_rows && h >= 0 && h < g.height && w0 >= 0 && w0 + g.kernel_w <= g.width) {
+            // the kernel row's taps are one contiguous run of the NHWC row
+            std::memcpy(dst, x + (h * g.width + w0) * g.channels, g.kernel_w * Cg * sizeof(T));
+            dst += g.kernel_w * Cg;
+            continue;
+          }
           for (int64_t s = 0; s < g.kernel_w; ++s, dst += Cg) {
-            const int64_t w = ow * g.stride_w - g.pad_w + s * g.dil_w;
+            const int64_t w = w0 + s * g.dil_w;
             if (h >= 0 && h < g.height && w >= 0 && w < g.width) {
               std::memcpy(dst, x + (h * g.width + w) * g.channels + group * Cg, Cg * sizeof(T));
             } else {
