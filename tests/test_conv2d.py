@@ -125,6 +125,15 @@ def test_fused_activation(name, activation, layout):
     assert_conv_close(out, ACTIVATIONS[activation](pre), pre_activation=pre)
 
 
+def test_padded_input_beyond_kept_scratch():
+    """A padded input over the 32 MB a thread keeps between calls gets a buffer of its own."""
+    fresh_seed()
+    x, w, b, args = make_case((1, 64, 380, 380, 32, (1, 1), 1, 1, 1, 1))
+    assert (380 + 2) ** 2 * 64 * 4 > 32 << 20
+    out = fastdl.ops.conv2d(x, w, b, **args)
+    assert_conv_close(out, reference(x, w, b, **args))
+
+
 def test_bfloat16_on_cpu():
     fresh_seed()
     x, w, b, args = make_case(CASES["3x3"], torch.bfloat16)

@@ -127,9 +127,8 @@ std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
 at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, int64_t Wp,
                        bool in_scratch = false) {
   const int64_t C = g.channels;
-  at::Tensor padded = in_scratch
-      ? at::from_blob(cpu::scratch<float>(kPaddedInput, g.batch * Hp * Wp * C), {g.batch, Hp, Wp, C}, input.options())
-      : at::empty({g.batch, Hp, Wp, C}, input.options());
+  at::Tensor padded = in_scratch ? cpu::workspace(kPaddedInput, {g.batch, Hp, Wp, C}, input.options())
+                                 : at::empty({g.batch, Hp, Wp, C}, input.options());
   const float* src = input.const_data_ptr<float>();
   float* dst = padded.data_ptr<float>();
   const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
@@ -281,9 +280,10 @@ bool use_winograd(const Geometry& g) {
 }
 
 // U[e][c][k] = (G f G^T)[e] for the 3x3 filter f = weight[k][c], 16 output channels per task.
-const float* winograd_weight(const Geometry& g, const at::Tensor& weight) {
+at::Tensor winograd_weight(const Geometry& g, const at::Tensor& weight) {
   const int64_t C = g.channels, K = g.out_channels;
-  float* u = cpu::scratch<float>(kWinogradWeights, winograd::kPoints * C * K);
+  at::Tensor u_tensor = cpu::workspace(kWinogradWeights, {winograd::kPoints, C, K}, weight.options());
+  float* u = u_tensor.data_ptr<float>();
   const float* w = weight.const_data_ptr<float>();
   // Stream U past the cache when it outgrows it (8 MB: 512 x 256 channels and up).
   const bool stream = K % 16 == 0 && winograd::kPoints * C * K * sizeof(float) >= (size_t(8) << 20);
@@ -292,7 +292,7 @@ const float* winograd_weight(const Geometry& g, const at::Tensor& weight) {
     for (int64_t k0 = begin * kBlock; k0 < std::min(K, end * kBlock); k0 += kBlock)
       winograd::weight_block(w, C, K, k0, std::min(kBlock, K - k0), u, stream);
   });
-  return u;
+  return u_tensor;
 }
 
 void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
@@ -303,7 +303,8 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   const int64_t Hp = std::max(g.height + 2 * g.pad_h, 2 * tiles_h + 2);
   const int64_t Wp = std::max(g.width + 2 * g.pad_w, 2 * tiles_w + 2);
   const at::Tensor padded = padded_nhwc(g, input, Hp, Wp, /*in_scratch=*/true);
-  const float* up = winograd_weight(g, weight.contiguous());
+  const at::Tensor u = winograd_weight(g, weight.contiguous());
+  const float* up = u.const_data_ptr<float>();
   const at::Tensor bias_values = bias ? bias->contiguous() : at::zeros({K}, weight.options());
   const float* x = padded.const_data_ptr<float>();
   const float* b = bias_values.const_data_ptr<float>();
@@ -353,8 +354,10 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   if (C * K > tiles_total * (C + K)) {
     // Few tiles, wide layer (512 channels at 7x7): U outweighs V and M. Each step runs over all
     // tiles, and the threads split the products by point, so each reads only its share of U.
-    float* v = cpu::scratch<float>(kTransformed, winograd::kPoints * tiles_total * C);
-    float* m = cpu::scratch<float>(kProducts, winograd::kPoints * tiles_total * K);
+    const at::Tensor v_tensor = cpu::workspace(kTransformed, {winograd::kPoints * tiles_total * C}, output.options());
+    const at::Tensor m_tensor = cpu::workspace(kProducts, {winograd::kPoints * tiles_total * K}, output.options());
+    float* v = v_tensor.data_ptr<float>();
+    float* m = m_tensor.data_ptr<float>();
     at::parallel_for(0, tile_rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) transform_row(row, v, row * tiles_w, tiles_total);
     });
@@ -363,8 +366,9 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
       multiply(v, m, tiles_total, begin, end);
     });
     at::parallel_for(0, tile_rows, 1, [&](int64_t begin, int64_t end) {
-      float* staged = cpu::scratch<float>(kStaged, 2 * staged_row);
-      for (int64_t row = begin; row < end; ++row) write_row(row, m, row * tiles_w, tiles_total, staged);
+      const at::Tensor staged = cpu::workspace(kStaged, {2 * staged_row}, output.options());
+      for (int64_t row = begin; row < end; ++row)
+        write_row(row, m, row * tiles_w, tiles_total, staged.data_ptr<float>());
     });
     return;
   }
@@ -376,9 +380,12 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   at::parallel_for(0, tile_rows, grain, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlas sequential_blas;
     const int64_t max_tiles = rows_per_chunk * tiles_w;
-    float* v = cpu::scratch<float>(kTransformed, winograd::kPoints * max_tiles * C);
-    float* m = cpu::scratch<float>(kProducts, winograd::kPoints * max_tiles * K);
-    float* staged = cpu::scratch<float>(kStaged, 2 * staged_row);
+    const at::Tensor v_tensor = cpu::workspace(kTransformed, {winograd::kPoints * max_tiles * C}, output.options());
+    const at::Tensor m_tensor = cpu::workspace(kProducts, {winograd::kPoints * max_tiles * K}, output.options());
+    const at::Tensor staged_tensor = cpu::workspace(kStaged, {2 * staged_row}, output.options());
+    float* v = v_tensor.data_ptr<float>();
+    float* m = m_tensor.data_ptr<float>();
+    float* staged = staged_tensor.data_ptr<float>();
     for (int64_t first_row = begin; first_row < end; first_row += rows_per_chunk) {
       const int64_t rows = std::min(rows_per_chunk, end - first_row), tiles = rows * tiles_w;
       for (int64_t r = 0; r < rows; ++r) transform_row(first_row + r, v, r * tiles_w, tiles);
