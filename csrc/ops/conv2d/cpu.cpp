@@ -121,6 +121,15 @@ std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
 
 // ---- direct float32 forward (AVX-512 tiles) ---------------------------------------------------
 
+// conv2d_cpu allocates its output either channels-last or as contiguous NCHW, where a plane's
+// pixels are one run; the fast kernels write those two layouts only. True for channels-last.
+bool is_channels_last_output(const at::Tensor& output) {
+  const bool channels_last = output.stride(1) == 1;
+  TORCH_INTERNAL_ASSERT(channels_last || (output.stride(2) == output.size(3) && output.stride(3) == 1),
+                        "conv2d: unexpected output strides ", output.strides());
+  return channels_last;
+}
+
 // The input as a zero-padded NHWC buffer [N, Hp, Wp, C] with the image at (pad_h, pad_w): the
 // one layout change an NCHW input needs, after which no kernel tests bounds. Rows are filled in
 // parallel, each in one pass (a row of C x Wp floats stays in cache while it is transposed).
@@ -218,8 +227,7 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   const int64_t block_size = g.kernel_h * g.kernel_w * C * kChannelBlock;
   const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2),
                 sW = output.stride(3);
-  const bool channels_last = sK == 1;
-  TORCH_INTERNAL_ASSERT(channels_last || (sH == g.out_w && sW == 1), "conv2d: unexpected output strides");
+  const bool channels_last = is_channels_last_output(output);
   const int64_t P = g.pixels(), tiles_per_image = (P + tiles::kMaxPixels - 1) / tiles::kMaxPixels;
   // A thread takes runs of kTilesPerChunk tiles and sweeps every weight block over a run, so a
   // block (kh * kw * C * 32 floats) is read once per run, not once per tile, and the run's input
@@ -310,9 +318,7 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   const float* b = bias_values.const_data_ptr<float>();
   float* out = output.data_ptr<float>();
   const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2);
-  const bool channels_last = sK == 1;
-  TORCH_INTERNAL_ASSERT(channels_last || (sH == g.out_w && output.stride(3) == 1),
-                        "conv2d: unexpected output strides");
+  const bool channels_last = is_channels_last_output(output);
   const int64_t tile_rows = g.batch * tiles_h, tiles_total = tile_rows * tiles_w;
   const int64_t staged_row = 2 * tiles_w * K;  // one output row (and the odd column past it), NHWC
 
