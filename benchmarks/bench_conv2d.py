@@ -2,7 +2,8 @@
 convolutions at batch 8, float32.
 
 Modes: ``forward`` (NCHW, as most models run), ``forward-channels_last``, ``conv-bn-relu``
-(inference: fastdl's single fused pass from ``fuse_conv_bn`` against eager conv -> bn -> relu)
+(inference: fastdl's single fused pass from ``fuse_conv_bn``, whose Winograd weights are
+prepacked, against eager conv -> bn -> relu)
 and ``forward+backward`` (gradients of input and weight).
 """
 

@@ -134,6 +134,112 @@ def test_padded_input_beyond_kept_scratch():
     assert_conv_close(out, reference(x, w, b, **args))
 
 
+# ---- prepacked Winograd weights ---------------------------------------------------------------
+
+
+def winograd_reference(weight):
+    """U[4i + j, c, k] = (G w[k, c] G^T)[i, j], written out filter by filter in float64."""
+    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    k, c = weight.shape[:2]
+    u = torch.empty(16, c, k, dtype=torch.float64)
+    for kk in range(k):
+        for cc in range(c):
+            u[:, cc, kk] = (g @ weight[kk, cc].double() @ g.T).flatten()
+    return u
+
+
+def test_winograd_weight_is_the_filter_transform():
+    fresh_seed()
+    w = torch.randn(5, 3, 3, 3)
+    u = fastdl.ops.conv2d_winograd_weight(w)
+    assert u.shape == (16, 3, 5) and u.dtype == torch.float32 and u.is_contiguous()
+    assert_close(u, winograd_reference(w), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"Tensor\[K, C, 3, 3\]"):
+        fastdl.ops.conv2d_winograd_weight(torch.randn(5, 3, 5, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", ["3x3_winograd", "3x3_winograd_few_tiles", "3x3", "dilated"])
+def test_prepacked_winograd_weight(name, layout, dtype):
+    """A prepacked transform gives the same result, and is ignored where Winograd does not run
+    (too few channels for "3x3", dilation 2 for "dilated")."""
+    fresh_seed()
+    x, w, b, args = make_case(CASES[name], dtype, layout=layout)
+    u = fastdl.ops.conv2d_winograd_weight(w)
+    out = fastdl.ops.conv2d(x, w, b, activation="relu", winograd_weight=u, **args)
+    assert_conv_close(out, reference(x, w, b, activation="relu", **args), dtype, pre_activation=reference(x, w, b, **args))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_prepacked_winograd_weight_is_used(layout):
+    """With an all-zero transform the Winograd kernel's products vanish: only the bias is left,
+    so the kernel really multiplies by the given tensor rather than transforming ``weight``."""
+    fresh_seed()
+    x, w, b, args = make_case(CASES["3x3_winograd"], layout=layout)
+    out = fastdl.ops.conv2d(x, w, b, winograd_weight=torch.zeros(16, w.size(1), w.size(0)), **args)
+    assert torch.equal(out, b.reshape(1, -1, 1, 1).expand_as(out))
+
+
+@pytest.mark.parametrize("impl", ["native", "composite"])
+def test_bad_winograd_weight(impl):
+    op = torch.ops.fastdl.conv2d.default if impl == "native" else _library.composite("conv2d")
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    u = fastdl.ops.conv2d_winograd_weight(w)
+    one, zero = [1, 1], [0, 0]
+    with pytest.raises(RuntimeError, match=r"winograd_weight to be a Tensor\[16, 4, 6\].*got shape \[?\(?16, 6, 4"):
+        op(x, w, None, one, zero, one, 1, None, u.transpose(1, 2))
+    with pytest.raises(RuntimeError, match="winograd_weight must be float32"):
+        op(x, w, None, one, zero, one, 1, None, u.double())
+    with pytest.raises(RuntimeError, match="only for 3x3 convolutions with groups=1"):
+        op(x, torch.randn(6, 4, 1, 1), None, one, zero, one, 1, None, u)
+    with pytest.raises(RuntimeError, match="only for 3x3 convolutions with groups=1"):
+        op(x, torch.randn(6, 2, 3, 3), None, one, zero, one, 2, None, u)
+
+
+def test_opcheck_with_winograd_weight():
+    fresh_seed()
+    x, w, b, _ = make_case((2, 4, 7, 6, 5, (3, 3), 1, 1, 1, 1))
+    u = fastdl.ops.conv2d_winograd_weight(w)
+    run_opcheck(torch.ops.fastdl.conv2d.default, (x.requires_grad_(), w.requires_grad_(), b, [1, 1], [1, 1], [1, 1], 1, "relu", u))
+
+
+def test_conv2d_module_prepack_follows_the_weight():
+    fresh_seed()
+    conv = fastdl.nn.Conv2d(40, 48, 3, padding=1).eval()
+    assert conv.prepack() is conv and conv.prepacked
+    x = torch.randn(2, 40, 16, 16)
+    expected = lambda: F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)  # noqa: E731
+    with torch.no_grad():
+        assert_conv_close(conv(x), expected())
+        assert conv._winograd is not None  # the transform is kept...
+        conv.load_state_dict(fastdl.nn.Conv2d(40, 48, 3, padding=1).state_dict())  # ...and follows new weights
+        assert_conv_close(conv(x), expected())
+        conv.weight.mul_(-2)  # an in-place change
+        assert_conv_close(conv(x), expected())
+        conv.weight.data.copy_(torch.randn_like(conv.weight))  # unseen until prepack() again
+        assert_conv_close(conv.prepack()(x), expected())
+    conv.train()  # training calls transform the (changing) weights themselves
+    out = conv(x)
+    assert_conv_close(out, expected())
+    out.sum().backward()
+    assert conv.weight.grad is not None
+
+
+def test_fuse_conv_bn_prepacks_and_compiles():
+    fresh_seed()
+    conv, bn = nn.Conv2d(32, 40, 3, padding=1, bias=False), trained_batchnorm(40)
+    fused = fastdl.nn.fuse_conv_bn(conv, bn, "relu")
+    assert fused.prepacked and not fused.training
+    x = torch.randn(1, 32, 16, 16)
+    with torch.no_grad():
+        expected = F.relu(bn(conv(x)))
+        assert_conv_close(fused(x), expected.double())
+        assert fused._winograd is not None
+        compiled = torch.compile(fused, fullgraph=True, dynamic=False)
+        assert_conv_close(compiled(x), expected.double())
+
+
 def test_bfloat16_on_cpu():
     fresh_seed()
     x, w, b, args = make_case(CASES["3x3"], torch.bfloat16)
@@ -393,6 +499,23 @@ def test_conv_bn_act_train_and_eval():
         block.bn.running_mean.add_(1.0)  # an updated statistic invalidates the cached folding
         unfused = F.relu(block.bn(block.conv(x)))
         assert_conv_close(block(x), unfused.double())
+        block.bn.running_var.data.mul_(2)  # unseen by the cache until refresh()
+        unfused = F.relu(block.bn(block.conv(x)))
+        assert_conv_close(block.refresh()(x), unfused.double())
+
+
+def test_conv_bn_act_eval_with_winograd():
+    """A 3x3 stride-1 block's cached folding also keeps the Winograd transform."""
+    fresh_seed()
+    block = fastdl.nn.ConvBNAct(32, 48, 3, activation="silu")
+    block.bn.load_state_dict(trained_batchnorm(48).state_dict())
+    block.eval()
+    x = torch.randn(2, 32, 16, 16)
+    with torch.no_grad():
+        assert_conv_close(block(x), F.silu(block.bn(block.conv(x))).double())
+        assert block._fused[3] is not None
+        block.conv.weight.add_(0.5)
+        assert_conv_close(block(x), F.silu(block.bn(block.conv(x))).double())
 
 
 def test_fuse_conv_bn_rejects_mismatch():

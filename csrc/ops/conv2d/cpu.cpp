@@ -287,6 +287,21 @@ bool use_winograd(const Geometry& g) {
          winograd::available();
 }
 
+// A caller-supplied U (prepacked for inference) must be float32 [16, C, K] on the weight's
+// device, for a 3x3 convolution with one group; it is used only where the kernel picks Winograd.
+void check_winograd_weight(const Geometry& g, const at::Tensor& weight, const at::Tensor& u) {
+  TORCH_CHECK(g.kernel_h == 3 && g.kernel_w == 3 && g.groups == 1,
+              "conv2d: winograd_weight is only for 3x3 convolutions with groups=1, got weight of "
+              "shape ", sizes_str(weight), " and groups=", g.groups);
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == winograd::kPoints && u.size(1) == g.channels &&
+                  u.size(2) == g.out_channels,
+              "conv2d: expected winograd_weight to be a Tensor[16, ", g.channels, ", ",
+              g.out_channels, "] (conv2d_winograd_weight of the weight), got shape ", sizes_str(u));
+  TORCH_CHECK(u.scalar_type() == at::kFloat, "conv2d: winograd_weight must be float32, got ",
+              u.scalar_type());
+  check_same_device("conv2d", "weight", weight, "winograd_weight", u);
+}
+
 // U[e][c][k] = (G f G^T)[e] for the 3x3 filter f = weight[k][c], 16 output channels per task.
 at::Tensor winograd_weight(const Geometry& g, const at::Tensor& weight) {
   const int64_t C = g.channels, K = g.out_channels;
@@ -304,14 +319,15 @@ at::Tensor winograd_weight(const Geometry& g, const at::Tensor& weight) {
 }
 
 void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, Activation act, at::Tensor& output) {
+                      const std::optional<at::Tensor>& prepacked, const std::optional<at::Tensor>& bias,
+                      Activation act, at::Tensor& output) {
   const int64_t C = g.channels, K = g.out_channels;
   const int64_t tiles_h = (g.out_h + 1) / 2, tiles_w = (g.out_w + 1) / 2;
   // Odd output sizes: the last tile row/column reads zeros past the padded image.
   const int64_t Hp = std::max(g.height + 2 * g.pad_h, 2 * tiles_h + 2);
   const int64_t Wp = std::max(g.width + 2 * g.pad_w, 2 * tiles_w + 2);
   const at::Tensor padded = padded_nhwc(g, input, Hp, Wp, /*in_scratch=*/true);
-  const at::Tensor u = winograd_weight(g, weight.contiguous());
+  const at::Tensor u = prepacked ? prepacked->contiguous() : winograd_weight(g, weight.contiguous());
   const float* up = u.const_data_ptr<float>();
   const at::Tensor bias_values = bias ? bias->contiguous() : at::zeros({K}, weight.options());
   const float* x = padded.const_data_ptr<float>();
@@ -506,12 +522,14 @@ void forward_gemm(const Geometry& g, const at::Tensor& input, const at::Tensor& 
 at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                      std::optional<c10::string_view> activation) {
+                      std::optional<c10::string_view> activation,
+                      const std::optional<at::Tensor>& winograd_weight) {
   const Geometry g = check_args("conv2d", input, weight, bias, stride, padding, dilation, groups);
   const Activation act = parse_activation(activation);
+  if (winograd_weight) check_winograd_weight(g, weight, *winograd_weight);
   if (is_reduced_precision(input)) {  // float32 arithmetic, result rounded once
     return conv2d_cpu(input.to(at::kFloat), weight.to(at::kFloat), to_float(bias), stride, padding,
-                      dilation, groups, activation)
+                      dilation, groups, activation, winograd_weight)
         .to(input.scalar_type());
   }
   if (g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 && g.pad_w == 0 &&
@@ -519,13 +537,14 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     // A strided 1x1 convolution reads only every stride-th pixel: subsample first (a view), so
     // the kernels copy and read a stride_h * stride_w times smaller input.
     const at::Tensor sampled = input.slice(2, 0, g.height, g.stride_h).slice(3, 0, g.width, g.stride_w);
-    return conv2d_cpu(sampled, weight, bias, {1, 1}, padding, dilation, groups, activation);
+    return conv2d_cpu(sampled, weight, bias, {1, 1}, padding, dilation, groups, activation,
+                      std::nullopt);
   }
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                                 input.options().memory_format(input.suggest_memory_format()));
   if (output.numel() == 0) return output;
   if (input.scalar_type() == at::kFloat && use_winograd(g)) {
-    forward_winograd(g, input, weight, bias, act, output);
+    forward_winograd(g, input, weight, winograd_weight, bias, act, output);
     return output;
   }
   if (input.scalar_type() == at::kFloat && g.groups == 1 && tiles::available()) {
@@ -661,7 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     // im2col/col2im.
     grad_input = conv2d_cpu(grad_output, weight.flip({2, 3}).transpose(0, 1), std::nullopt, {1, 1},
                             {full_pad_h - g.pad_h, full_pad_w - g.pad_w},
-                            {g.dil_h, g.dil_w}, 1, std::nullopt)
+                            {g.dil_h, g.dil_w}, 1, std::nullopt, std::nullopt)
                      .contiguous(input.suggest_memory_format());
     output_mask[0] = false;
   }

@@ -3,7 +3,7 @@
 from .. import _loader  # noqa: F401  (must precede the op modules)
 from .attention import attention
 from .boxes import BoxCoder, box_area, box_convert, box_iou, clip_boxes_to_image, remove_small_boxes
-from .conv2d import conv2d
+from .conv2d import conv2d, conv2d_winograd_weight
 from .lstm import lstm, lstm_cell
 from .nms import batched_nms, nms
 from .poolers import multiscale_roi_align
@@ -19,6 +19,7 @@ __all__ = [
     "box_iou",
     "clip_boxes_to_image",
     "conv2d",
+    "conv2d_winograd_weight",
     "lstm",
     "lstm_cell",
     "multiscale_roi_align",

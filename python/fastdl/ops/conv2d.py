@@ -10,7 +10,7 @@ from torch import Tensor
 from ._library import register_composite, register_triton_kernels, triton_available
 from ._utils import pair, suggest_memory_format
 
-__all__ = ["conv2d", "ACTIVATIONS", "check_activation"]
+__all__ = ["conv2d", "conv2d_winograd_weight", "ACTIVATIONS", "check_activation"]
 
 # Activations the kernels fuse, with their plain-PyTorch forms (GELU is the exact erf form).
 ACTIVATIONS = {
@@ -37,6 +37,8 @@ def conv2d(
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
     activation: str | None = None,
+    *,
+    winograd_weight: Tensor | None = None,
 ) -> Tensor:
     """``activation(F.conv2d(input, weight, bias, stride, padding, dilation, groups))`` in one pass.
 
@@ -50,6 +52,10 @@ def conv2d(
             as ``nn.Conv2d`` does).
         groups: divides both C and K; ``groups == C`` is a depthwise convolution.
         activation: None, ``"relu"``, ``"relu6"``, ``"silu"`` or ``"gelu"`` (exact erf form).
+        winograd_weight: ``Tensor[16, C, K]`` float32 or None: ``conv2d_winograd_weight(weight)``
+            computed once, for inference with fixed weights. The CPU kernel then skips
+            transforming the weights on each call where it runs Winograd (3x3, stride 1); every
+            other kernel ignores it. It must match ``weight``: nothing checks its values.
 
     Returns:
         ``Tensor[N, K, Ho, Wo]`` in the input's memory format (channels_last in, channels_last out).
@@ -67,9 +73,48 @@ def conv2d(
     check_activation(activation)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     if activation in ("silu", "gelu") and needs_grad:
-        out = torch.ops.fastdl.conv2d.default(input, weight, bias, stride, padding, dilation, groups, None)
+        out = torch.ops.fastdl.conv2d.default(input, weight, bias, stride, padding, dilation, groups, None, winograd_weight)
         return ACTIVATIONS[activation](out)
-    return torch.ops.fastdl.conv2d.default(input, weight, bias, stride, padding, dilation, groups, activation)
+    return torch.ops.fastdl.conv2d.default(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight)
+
+
+# Winograd F(2x2, 3x3)'s filter transform G (U = G f G^T); its 4x4 points are flattened row-major.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+@torch.no_grad()
+def conv2d_winograd_weight(weight: Tensor) -> Tensor:
+    """3x3 filters in the Winograd domain, the form the CPU kernel multiplies by: ``Tensor[K, C,
+    3, 3]`` -> ``Tensor[16, C, K]`` float32 with ``U[4 * i + j, c, k] = (G weight[k, c] G^T)[i, j]``.
+
+    Pass it as ``conv2d(..., winograd_weight=U)`` when the same weights serve many calls
+    (inference); :meth:`fastdl.nn.Conv2d.prepack` does this for a module. Computed in float64.
+    """
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"conv2d_winograd_weight: expected weight to be a Tensor[K, C, 3, 3], got shape {tuple(weight.shape)}")
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ia,kcab,jb->ijck", g, weight.double(), g)
+    return u.reshape(16, weight.size(1), weight.size(0)).float().contiguous()
+
+
+def _check_winograd_weight(op, weight, groups, winograd_weight):
+    """The Python twin of the C++ check of a prepacked ``winograd_weight``."""
+    if winograd_weight is None:
+        return
+    k, c, kh, kw = weight.shape
+    torch._check(
+        (kh, kw) == (3, 3) and groups == 1,
+        lambda: f"{op}: winograd_weight is only for 3x3 convolutions with groups=1, got weight of shape {tuple(weight.shape)} and groups={groups}",
+    )
+    torch._check(
+        tuple(winograd_weight.shape) == (16, c, k),
+        lambda: f"{op}: expected winograd_weight to be a Tensor[16, {c}, {k}] (conv2d_winograd_weight of the weight), got shape {tuple(winograd_weight.shape)}",
+    )
+    torch._check(winograd_weight.dtype == torch.float32, lambda: f"{op}: winograd_weight must be float32, got {winograd_weight.dtype}")
+    torch._check(
+        winograd_weight.device == weight.device,
+        lambda: f"{op}: weight is on {weight.device} but winograd_weight is on {winograd_weight.device}; move them to the same device",
+    )
 
 
 def _resolve_padding_mode(input, weight, mode, stride, dilation):
@@ -124,8 +169,9 @@ def _new_output(input, weight, out_h, out_w):
 
 
 @torch.library.register_fake("fastdl::conv2d")
-def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, activation):
+def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None):
     out_h, out_w = _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
+    _check_winograd_weight("conv2d", weight, groups, winograd_weight)
     return _new_output(input, weight, out_h, out_w)
 
 
@@ -141,7 +187,7 @@ def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation,
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups, activation = inputs
+    input, weight, bias, stride, padding, dilation, groups, activation, _ = inputs
     # relu/relu6 derivatives read the output; silu/gelu need the pre-activation, recomputed.
     ctx.save_for_backward(input, weight, bias, output if activation in ("relu", "relu6") else None)
     ctx.params = (stride, padding, dilation, groups)
@@ -164,7 +210,7 @@ def _backward(ctx, grad):
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     grads = torch.ops.fastdl._conv2d_backward.default(grad, input, weight, *ctx.params, mask)
     grad_input, grad_weight, grad_bias = (g if wanted else None for g, wanted in zip(grads, mask))
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastdl::conv2d", _backward, setup_context=_setup_context)
@@ -174,8 +220,9 @@ torch.library.register_autograd("fastdl::conv2d", _backward, setup_context=_setu
 
 
 @register_composite("conv2d", cuda_kernel="Triton")
-def _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation):
+def _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None):
     _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
+    _check_winograd_weight("conv2d", weight, groups, winograd_weight)
     check_activation(activation)
     out = ACTIVATIONS[activation](F.conv2d(input, weight, bias, stride, padding, dilation, groups))
     return out.contiguous(memory_format=suggest_memory_format(input))
@@ -197,10 +244,11 @@ def _register_triton():
     """Serve CUDA with fastdl.kernels.conv2d (float64 inputs are passed on to the composite)."""
     from fastdl.kernels import conv2d as triton_conv2d
 
-    def forward(input, weight, bias, stride, padding, dilation, groups, activation):
+    def forward(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None):
         if input.dtype == torch.float64:
-            return _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation)
+            return _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight)
         _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
+        _check_winograd_weight("conv2d", weight, groups, winograd_weight)
         return triton_conv2d.conv2d_forward_op(input, weight, bias, stride, padding, dilation, groups, activation)
 
     def backward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
