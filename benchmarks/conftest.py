@@ -18,6 +18,7 @@ def pytest_addoption(parser):
     group.addoption("--quick", action="store_true", help="only the quick cases")
     group.addoption("--device", default="cpu", choices=["cpu", "cuda"], help="device to benchmark on")
     group.addoption("--threads", type=int, default=0, help="torch threads for both sides (0: all cores)")
+    group.addoption("--keep-freed-memory", action="store_true", help="pin glibc's allocator thresholds (see keep_freed_memory)")
 
 
 def keep_freed_memory() -> None:
@@ -27,8 +28,10 @@ def keep_freed_memory() -> None:
     above it, hands its pages back, so the next call's output of the same size is page-faulted
     afresh. Whether that happens depends on the process's allocation history, so the same
     25 MB convolution measured 6.7 ms or 21 ms from one run to the next (the page faults cost
-    more than the arithmetic). Pinning the thresholds times the kernels, for both sides alike,
-    as tcmalloc or jemalloc would. No-op where the C library is not glibc.
+    more than the arithmetic). Pinning the thresholds times the kernels without that lottery,
+    for both sides alike. It is an option (``--keep-freed-memory``), not the default, because the
+    default is what users run, and its effect on the other ops is not settled yet. No-op where
+    the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -43,7 +46,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "quick: a case that `fastdl bench --quick` runs")
     threads = config.getoption("--threads") or torch.get_num_threads()
     torch.set_num_threads(threads)  # the same for fastdl and every baseline
-    keep_freed_memory()
+    if config.getoption("--keep-freed-memory"):
+        keep_freed_memory()
 
 
 @pytest.fixture

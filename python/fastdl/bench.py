@@ -33,6 +33,7 @@ def run(args) -> int:
         "-q", "-p", "no:cacheprovider",
         f"--device={args.device}",
         f"--threads={args.threads}",
+        *(["--keep-freed-memory"] if args.keep_freed_memory else []),
         f"--benchmark-json={raw}",
         "--benchmark-disable-gc",
         "--benchmark-columns=median,iqr,rounds",

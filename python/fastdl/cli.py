@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (benchmark module names, e.g. roi_align)")
     bench.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: all cores)")
+    bench.add_argument(
+        "--keep-freed-memory", action="store_true",
+        help="have glibc keep freed memory (no page faults on reallocated outputs), for both sides",
+    )
     bench.add_argument("--out", default="bench-results", help="directory for the JSON results and the PNG chart")
     bench.set_defaults(func=cmd_bench)
 
