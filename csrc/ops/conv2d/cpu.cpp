@@ -303,7 +303,7 @@ void check_winograd_weight(const Geometry& g, const at::Tensor& weight, const at
 }
 
 // U[e][c][k] = (G f G^T)[e] for the 3x3 filter f = weight[k][c], 16 output channels per task.
-at::Tensor winograd_weight(const Geometry& g, const at::Tensor& weight) {
+at::Tensor transform_weight(const Geometry& g, const at::Tensor& weight) {
   const int64_t C = g.channels, K = g.out_channels;
   at::Tensor u_tensor = cpu::workspace(kWinogradWeights, {winograd::kPoints, C, K}, weight.options());
   float* u = u_tensor.data_ptr<float>();
@@ -327,7 +327,7 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   const int64_t Hp = std::max(g.height + 2 * g.pad_h, 2 * tiles_h + 2);
   const int64_t Wp = std::max(g.width + 2 * g.pad_w, 2 * tiles_w + 2);
   const at::Tensor padded = padded_nhwc(g, input, Hp, Wp, /*in_scratch=*/true);
-  const at::Tensor u = prepacked ? prepacked->contiguous() : winograd_weight(g, weight.contiguous());
+  const at::Tensor u = prepacked ? prepacked->contiguous() : transform_weight(g, weight.contiguous());
   const float* up = u.const_data_ptr<float>();
   const at::Tensor bias_values = bias ? bias->contiguous() : at::zeros({K}, weight.options());
   const float* x = padded.const_data_ptr<float>();
