@@ -1,5 +1,5 @@
 """conv2d: fastdl against eager PyTorch (oneDNN on the CPU, cuDNN on CUDA) on ResNet-18's
-convolutions at batch 8, float32.
+convolutions at batch 8, and a CIFAR network's first layer at batch 64, float32.
 
 Modes: ``forward`` (NCHW, as most models run), ``forward-channels_last``, ``conv-bn-relu``
 (inference: fastdl's single fused pass from ``fuse_conv_bn``, whose Winograd weights are
@@ -27,6 +27,7 @@ CASES = {
     "3x3-14": (8, 256, 14, 14, 256, 3, 1, 1, False),
     "3x3-7": (8, 512, 7, 7, 512, 3, 1, 1, False),
     "1x1s2-downsample-56": (8, 64, 56, 56, 128, 1, 2, 0, False),
+    "cifar-first-3x3-32": (64, 3, 32, 32, 64, 3, 1, 1, False),
 }
 MODES = ["forward", "forward-channels_last", "conv-bn-relu", "forward+backward"]
 

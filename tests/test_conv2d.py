@@ -113,6 +113,43 @@ def test_random_geometries(dtype):
         assert_conv_close(out, ACTIVATIONS[act](pre), dtype, pre_activation=pre)
 
 
+# Few input channels and an NCHW output: the CPU's row tiles, 16 output pixels of a row per
+# vector, 4 output channels per tile, the input split into stride_w column phases.
+ROW_TILE_CASES = {
+    "row_of_16": (2, 3, 16, 16, 8, (3, 3), 1, 1, 1, 1),  # whole vectors, none partial
+    "row_of_17": (2, 1, 17, 17, 5, (3, 3), 1, 1, 1, 1),  # a 1-lane tail vector, K % 4 == 1
+    "row_of_33_stride2": (1, 3, 71, 66, 6, (7, 7), 2, 3, 1, 1),  # odd padding: phases swap
+    "stride3_even_padding": (2, 2, 20, 50, 7, (4, 5), 3, 2, 1, 1),
+    "stride_2x1_dilated": (2, 4, 19, 37, 3, (3, 3), (2, 1), 2, 2, 1),
+    "dilation_w_with_stride_w": (1, 2, 12, 45, 9, (2, 3), (1, 2), (0, 3), (1, 3), 1),
+    "eight_channels": (1, 8, 9, 40, 12, (3, 3), 1, 1, 1, 1),  # the largest C they take
+    "nine_channels": (1, 9, 9, 40, 12, (3, 3), 1, 1, 1, 1),  # the direct tiles again
+    "mnist_5x5": (3, 1, 28, 28, 32, (5, 5), 1, 2, 1, 1),
+}
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", list(ROW_TILE_CASES))
+def test_few_input_channels(name, layout, activation):
+    fresh_seed()
+    x, w, b, args = make_case(ROW_TILE_CASES[name], layout=layout)
+    out = fastdl.ops.conv2d(x, w, b, activation=activation, **args)
+    pre = reference(x, w, b, **args)
+    assert_conv_close(out, ACTIVATIONS[activation](pre), pre_activation=pre)
+
+
+def test_few_input_channels_strided_view():
+    """An input whose columns are not adjacent (every other one of a wider image)."""
+    fresh_seed()
+    x = torch.randn(2, 3, 30, 90)[..., ::2]
+    w, b = torch.randn(10, 3, 5, 5), torch.randn(10)
+    for stride in (1, 2, 3):
+        out = fastdl.ops.conv2d(x, w, b, stride=stride, padding=2, activation="relu")
+        pre = reference(x, w, b, stride, 2, 1, 1)
+        assert_conv_close(out, pre.relu(), pre_activation=pre)
+
+
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("name", ["wide_channels", "3x3_winograd", "3x3_winograd_few_tiles"])

@@ -108,6 +108,22 @@ FASTDL_TILE_FN void direct_tile(const Window& w, const float* weight, const floa
   }
 }
 
+// The row tile, for few input channels and an NCHW output: each accumulator holds 16 consecutive
+// output pixels of one row and one channel, so every tap is one vector load of inputs feeding
+// four FMAs (one per output channel, the weight broadcast), and the results are stored straight
+// into the output's planes: no layout change at either end. With C channels the direct tile's
+// runs are only C * kw floats long and its NHWC results need a transpose into NCHW; this one's
+// reduction is over all C * kh * kw taps at once. A stride becomes contiguous loads by splitting
+// each padded input row into its stride_w column phases first.
+constexpr int kRowChannels = 4;  // output channels per row tile
+constexpr int kRowVectors = 6;   // 16-pixel vectors per row tile: 4 x 6 accumulators + 4 weights
+
+struct RowWindow {
+  const int64_t* offsets;  // per tap (c, r, s): its inputs' distance from a vector's first tap
+  int64_t taps;            // C * kh * kw
+  int64_t plane;           // floats between output channels
+};
+
 // direct_tile<pixels> for a run-time pixel count in 1..kMaxPixels.
 template <int P = kMaxPixels>
 __attribute__((target("avx512f"))) void run_tile(int pixels, const Window& w, const float* weight,
@@ -116,6 +132,55 @@ __attribute__((target("avx512f"))) void run_tile(int pixels, const Window& w, co
     direct_tile<P>(w, weight, bias, act, out);
   } else if constexpr (P > 1) {
     run_tile<P - 1>(pixels, w, weight, bias, act, out);
+  }
+}
+
+// out = act(bias + sum over taps of weight * input) for `channels` (<= 4) output channels and
+// J vectors: vector j reads 16 inputs at inputs[j] + offsets[tap] and writes the lanes of
+// masks[j] at outputs[j] + k * plane. Weights are packed [tap][4].
+template <int J>
+FASTDL_TILE_FN void row_tile(const RowWindow& w, const float* const* inputs, float* const* outputs,
+                             const uint16_t* masks, const float* weight, const float* bias,
+                             int channels, Activation act) {
+  __m512 acc[kRowChannels][J];
+#pragma GCC unroll 4
+  for (int k = 0; k < kRowChannels; ++k) {
+    const __m512 b = _mm512_set1_ps(bias[k]);
+#pragma GCC unroll 6
+    for (int j = 0; j < J; ++j) acc[k][j] = b;
+  }
+  for (int64_t t = 0; t < w.taps; ++t, weight += kRowChannels) {
+    const int64_t offset = w.offsets[t];
+    const __m512 w0 = _mm512_set1_ps(weight[0]), w1 = _mm512_set1_ps(weight[1]),
+                 w2 = _mm512_set1_ps(weight[2]), w3 = _mm512_set1_ps(weight[3]);
+#pragma GCC unroll 6
+    for (int j = 0; j < J; ++j) {
+      const __m512 x = _mm512_loadu_ps(inputs[j] + offset);
+      acc[0][j] = _mm512_fmadd_ps(x, w0, acc[0][j]);
+      acc[1][j] = _mm512_fmadd_ps(x, w1, acc[1][j]);
+      acc[2][j] = _mm512_fmadd_ps(x, w2, acc[2][j]);
+      acc[3][j] = _mm512_fmadd_ps(x, w3, acc[3][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < kRowChannels; ++k) {
+    if (k >= channels) break;
+#pragma GCC unroll 6
+    for (int j = 0; j < J; ++j)
+      _mm512_mask_storeu_ps(outputs[j] + k * w.plane, masks[j], activate(act, acc[k][j]));
+  }
+}
+
+// row_tile<vectors> for a run-time vector count in 1..kRowVectors.
+template <int J = kRowVectors>
+__attribute__((target("avx512f"))) void run_row_tile(int vectors, const RowWindow& w,
+                                                     const float* const* inputs, float* const* outputs,
+                                                     const uint16_t* masks, const float* weight,
+                                                     const float* bias, int channels, Activation act) {
+  if (vectors == J) {
+    row_tile<J>(w, inputs, outputs, masks, weight, bias, channels, act);
+  } else if constexpr (J > 1) {
+    run_row_tile<J - 1>(vectors, w, inputs, outputs, masks, weight, bias, channels, act);
   }
 }
 
@@ -160,13 +225,37 @@ __attribute__((target("avx512f"))) inline void transpose(const float* src, int64
   }
 }
 
+// dst[i] = src[i * step] for i < n: one column phase of an input row for the row tiles. Step 2
+// (the strided first layers) picks the even lanes of two loads with one permute; reads stay
+// within src[0 .. (n - 1) * step].
+__attribute__((target("avx512f"))) inline void gather_columns(const float* src, int64_t step,
+                                                              int64_t n, float* dst) {
+  int64_t i = 0;
+  if (step == 1) {
+    std::copy_n(src, n, dst);
+    return;
+  }
+  if (step == 2) {
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 low = _mm512_loadu_ps(src + 2 * i);
+      const __m512 high = _mm512_maskz_loadu_ps(0x7FFF, src + 2 * i + 16);  // its last lane is odd
+      _mm512_storeu_ps(dst + i, _mm512_permutex2var_ps(low, evens, high));
+    }
+  }
+  for (; i < n; ++i) dst[i] = src[i * step];
+}
+
 #undef FASTDL_TILE_FN
 
 #else
 
 inline bool available() { return false; }
 inline void run_tile(int, const Window&, const float*, const float*, Activation, float*) {}
+inline void run_row_tile(int, const RowWindow&, const float* const*, float* const*, const uint16_t*,
+                         const float*, const float*, int, Activation) {}
 inline void transpose(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
+inline void gather_columns(const float*, int64_t, int64_t, float*) {}
 
 #endif
 
