@@ -113,7 +113,7 @@ def test_random_geometries(dtype):
         assert_conv_close(out, ACTIVATIONS[act](pre), dtype, pre_activation=pre)
 
 
-# Few input channels and an NCHW output: the CPU's row tiles, 16 output pixels of a row per
+# Few input or output channels and an NCHW output: the CPU's row tiles, 16 output pixels of a row per
 # vector, 4 output channels per tile, the input split into stride_w column phases.
 ROW_TILE_CASES = {
     "row_of_16": (2, 3, 16, 16, 8, (3, 3), 1, 1, 1, 1),  # whole vectors, none partial
@@ -125,6 +125,7 @@ ROW_TILE_CASES = {
     "eight_channels": (1, 8, 9, 40, 12, (3, 3), 1, 1, 1, 1),  # the largest C they take
     "nine_channels": (1, 9, 9, 40, 12, (3, 3), 1, 1, 1, 1),  # the direct tiles again
     "mnist_5x5": (3, 1, 28, 28, 32, (5, 5), 1, 2, 1, 1),
+    "few_output_channels": (2, 24, 20, 35, 3, (3, 3), 1, 1, 1, 1),  # K <= 8 takes them too
 }
 
 
@@ -137,6 +138,28 @@ def test_few_input_channels(name, layout, activation):
     out = fastdl.ops.conv2d(x, w, b, activation=activation, **args)
     pre = reference(x, w, b, **args)
     assert_conv_close(out, ACTIVATIONS[activation](pre), pre_activation=pre)
+
+
+FEW_CHANNEL_GRADIENT_CASES = [name for name in ROW_TILE_CASES if name != "nine_channels"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", FEW_CHANNEL_GRADIENT_CASES)
+def test_few_channel_gradients_float32(name, layout):
+    """float32 gradients of input, weight and bias against float64, with a random grad_output
+    (so every output channel's gradient differs): the weight gradient's row tiles for C <= 8,
+    and grad_input through the forward's row tiles wherever it has few channels."""
+    fresh_seed()
+    x, w, b, args = make_case(ROW_TILE_CASES[name], layout=layout)
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    out = fastdl.ops.conv2d(*inputs, **args)
+    grad = with_layout(torch.randn(out.shape), layout)
+    ours = torch.autograd.grad(out, inputs, grad)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(reference(*ref_inputs, **args), ref_inputs, grad.double())
+    for a, e in zip(ours, expected):
+        # float32 sums of many terms that cancel: the error scales with the largest gradient
+        assert_close(a, e, rtol=1e-4, atol=2e-5 * (1 + e.abs().max().item()))
 
 
 def test_few_input_channels_strided_view():

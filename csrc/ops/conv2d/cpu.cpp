@@ -278,62 +278,92 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
 
 // ---- row-tile float32 forward for few input channels (AVX-512) --------------------------------
 
-// Input channels up to which the row tiles beat the direct tiles for an NCHW output (measured:
-// 1.2-1.6x faster at 1 to 4 channels, even at 8, slower from 16): a network's first layers.
+// Channels up to which the row tiles beat the direct tiles for an NCHW output, measured:
+// - input channels: 1.2-1.6x faster at 1 to 4, even at 8, slower from 16 (a network's first
+//   layers);
+// - output channels: 2-4x faster at 1 to 8, where a direct tile's 32-channel block is mostly
+//   padding (the first layer's grad_input, a segmentation or regression head).
 constexpr int64_t kRowTileMaxChannels = 8;
 
 bool use_row_tiles(const Geometry& g, const at::Tensor& output) {
-  return g.groups == 1 && g.channels <= kRowTileMaxChannels && !is_channels_last_output(output) &&
+  return g.groups == 1 && std::min(g.channels, g.out_channels) <= kRowTileMaxChannels &&
+         !is_channels_last_output(output) &&
          tiles::available();
+}
+
+// The input as the row tiles read it: zero-padded, NCHW, each row split into its stride_w column
+// phases. data[n][c][phase][hp][q] is the padded input at row hp, column q * stride_w + phase, so
+// tap (r, s) of output pixels (oh, ow .. ow + 15) is at phase (s * dil_w) % stride_w, row
+// oh * stride_h + r * dil_h and columns ow + (s * dil_w) / stride_w onwards: 16 adjacent floats.
+struct RowInput {
+  static constexpr int64_t kLanes = 16;
+  at::Tensor data;
+  std::vector<int64_t> offsets;  // per tap (c, r, s): its distance from a vector's first tap
+  int64_t image_size, row_len, stride_h, vectors_per_row;
+
+  // Row vector v (of N * out_h * vectors_per_row): its image, output row and first column.
+  std::array<int64_t, 3> vector_position(const Geometry& g, int64_t v) const {
+    return {v / vectors_per_row / g.out_h, v / vectors_per_row % g.out_h, v % vectors_per_row * kLanes};
+  }
+  const float* vector_origin(int64_t n, int64_t oh, int64_t ow) const {
+    return data.const_data_ptr<float>() + n * image_size + oh * stride_h * row_len + ow;
+  }
+  static uint16_t lane_mask(const Geometry& g, int64_t ow) {  // the lanes inside the row
+    return static_cast<uint16_t>((1u << std::min<int64_t>(kLanes, g.out_w - ow)) - 1u);
+  }
+};
+
+RowInput split_phases(const Geometry& g, const at::Tensor& input) {
+  constexpr int64_t kLanes = RowInput::kLanes;
+  const int64_t C = g.channels, phases = g.stride_w, Hp = g.height + 2 * g.pad_h;
+  RowInput split;
+  split.vectors_per_row = (g.out_w + kLanes - 1) / kLanes;
+  // The last vector of a row reads (but never stores) lanes past the row's end, so each phase
+  // row is long enough for them; the tail is zero, not stale memory that might hold denormals.
+  const int64_t max_shift = (g.kernel_w - 1) * g.dil_w / phases;
+  const int64_t Wq = std::max((g.width + 2 * g.pad_w + phases - 1) / phases,
+                              split.vectors_per_row * kLanes + max_shift);
+  split.row_len = Wq;
+  split.stride_h = g.stride_h;
+  split.image_size = C * phases * Hp * Wq;
+  split.data = cpu::workspace(kPaddedInput, {g.batch, C, phases, Hp, Wq}, input.options());
+  const float* src = input.const_data_ptr<float>();
+  float* dst = split.data.data_ptr<float>();
+  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
+  at::parallel_for(0, g.batch * C * Hp, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t plane = row / Hp, hp = row % Hp, h = hp - g.pad_h;
+      const float* in = src + (plane / C) * sN + (plane % C) * sC + h * sH;
+      for (int64_t p = 0; p < phases; ++p) {
+        float* out = dst + ((plane * phases + p) * Hp + hp) * Wq;
+        if (h < 0 || h >= g.height) {
+          std::fill_n(out, Wq, 0.0f);
+          continue;
+        }
+        // Columns q with 0 <= q * stride_w + p - pad_w < W come from the image.
+        const int64_t first = std::clamp<int64_t>((g.pad_w - p + phases - 1) / phases, 0, Wq);
+        const int64_t last = std::clamp<int64_t>((g.width + g.pad_w - p + phases - 1) / phases, first, Wq);
+        std::fill_n(out, first, 0.0f);
+        tiles::gather_columns(in + (first * phases + p - g.pad_w) * sW, phases * sW, last - first,
+                              out + first);
+        std::fill_n(out + last, Wq - last, 0.0f);
+      }
+    }
+  });
+  split.offsets.resize(C * g.kernel_h * g.kernel_w);
+  for (int64_t c = 0, t = 0; c < C; ++c)
+    for (int64_t r = 0; r < g.kernel_h; ++r)
+      for (int64_t s = 0; s < g.kernel_w; ++s, ++t)
+        split.offsets[t] = ((c * phases + s * g.dil_w % phases) * Hp + r * g.dil_h) * Wq + s * g.dil_w / phases;
+  return split;
 }
 
 void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, Activation act, at::Tensor& output) {
   using tiles::kRowChannels;
   using tiles::kRowVectors;
-  constexpr int64_t kLanes = 16;
-  const int64_t C = g.channels, K = g.out_channels, taps = C * g.kernel_h * g.kernel_w;
-  const int64_t phases = g.stride_w, Hp = g.height + 2 * g.pad_h;
-  const int64_t vectors_per_row = (g.out_w + kLanes - 1) / kLanes;
-  // The last vector of a row reads (but never stores) lanes past the row's end, so each phase
-  // row is long enough for them; the tail is zero, not stale memory that might hold denormals.
-  const int64_t max_shift = (g.kernel_w - 1) * g.dil_w / phases;
-  const int64_t Wq = std::max((g.width + 2 * g.pad_w + phases - 1) / phases,
-                              vectors_per_row * kLanes + max_shift);
-  // split[n][c][phase][hp][q] = the zero-padded input at row hp, column q * stride_w + phase:
-  // tap (r, s) of the output pixel (oh, ow) is then at phase (s * dil_w) % stride_w, row
-  // oh * stride_h + r * dil_h and column ow + (s * dil_w) / stride_w, consecutive in ow.
-  const at::Tensor split = cpu::workspace(kPaddedInput, {g.batch, C, phases, Hp, Wq}, input.options());
-  {
-    const float* src = input.const_data_ptr<float>();
-    float* dst = split.data_ptr<float>();
-    const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
-    at::parallel_for(0, g.batch * C * Hp, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t plane = row / Hp, hp = row % Hp, h = hp - g.pad_h;
-        const float* in = src + (plane / C) * sN + (plane % C) * sC + h * sH;
-        for (int64_t p = 0; p < phases; ++p) {
-          float* out = dst + ((plane * phases + p) * Hp + hp) * Wq;
-          if (h < 0 || h >= g.height) {
-            std::fill_n(out, Wq, 0.0f);
-            continue;
-          }
-          // Columns q with 0 <= q * stride_w + p - pad_w < W come from the image.
-          const int64_t first = std::clamp<int64_t>((g.pad_w - p + phases - 1) / phases, 0, Wq);
-          const int64_t last = std::clamp<int64_t>((g.width + g.pad_w - p + phases - 1) / phases, first, Wq);
-          std::fill_n(out, first, 0.0f);
-          tiles::gather_columns(in + (first * phases + p - g.pad_w) * sW, phases * sW, last - first,
-                                out + first);
-          std::fill_n(out + last, Wq - last, 0.0f);
-        }
-      }
-    });
-  }
-  std::vector<int64_t> offsets(taps);
-  for (int64_t c = 0, t = 0; c < C; ++c)
-    for (int64_t r = 0; r < g.kernel_h; ++r)
-      for (int64_t s = 0; s < g.kernel_w; ++s, ++t)
-        offsets[t] = ((c * phases + s * g.dil_w % phases) * Hp + r * g.dil_h) * Wq + s * g.dil_w / phases;
+  const int64_t K = g.out_channels, taps = g.channels * g.kernel_h * g.kernel_w;
+  const RowInput split = split_phases(g, input);
 
   // packed[kb][tap][j] = weight[kb * 4 + j][tap], zero past K; bias likewise.
   const int64_t blocks = (K + kRowChannels - 1) / kRowChannels;
@@ -343,13 +373,12 @@ void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& 
   at::Tensor bias_padded = at::zeros({blocks * kRowChannels}, weight.options());
   if (bias) bias_padded.narrow(0, 0, K).copy_(*bias);
 
-  const float* x = split.const_data_ptr<float>();
   const float* w = packed.const_data_ptr<float>();
   const float* b = bias_padded.const_data_ptr<float>();
   float* out = output.data_ptr<float>();
   const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2);
-  const tiles::RowWindow window{offsets.data(), taps, sK};
-  const int64_t row_vectors = g.batch * g.out_h * vectors_per_row;
+  const tiles::RowWindow window{split.offsets.data(), taps, sK};
+  const int64_t row_vectors = g.batch * g.out_h * split.vectors_per_row;
   const int64_t tile_count = (row_vectors + kRowVectors - 1) / kRowVectors;
   // A thread sweeps every channel block over one tile's vectors, whose inputs (a few kernel
   // rows of every channel) stay in L1 meanwhile; the packed weights are small enough for L2.
@@ -361,11 +390,10 @@ void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& 
       const int64_t first = tile * kRowVectors;
       const int count = static_cast<int>(std::min<int64_t>(kRowVectors, row_vectors - first));
       for (int j = 0; j < count; ++j) {
-        const int64_t v = first + j, ow = v % vectors_per_row * kLanes, oh = v / vectors_per_row % g.out_h,
-                      n = v / vectors_per_row / g.out_h;
-        inputs[j] = x + n * C * phases * Hp * Wq + oh * g.stride_h * Wq + ow;
+        const auto [n, oh, ow] = split.vector_position(g, first + j);
+        inputs[j] = split.vector_origin(n, oh, ow);
         outputs[j] = out + n * sN + oh * sH + ow;
-        masks[j] = static_cast<uint16_t>((1u << std::min<int64_t>(kLanes, g.out_w - ow)) - 1u);
+        masks[j] = RowInput::lane_mask(g, ow);
       }
       for (int64_t kb = 0; kb < blocks; ++kb) {
         tiles::run_row_tile(count, window, inputs, outputs, masks, w + kb * taps * kRowChannels,
@@ -709,6 +737,64 @@ void backward_gemm(const Geometry& g, const at::Tensor& grad_output, const at::T
   }
 }
 
+// The weight gradient of a layer with few input channels by the row tiles: grad_output's NCHW
+// rows are cut into 16-pixel vectors as in the forward, and a tile keeps a block of 4 output
+// channels x 6 taps in registers over a chunk of rows, so grad_output is read once per block of
+// taps, not once per tap as by the per-tap GEMMs (which for C = 3 are 64 x 3 products). The
+// threads split the chunks, each summing into its own copy; the copies and the lanes are added
+// up in a fixed order, so the result does not depend on scheduling.
+at::Tensor grad_weight_rows(const Geometry& g, const at::Tensor& grad_output, const at::Tensor& input) {
+  using tiles::kRowChannels;
+  constexpr int64_t kTapsPerTile = tiles::kRowVectors, kLanes = RowInput::kLanes;
+  const int64_t K = g.out_channels, taps = g.channels * g.kernel_h * g.kernel_w;
+  const RowInput split = split_phases(g, input);
+  const at::Tensor dy = grad_output.contiguous();
+  const int64_t k_blocks = (K + kRowChannels - 1) / kRowChannels;
+  const int64_t tap_blocks = (taps + kTapsPerTile - 1) / kTapsPerTile;
+  const int64_t sum_stride = tap_blocks * kTapsPerTile * kLanes;  // floats between channels
+  const int64_t threads = at::get_num_threads();
+  at::Tensor partial = at::zeros({threads, k_blocks * kRowChannels, tap_blocks * kTapsPerTile, kLanes},
+                                 input.options());
+  // A chunk is a run of output rows (of one image or several), whose grad_output (all K
+  // channels, about 512 KB) stays in L2 while every block of channels and taps sweeps it.
+  const int64_t rows = g.batch * g.out_h;
+  const int64_t rows_per_chunk = std::clamp<int64_t>(131072 / (K * g.out_w), 1, rows);
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t sK = dy.stride(1);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t slot = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(slot < threads, "conv2d_backward: thread ", slot, " of ", threads);
+    float* sums = partial.data_ptr<float>() + slot * partial.stride(0);
+    const int64_t max_vectors = rows_per_chunk * split.vectors_per_row;
+    std::vector<const float*> inputs(max_vectors), grads(max_vectors);
+    std::vector<uint16_t> masks(max_vectors);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      int64_t count = 0;
+      for (int64_t row = chunk * rows_per_chunk; row < std::min(rows, (chunk + 1) * rows_per_chunk); ++row) {
+        const int64_t n = row / g.out_h, oh = row % g.out_h;
+        for (int64_t ow = 0; ow < g.out_w; ow += kLanes, ++count) {
+          inputs[count] = split.vector_origin(n, oh, ow);
+          grads[count] = dy.const_data_ptr<float>() + n * dy.stride(0) + oh * dy.stride(2) + ow;
+          masks[count] = RowInput::lane_mask(g, ow);
+        }
+      }
+      for (int64_t kb = 0; kb < k_blocks; ++kb) {
+        const int channels = static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels));
+        for (int64_t tb = 0; tb < tap_blocks; ++tb) {
+          tiles::run_row_weight_tile(static_cast<int>(std::min<int64_t>(kTapsPerTile, taps - tb * kTapsPerTile)),
+                                     count, inputs.data(), grads.data(), masks.data(),
+                                     split.offsets.data() + tb * kTapsPerTile, sK, channels,
+                                     sums + kb * kRowChannels * sum_stride + tb * kTapsPerTile * kLanes,
+                                     sum_stride);
+        }
+        for (int64_t v = 0; v < count; ++v) grads[v] += kRowChannels * sK;
+      }
+    }
+  });
+  return partial.sum({0, 3}).narrow(0, 0, K).narrow(1, 0, taps).reshape(
+      {K, g.channels, g.kernel_h, g.kernel_w});
+}
+
 // At stride 1 each tap's weight gradient is one GEMM over shifted rows of the padded input, so
 // no im2col buffer is built: with grad_output laid out on the padded width (zero columns past
 // Wo), output pixel p = oh * Wp + ow reads padded-input pixel p + r * dil_h * Wp + s * dil_w,
@@ -791,10 +877,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     output_mask[0] = false;
   }
   at::Tensor grad_weight;
+  const bool float_single_group = g.batch > 0 && input.scalar_type() == at::kFloat && g.groups == 1;
+  if (output_mask[1] && float_single_group && g.channels <= kRowTileMaxChannels && tiles::available()) {
+    grad_weight = grad_weight_rows(g, grad_output, input);
+    output_mask[1] = false;
+  }
   // Small maps keep the batched-image GEMMs below: per-image GEMMs over a few rows would be
   // bound by re-reading the K x C accumulators.
-  if (output_mask[1] && g.batch > 0 && input.scalar_type() == at::kFloat && g.groups == 1 &&
-      g.stride_h == 1 && g.stride_w == 1 && g.out_h * (g.width + 2 * g.pad_w) >= 512) {
+  if (output_mask[1] && float_single_group && g.stride_h == 1 && g.stride_w == 1 &&
+      g.out_h * (g.width + 2 * g.pad_w) >= 512) {
     grad_weight = grad_weight_shifted(g, grad_output, input);
     output_mask[1] = false;
   }

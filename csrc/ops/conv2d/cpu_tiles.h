@@ -225,6 +225,67 @@ __attribute__((target("avx512f"))) inline void transpose(const float* src, int64
   }
 }
 
+// The row tile of the weight gradient, for T <= 6 taps and 4 output channels: for each row vector
+// v < vectors, grad(k) = the 16 values at grads[v] + k * channel_stride under masks[v] (zero past
+// the row's end, and for k >= channels) and input(t) = the 16 at inputs[v] + offsets[t], and
+// sums[k * sum_stride + t * 16 + lane] += sum over v of grad(k) * input(t). The 24 accumulators
+// stay in registers over the whole run of vectors; the caller adds up the lanes.
+template <int T>
+FASTDL_TILE_FN void row_weight_tile(int64_t vectors, const float* const* inputs,
+                                    const float* const* grads, const uint16_t* masks,
+                                    const int64_t* offsets, int64_t channel_stride, int channels,
+                                    float* sums, int64_t sum_stride) {
+  __m512 acc[kRowChannels][T];
+#pragma GCC unroll 4
+  for (int k = 0; k < kRowChannels; ++k)
+#pragma GCC unroll 6
+    for (int t = 0; t < T; ++t) acc[k][t] = _mm512_setzero_ps();
+  const __mmask16 present[kRowChannels] = {
+      static_cast<__mmask16>(channels > 0 ? 0xFFFF : 0), static_cast<__mmask16>(channels > 1 ? 0xFFFF : 0),
+      static_cast<__mmask16>(channels > 2 ? 0xFFFF : 0), static_cast<__mmask16>(channels > 3 ? 0xFFFF : 0)};
+  for (int64_t v = 0; v < vectors; ++v) {
+    const float* dy = grads[v];
+    const __mmask16 m = masks[v];
+    const __m512 g0 = _mm512_maskz_loadu_ps(m & present[0], dy),
+                 g1 = _mm512_maskz_loadu_ps(m & present[1], dy + channel_stride),
+                 g2 = _mm512_maskz_loadu_ps(m & present[2], dy + 2 * channel_stride),
+                 g3 = _mm512_maskz_loadu_ps(m & present[3], dy + 3 * channel_stride);
+#pragma GCC unroll 6
+    for (int t = 0; t < T; ++t) {
+      const __m512 x = _mm512_loadu_ps(inputs[v] + offsets[t]);
+      acc[0][t] = _mm512_fmadd_ps(x, g0, acc[0][t]);
+      acc[1][t] = _mm512_fmadd_ps(x, g1, acc[1][t]);
+      acc[2][t] = _mm512_fmadd_ps(x, g2, acc[2][t]);
+      acc[3][t] = _mm512_fmadd_ps(x, g3, acc[3][t]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < kRowChannels; ++k) {
+#pragma GCC unroll 6
+    for (int t = 0; t < T; ++t) {
+      float* sum = sums + k * sum_stride + t * 16;
+      _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), acc[k][t]));
+    }
+  }
+}
+
+// row_weight_tile<taps> for a run-time tap count in 1..kRowVectors.
+template <int T = kRowVectors>
+__attribute__((target("avx512f"))) void run_row_weight_tile(int taps, int64_t vectors,
+                                                            const float* const* inputs,
+                                                            const float* const* grads,
+                                                            const uint16_t* masks,
+                                                            const int64_t* offsets,
+                                                            int64_t channel_stride, int channels,
+                                                            float* sums, int64_t sum_stride) {
+  if (taps == T) {
+    row_weight_tile<T>(vectors, inputs, grads, masks, offsets, channel_stride, channels, sums, sum_stride);
+  } else if constexpr (T > 1) {
+    run_row_weight_tile<T - 1>(taps, vectors, inputs, grads, masks, offsets, channel_stride,
+                               channels, sums, sum_stride);
+  }
+}
+
 // dst[i] = src[i * step] for i < n: one column phase of an input row for the row tiles. Step 2
 // (the strided first layers) picks the even lanes of two loads with one permute; reads stay
 // within src[0 .. (n - 1) * step].
@@ -256,6 +317,8 @@ inline void run_row_tile(int, const RowWindow&, const float* const*, float* cons
                          const float*, const float*, int, Activation) {}
 inline void transpose(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
 inline void gather_columns(const float*, int64_t, int64_t, float*) {}
+inline void run_row_weight_tile(int, int64_t, const float* const*, const float* const*,
+                                const uint16_t*, const int64_t*, int64_t, int, float*, int64_t) {}
 
 #endif
 
