@@ -239,6 +239,9 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   const int64_t grain = std::clamp<int64_t>(tiles_total / at::get_num_threads(), 1, kTilesPerChunk);
   at::parallel_for(0, tiles_total, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float result[tiles::kMaxPixels * kChannelBlock];
+    float* pixel_results[tiles::kMaxPixels];
+    for (int p = 0; p < tiles::kMaxPixels; ++p) pixel_results[p] = result + p * kChannelBlock;
+    float* pixel_outputs[tiles::kMaxPixels];
     // Per pixel of the run: its window's origin and its output offset (channels-last), found
     // once per run, not once per block; pixels step along rows, so no division per pixel.
     const float* origins[kTilesPerChunk * tiles::kMaxPixels];
@@ -262,9 +265,14 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
           const int pixels = static_cast<int>(std::min<int64_t>(tiles::kMaxPixels, P - first));
           const int64_t i0 = (t - chunk) * tiles::kMaxPixels;
           win.origins = origins + i0;
-          tiles::run_tile(pixels, win, w + kb * block_size, b + kb * kChannelBlock, act, result);
           float* target = out + kb * kChannelBlock * sK;
-          if (channels_last) {  // each pixel's channels are contiguous
+          if (channels_last && valid == kChannelBlock) {  // straight into each pixel's channels
+            for (int p = 0; p < pixels; ++p) pixel_outputs[p] = target + offsets[i0 + p];
+            tiles::run_tile(pixels, win, w + kb * block_size, b + kb * kChannelBlock, act, pixel_outputs);
+            continue;
+          }
+          tiles::run_tile(pixels, win, w + kb * block_size, b + kb * kChannelBlock, act, pixel_results);
+          if (channels_last) {  // a partial block: each pixel's first `valid` channels
             for (int p = 0; p < pixels; ++p)
               std::memcpy(target + offsets[i0 + p], result + p * kChannelBlock, valid * sizeof(float));
           } else {  // NCHW: the tile's pixels are one contiguous run of each channel's plane

@@ -76,10 +76,10 @@ FASTDL_TILE_FN __m512 activate(Activation act, __m512 x) {
   return x;
 }
 
-// out[p * 32 + j] = act(bias[j] + sum over taps and channels) for p < P, j < 32.
+// outs[p][j] = act(bias[j] + sum over taps and channels) for p < P, j < 32.
 template <int P>
 FASTDL_TILE_FN void direct_tile(const Window& w, const float* weight, const float* bias,
-                                Activation act, float* out) {
+                                Activation act, float* const* outs) {
   __m512 acc0[P], acc1[P];
   const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
 #pragma GCC unroll 14
@@ -103,8 +103,8 @@ FASTDL_TILE_FN void direct_tile(const Window& w, const float* weight, const floa
   }
 #pragma GCC unroll 14
   for (int p = 0; p < P; ++p) {
-    _mm512_storeu_ps(out + p * kChannelBlock, activate(act, acc0[p]));
-    _mm512_storeu_ps(out + p * kChannelBlock + 16, activate(act, acc1[p]));
+    _mm512_storeu_ps(outs[p], activate(act, acc0[p]));
+    _mm512_storeu_ps(outs[p] + 16, activate(act, acc1[p]));
   }
 }
 
@@ -127,11 +127,12 @@ struct RowWindow {
 // direct_tile<pixels> for a run-time pixel count in 1..kMaxPixels.
 template <int P = kMaxPixels>
 __attribute__((target("avx512f"))) void run_tile(int pixels, const Window& w, const float* weight,
-                                                 const float* bias, Activation act, float* out) {
+                                                 const float* bias, Activation act,
+                                                 float* const* outs) {
   if (pixels == P) {
-    direct_tile<P>(w, weight, bias, act, out);
+    direct_tile<P>(w, weight, bias, act, outs);
   } else if constexpr (P > 1) {
-    run_tile<P - 1>(pixels, w, weight, bias, act, out);
+    run_tile<P - 1>(pixels, w, weight, bias, act, outs);
   }
 }
 
@@ -312,7 +313,7 @@ __attribute__((target("avx512f"))) inline void gather_columns(const float* src, 
 #else
 
 inline bool available() { return false; }
-inline void run_tile(int, const Window&, const float*, const float*, Activation, float*) {}
+inline void run_tile(int, const Window&, const float*, const float*, Activation, float* const*) {}
 inline void run_row_tile(int, const RowWindow&, const float* const*, float* const*, const uint16_t*,
                          const float*, const float*, int, Activation) {}
 inline void transpose(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
