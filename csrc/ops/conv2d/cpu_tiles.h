@@ -136,6 +136,14 @@ __attribute__((target("avx512f"))) void run_tile(int pixels, const Window& w, co
   }
 }
 
+// acc[k] += x * scale[k] for the row tiles' four output channels: one vector of 16 pixels' inputs
+// against four broadcast weights (forward) or four channels' gradients (weight gradient).
+FASTDL_TILE_FN void multiply_add_channels(__m512 x, const __m512 (&scale)[kRowChannels],
+                                          __m512 (&acc)[kRowChannels]) {
+#pragma GCC unroll 4
+  for (int k = 0; k < kRowChannels; ++k) acc[k] = _mm512_fmadd_ps(x, scale[k], acc[k]);
+}
+
 // out = act(bias + sum over taps of weight * input) for `channels` (<= 4) output channels and
 // J vectors: vector j reads 16 inputs at inputs[j] + offsets[tap] and writes the lanes of
 // masks[j] at outputs[j] + k * plane. Weights are packed [tap][4].
@@ -143,32 +151,24 @@ template <int J>
 FASTDL_TILE_FN void row_tile(const RowWindow& w, const float* const* inputs, float* const* outputs,
                              const uint16_t* masks, const float* weight, const float* bias,
                              int channels, Activation act) {
-  __m512 acc[kRowChannels][J];
-#pragma GCC unroll 4
-  for (int k = 0; k < kRowChannels; ++k) {
-    const __m512 b = _mm512_set1_ps(bias[k]);
+  __m512 acc[J][kRowChannels];
 #pragma GCC unroll 6
-    for (int j = 0; j < J; ++j) acc[k][j] = b;
-  }
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 4
+    for (int k = 0; k < kRowChannels; ++k) acc[j][k] = _mm512_set1_ps(bias[k]);
   for (int64_t t = 0; t < w.taps; ++t, weight += kRowChannels) {
     const int64_t offset = w.offsets[t];
-    const __m512 w0 = _mm512_set1_ps(weight[0]), w1 = _mm512_set1_ps(weight[1]),
-                 w2 = _mm512_set1_ps(weight[2]), w3 = _mm512_set1_ps(weight[3]);
+    const __m512 scale[kRowChannels] = {_mm512_set1_ps(weight[0]), _mm512_set1_ps(weight[1]),
+                                        _mm512_set1_ps(weight[2]), _mm512_set1_ps(weight[3])};
 #pragma GCC unroll 6
-    for (int j = 0; j < J; ++j) {
-      const __m512 x = _mm512_loadu_ps(inputs[j] + offset);
-      acc[0][j] = _mm512_fmadd_ps(x, w0, acc[0][j]);
-      acc[1][j] = _mm512_fmadd_ps(x, w1, acc[1][j]);
-      acc[2][j] = _mm512_fmadd_ps(x, w2, acc[2][j]);
-      acc[3][j] = _mm512_fmadd_ps(x, w3, acc[3][j]);
-    }
+    for (int j = 0; j < J; ++j) multiply_add_channels(_mm512_loadu_ps(inputs[j] + offset), scale, acc[j]);
   }
 #pragma GCC unroll 4
   for (int k = 0; k < kRowChannels; ++k) {
     if (k >= channels) break;
 #pragma GCC unroll 6
     for (int j = 0; j < J; ++j)
-      _mm512_mask_storeu_ps(outputs[j] + k * w.plane, masks[j], activate(act, acc[k][j]));
+      _mm512_mask_storeu_ps(outputs[j] + k * w.plane, masks[j], activate(act, acc[j][k]));
   }
 }
 
@@ -236,36 +236,30 @@ FASTDL_TILE_FN void row_weight_tile(int64_t vectors, const float* const* inputs,
                                     const float* const* grads, const uint16_t* masks,
                                     const int64_t* offsets, int64_t channel_stride, int channels,
                                     float* sums, int64_t sum_stride) {
-  __m512 acc[kRowChannels][T];
-#pragma GCC unroll 4
-  for (int k = 0; k < kRowChannels; ++k)
+  __m512 acc[T][kRowChannels];
 #pragma GCC unroll 6
-    for (int t = 0; t < T; ++t) acc[k][t] = _mm512_setzero_ps();
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int k = 0; k < kRowChannels; ++k) acc[t][k] = _mm512_setzero_ps();
   const __mmask16 present[kRowChannels] = {
       static_cast<__mmask16>(channels > 0 ? 0xFFFF : 0), static_cast<__mmask16>(channels > 1 ? 0xFFFF : 0),
       static_cast<__mmask16>(channels > 2 ? 0xFFFF : 0), static_cast<__mmask16>(channels > 3 ? 0xFFFF : 0)};
   for (int64_t v = 0; v < vectors; ++v) {
     const float* dy = grads[v];
     const __mmask16 m = masks[v];
-    const __m512 g0 = _mm512_maskz_loadu_ps(m & present[0], dy),
-                 g1 = _mm512_maskz_loadu_ps(m & present[1], dy + channel_stride),
-                 g2 = _mm512_maskz_loadu_ps(m & present[2], dy + 2 * channel_stride),
-                 g3 = _mm512_maskz_loadu_ps(m & present[3], dy + 3 * channel_stride);
+    const __m512 grad[kRowChannels] = {
+        _mm512_maskz_loadu_ps(m & present[0], dy), _mm512_maskz_loadu_ps(m & present[1], dy + channel_stride),
+        _mm512_maskz_loadu_ps(m & present[2], dy + 2 * channel_stride),
+        _mm512_maskz_loadu_ps(m & present[3], dy + 3 * channel_stride)};
 #pragma GCC unroll 6
-    for (int t = 0; t < T; ++t) {
-      const __m512 x = _mm512_loadu_ps(inputs[v] + offsets[t]);
-      acc[0][t] = _mm512_fmadd_ps(x, g0, acc[0][t]);
-      acc[1][t] = _mm512_fmadd_ps(x, g1, acc[1][t]);
-      acc[2][t] = _mm512_fmadd_ps(x, g2, acc[2][t]);
-      acc[3][t] = _mm512_fmadd_ps(x, g3, acc[3][t]);
-    }
+    for (int t = 0; t < T; ++t) multiply_add_channels(_mm512_loadu_ps(inputs[v] + offsets[t]), grad, acc[t]);
   }
 #pragma GCC unroll 4
   for (int k = 0; k < kRowChannels; ++k) {
 #pragma GCC unroll 6
     for (int t = 0; t < T; ++t) {
       float* sum = sums + k * sum_stride + t * 16;
-      _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), acc[k][t]));
+      _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), acc[t][k]));
     }
   }
 }
