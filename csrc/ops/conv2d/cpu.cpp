@@ -4,7 +4,7 @@
 // with enough channels, else a direct convolution. The direct form copies the input once into a
 // zero-padded NHWC buffer (the layout change an NCHW input needs anyway) and packs the weights
 // into blocks of 32 output channels; the register-blocked tiles of cpu_tiles.h store straight into
-// the output in its memory format. A first layer (few input channels, NCHW output) uses the row
+// the output in its memory format. Few input or output channels with an NCHW output use the row
 // tiles instead, which vectorise over output pixels. No im2col buffer exists.
 //
 // Everything else (float64, grouped and depthwise convolutions, CPUs without AVX-512) and the
@@ -284,7 +284,7 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   });
 }
 
-// ---- row-tile float32 forward for few input channels (AVX-512) --------------------------------
+// ---- row tiles: few input or output channels, NCHW output (AVX-512) --------------------------
 
 // Channels up to which the row tiles beat the direct tiles for an NCHW output, measured:
 // - input channels: 1.2-1.6x faster at 1 to 4, even at 8, slower from 16 (a network's first
