@@ -34,6 +34,22 @@ struct Window {
   int64_t kernel_h, taps_per_row, run;  // run: contiguous floats read per tap
 };
 
+// The row tile, for few input or output channels and an NCHW output: each accumulator holds 16
+// consecutive output pixels of one row and one channel, so every tap is one vector load of
+// inputs feeding four FMAs (one per output channel, the weight broadcast), and the results are
+// stored straight into the output's planes: no layout change at either end. With few input
+// channels the direct tile's runs are only C * kw floats long and its NHWC results need a
+// transpose into NCHW; this one's reduction is over all C * kh * kw taps at once. A stride becomes
+// contiguous loads by splitting each padded input row into its stride_w column phases first.
+constexpr int kRowChannels = 4;  // output channels per row tile
+constexpr int kRowVectors = 6;   // 16-pixel vectors per row tile: 4 x 6 accumulators + 4 weights
+
+struct RowWindow {
+  const int64_t* offsets;  // per tap (c, r, s): its inputs' distance from a vector's first tap
+  int64_t taps;            // C * kh * kw
+  int64_t plane;           // floats between output channels
+};
+
 #if FASTDL_CONV2D_TILES
 
 inline bool available() {
@@ -107,22 +123,6 @@ FASTDL_TILE_FN void direct_tile(const Window& w, const float* weight, const floa
     _mm512_storeu_ps(outs[p] + 16, activate(act, acc1[p]));
   }
 }
-
-// The row tile, for few input channels and an NCHW output: each accumulator holds 16 consecutive
-// output pixels of one row and one channel, so every tap is one vector load of inputs feeding
-// four FMAs (one per output channel, the weight broadcast), and the results are stored straight
-// into the output's planes: no layout change at either end. With C channels the direct tile's
-// runs are only C * kw floats long and its NHWC results need a transpose into NCHW; this one's
-// reduction is over all C * kh * kw taps at once. A stride becomes contiguous loads by splitting
-// each padded input row into its stride_w column phases first.
-constexpr int kRowChannels = 4;  // output channels per row tile
-constexpr int kRowVectors = 6;   // 16-pixel vectors per row tile: 4 x 6 accumulators + 4 weights
-
-struct RowWindow {
-  const int64_t* offsets;  // per tap (c, r, s): its inputs' distance from a vector's first tap
-  int64_t taps;            // C * kh * kw
-  int64_t plane;           // floats between output channels
-};
 
 // direct_tile<pixels> for a run-time pixel count in 1..kMaxPixels.
 template <int P = kMaxPixels>
