@@ -169,6 +169,14 @@ at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, i
   return padded;
 }
 
+// The bias (zeros without one) padded with zeros to `length`, a whole number of channel blocks.
+at::Tensor padded_bias(const std::optional<at::Tensor>& bias, int64_t channels, int64_t length,
+                       const at::TensorOptions& options) {
+  at::Tensor padded = at::zeros({length}, options);
+  if (bias) padded.narrow(0, 0, channels).copy_(*bias);
+  return padded;
+}
+
 // packed[kb][r][s][c][j] = weight[kb * 32 + j][c][r][s], zero for channels past K: the order in
 // which a tile reads them. Written sequentially in one pass; the 32 source rows it reads at a
 // time stay in cache.
@@ -209,8 +217,7 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
 
   const int64_t blocks = (g.out_channels + kChannelBlock - 1) / kChannelBlock;
   const at::Tensor packed = pack_weight(g, weight.contiguous());
-  at::Tensor bias_padded = at::zeros({blocks * kChannelBlock}, weight.options());
-  if (bias) bias_padded.narrow(0, 0, g.out_channels).copy_(*bias);
+  const at::Tensor bias_padded = padded_bias(bias, g.out_channels, blocks * kChannelBlock, weight.options());
 
   tiles::Window window{};
   window.row_stride = g.dil_h * row_step;
@@ -373,13 +380,12 @@ void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& 
   const int64_t K = g.out_channels, taps = g.channels * g.kernel_h * g.kernel_w;
   const RowInput split = split_phases(g, input);
 
-  // packed[kb][tap][j] = weight[kb * 4 + j][tap], zero past K; bias likewise.
+  // packed[kb][tap][j] = weight[kb * 4 + j][tap], zero past K.
   const int64_t blocks = (K + kRowChannels - 1) / kRowChannels;
   at::Tensor packed = at::zeros({blocks * kRowChannels, taps}, weight.options());
   packed.narrow(0, 0, K).copy_(weight.reshape({K, taps}));
   packed = packed.view({blocks, kRowChannels, taps}).transpose(1, 2).contiguous();
-  at::Tensor bias_padded = at::zeros({blocks * kRowChannels}, weight.options());
-  if (bias) bias_padded.narrow(0, 0, K).copy_(*bias);
+  const at::Tensor bias_padded = padded_bias(bias, K, blocks * kRowChannels, weight.options());
 
   const float* w = packed.const_data_ptr<float>();
   const float* b = bias_padded.const_data_ptr<float>();
@@ -745,6 +751,24 @@ void backward_gemm(const Geometry& g, const at::Tensor& grad_output, const at::T
   }
 }
 
+// Splits [0, items) across the threads; body(begin, end, sums) adds into its thread's own zeroed
+// copy of a float tensor of `shape`, and the copies are added in thread order, so the result
+// does not depend on scheduling (no atomics, no shared accumulator).
+template <typename Body>
+at::Tensor sum_over_threads(int64_t items, at::IntArrayRef shape, const at::TensorOptions& options,
+                            const Body& body) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<int64_t> sizes{threads};
+  sizes.insert(sizes.end(), shape.begin(), shape.end());
+  const at::Tensor partial = at::zeros(sizes, options);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t slot = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(slot < threads, "conv2d_backward: thread ", slot, " of ", threads);
+    body(begin, end, partial.data_ptr<float>() + slot * partial.stride(0));
+  });
+  return partial.sum(0);
+}
+
 // The weight gradient of a layer with few input channels by the row tiles: grad_output's NCHW
 // rows are cut into 16-pixel vectors as in the forward, and a tile keeps a block of 4 output
 // channels x 6 taps in registers over a chunk of rows, so grad_output is read once per block of
@@ -760,31 +784,24 @@ at::Tensor grad_weight_rows(const Geometry& g, const at::Tensor& grad_output, co
   const int64_t k_blocks = (K + kRowChannels - 1) / kRowChannels;
   const int64_t tap_blocks = (taps + kTapsPerTile - 1) / kTapsPerTile;
   const int64_t sum_stride = tap_blocks * kTapsPerTile * kLanes;  // floats between channels
-  const int64_t threads = at::get_num_threads();
-  at::Tensor partial = at::zeros({threads, k_blocks * kRowChannels, tap_blocks * kTapsPerTile, kLanes},
-                                 input.options());
   // A chunk is a run of output rows (of one image or several), whose grad_output (all K
   // channels, about 512 KB) stays in L2 while every block of channels and taps sweeps it.
   const int64_t rows = g.batch * g.out_h;
   const int64_t rows_per_chunk = std::clamp<int64_t>(131072 / (K * g.out_w), 1, rows);
-  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-  const int64_t sK = dy.stride(1);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t slot = at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(slot < threads, "conv2d_backward: thread ", slot, " of ", threads);
-    float* sums = partial.data_ptr<float>() + slot * partial.stride(0);
-    const int64_t max_vectors = rows_per_chunk * split.vectors_per_row;
-    std::vector<const float*> inputs(max_vectors), grads(max_vectors);
-    std::vector<uint16_t> masks(max_vectors);
+  const int64_t chunk_vectors = rows_per_chunk * split.vectors_per_row;
+  const int64_t row_vectors = rows * split.vectors_per_row;
+  const float* dy_data = dy.const_data_ptr<float>();
+  const int64_t sN = dy.stride(0), sK = dy.stride(1), sH = dy.stride(2);
+  const auto accumulate = [&](int64_t begin, int64_t end, float* sums) {
+    std::vector<const float*> inputs(chunk_vectors), grads(chunk_vectors);
+    std::vector<uint16_t> masks(chunk_vectors);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      int64_t count = 0;
-      for (int64_t row = chunk * rows_per_chunk; row < std::min(rows, (chunk + 1) * rows_per_chunk); ++row) {
-        const int64_t n = row / g.out_h, oh = row % g.out_h;
-        for (int64_t ow = 0; ow < g.out_w; ow += kLanes, ++count) {
-          inputs[count] = split.vector_origin(n, oh, ow);
-          grads[count] = dy.const_data_ptr<float>() + n * dy.stride(0) + oh * dy.stride(2) + ow;
-          masks[count] = RowInput::lane_mask(g, ow);
-        }
+      const int64_t first = chunk * chunk_vectors, count = std::min(chunk_vectors, row_vectors - first);
+      for (int64_t j = 0; j < count; ++j) {
+        const auto [n, oh, ow] = split.vector_position(g, first + j);
+        inputs[j] = split.vector_origin(n, oh, ow);
+        grads[j] = dy_data + n * sN + oh * sH + ow;
+        masks[j] = RowInput::lane_mask(g, ow);
       }
       for (int64_t kb = 0; kb < k_blocks; ++kb) {
         const int channels = static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels));
@@ -798,9 +815,14 @@ at::Tensor grad_weight_rows(const Geometry& g, const at::Tensor& grad_output, co
         for (int64_t v = 0; v < count; ++v) grads[v] += kRowChannels * sK;
       }
     }
-  });
-  return partial.sum({0, 3}).narrow(0, 0, K).narrow(1, 0, taps).reshape(
-      {K, g.channels, g.kernel_h, g.kernel_w});
+  };
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  return sum_over_threads(chunks, {k_blocks * kRowChannels, sum_stride}, input.options(), accumulate)
+      .view({k_blocks * kRowChannels, tap_blocks * kTapsPerTile, kLanes})
+      .sum(2)
+      .narrow(0, 0, K)
+      .narrow(1, 0, taps)
+      .reshape({K, g.channels, g.kernel_h, g.kernel_w});
 }
 
 // At stride 1 each tap's weight gradient is one GEMM over shifted rows of the padded input, so
@@ -831,23 +853,20 @@ at::Tensor grad_weight_shifted(const Geometry& g, const at::Tensor& grad_output,
       }
     }
   };
-  const int64_t threads = at::get_num_threads();
-  if (g.batch < threads) {  // the BLAS threads each product
+  if (g.batch < at::get_num_threads()) {  // the BLAS threads each product
     at::Tensor taps = at::zeros({g.kernel_h, g.kernel_w, K, C}, input.options());
     accumulate(0, g.batch, taps.data_ptr<float>());
     return taps.permute({2, 3, 0, 1}).contiguous();
   }
   // The threads split the images, each summing every tap into its own copy on one BLAS thread
-  // (MKL threads a K x C product over thousands of rows poorly: 1.5x from two threads); the
-  // copies are added in thread order, so the result does not depend on scheduling.
-  at::Tensor partial = at::zeros({threads, g.kernel_h, g.kernel_w, K, C}, input.options());
-  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-    const cpu::SequentialBlas sequential_blas;
-    const int64_t slot = at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(slot < threads, "conv2d_backward: thread ", slot, " of ", threads);
-    accumulate(begin, end, partial[slot].data_ptr<float>());
-  });
-  return partial.sum(0).permute({2, 3, 0, 1}).contiguous();
+  // (MKL threads a K x C product over thousands of rows poorly: 1.5x from two threads).
+  return sum_over_threads(g.batch, {g.kernel_h, g.kernel_w, K, C}, input.options(),
+                          [&](int64_t begin, int64_t end, float* taps) {
+                            const cpu::SequentialBlas sequential_blas;
+                            accumulate(begin, end, taps);
+                          })
+      .permute({2, 3, 0, 1})
+      .contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
