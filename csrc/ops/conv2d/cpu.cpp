@@ -316,15 +316,19 @@ struct RowInput {
   std::vector<int64_t> offsets;  // per tap (c, r, s): its distance from a vector's first tap
   int64_t image_size, row_len, stride_h, vectors_per_row;
 
-  // Row vector v (of N * out_h * vectors_per_row): its image, output row and first column.
-  std::array<int64_t, 3> vector_position(const Geometry& g, int64_t v) const {
-    return {v / vectors_per_row / g.out_h, v / vectors_per_row % g.out_h, v % vectors_per_row * kLanes};
-  }
-  const float* vector_origin(int64_t n, int64_t oh, int64_t ow) const {
-    return data.const_data_ptr<float>() + n * image_size + oh * stride_h * row_len + ow;
-  }
-  static uint16_t lane_mask(const Geometry& g, int64_t ow) {  // the lanes inside the row
-    return static_cast<uint16_t>((1u << std::min<int64_t>(kLanes, g.out_w - ow)) - 1u);
+  // Row vectors first .. first + count - 1 (of N * out_h * vectors_per_row): where each reads its
+  // first tap's inputs, where its 16 pixels lie in an NCHW tensor `pixels` of strides sN, sH (the
+  // output, or grad_output), and its mask of the lanes inside the row.
+  template <typename T>
+  void locate(const Geometry& g, int64_t first, int64_t count, T* pixels, int64_t sN, int64_t sH,
+              const float** inputs, T** at, uint16_t* masks) const {
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t row = (first + j) / vectors_per_row, ow = (first + j) % vectors_per_row * kLanes;
+      const int64_t n = row / g.out_h, oh = row % g.out_h;
+      inputs[j] = data.const_data_ptr<float>() + n * image_size + oh * stride_h * row_len + ow;
+      at[j] = pixels + n * sN + oh * sH + ow;
+      masks[j] = static_cast<uint16_t>((1u << std::min<int64_t>(kLanes, g.out_w - ow)) - 1u);
+    }
   }
 };
 
@@ -403,12 +407,7 @@ void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& 
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t first = tile * kRowVectors;
       const int count = static_cast<int>(std::min<int64_t>(kRowVectors, row_vectors - first));
-      for (int j = 0; j < count; ++j) {
-        const auto [n, oh, ow] = split.vector_position(g, first + j);
-        inputs[j] = split.vector_origin(n, oh, ow);
-        outputs[j] = out + n * sN + oh * sH + ow;
-        masks[j] = RowInput::lane_mask(g, ow);
-      }
+      split.locate(g, first, count, out, sN, sH, inputs, outputs, masks);
       for (int64_t kb = 0; kb < blocks; ++kb) {
         tiles::run_row_tile(count, window, inputs, outputs, masks, w + kb * taps * kRowChannels,
                             b + kb * kRowChannels,
@@ -797,12 +796,7 @@ at::Tensor grad_weight_rows(const Geometry& g, const at::Tensor& grad_output, co
     std::vector<uint16_t> masks(chunk_vectors);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t first = chunk * chunk_vectors, count = std::min(chunk_vectors, row_vectors - first);
-      for (int64_t j = 0; j < count; ++j) {
-        const auto [n, oh, ow] = split.vector_position(g, first + j);
-        inputs[j] = split.vector_origin(n, oh, ow);
-        grads[j] = dy_data + n * sN + oh * sH + ow;
-        masks[j] = RowInput::lane_mask(g, ow);
-      }
+      split.locate(g, first, count, dy_data, sN, sH, inputs.data(), grads.data(), masks.data());
       for (int64_t kb = 0; kb < k_blocks; ++kb) {
         const int channels = static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels));
         for (int64_t tb = 0; tb < tap_blocks; ++tb) {
