@@ -6,3 +6,16 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastdl.backends.cpu  # noqa: E402
+
+
+@pytest.fixture(params=fastdl.backends.cpu.supported_cpu_capabilities())
+def every_cpu_capability(request):
+    """Runs the test once per CPU capability this machine supports (default, avx2, avx512), with
+    the C++ kernels restricted to it. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("every_cpu_capability")``."""
+    with fastdl.backends.cpu.cpu_capability(request.param):
+        yield request.param

@@ -14,6 +14,9 @@ from fastdl.ops import _library
 attention_module = sys.modules["fastdl.ops.attention"]
 from harness import assert_close, check_compiled, composite_serves_mps, fresh_seed, non_contiguous, run_opcheck
 
+# The C++ kernels take other paths per CPU capability: every test runs on each one the CPU has.
+pytestmark = pytest.mark.usefixtures("every_cpu_capability")
+
 OP = torch.ops.fastdl.attention.default
 BACKWARD = torch.ops.fastdl._attention_backward.default
 

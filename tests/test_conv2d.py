@@ -9,11 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastdl.backends.cpu
 import fastdl.nn
 import fastdl.ops
 from fastdl.ops import _library
 from fastdl.ops.conv2d import ACTIVATIONS
 from harness import DEVICES, LAYOUTS, assert_close, check_compiled, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck, with_layout
+
+# The C++ kernels take other paths per CPU capability: every test runs on each one the CPU has.
+pytestmark = pytest.mark.usefixtures("every_cpu_capability")
 
 ACTS = list(ACTIVATIONS)
 CONV_TOL = {torch.float32: dict(rtol=1e-4), torch.float64: {}, torch.bfloat16: dict(rtol=3e-2, atol=1e-1)}
@@ -162,6 +166,19 @@ def test_few_channel_gradients_float32(name, layout):
         assert_close(a, e, rtol=1e-4, atol=2e-5 * (1 + e.abs().max().item()))
 
 
+def test_cifar_first_layer_backward():
+    """The first layer of a CIFAR network (3 -> 64 channels on 32x32): without AVX-512 its weight
+    gradient takes the shifted-GEMM path, whose NCHW -> NHWC copy once ran an AVX-512 transpose
+    unchecked and died with SIGILL on AVX2 CPUs (the fixture runs it on every capability)."""
+    fresh_seed()
+    x = torch.randn(2, 3, 32, 32)
+    w = torch.randn(64, 3, 3, 3, requires_grad=True)
+    fastdl.ops.conv2d(x, w, padding=1).sum().backward()
+    w64 = w.detach().double().requires_grad_()
+    F.conv2d(x.double(), w64, padding=1).sum().backward()
+    assert_close(w.grad, w64.grad, rtol=1e-4, atol=1e-3)
+
+
 def test_few_input_channels_strided_view():
     """An input whose columns are not adjacent (every other one of a wider image)."""
     fresh_seed()
@@ -235,6 +252,8 @@ def test_prepacked_winograd_weight(name, layout, dtype):
 def test_prepacked_winograd_weight_is_used(layout):
     """With an all-zero transform the Winograd kernel's products vanish: only the bias is left,
     so the kernel really multiplies by the given tensor rather than transforming ``weight``."""
+    if fastdl.backends.cpu.get_cpu_capability() != "avx512":
+        pytest.skip("the Winograd kernel needs AVX-512; the other paths ignore winograd_weight")
     fresh_seed()
     x, w, b, args = make_case(CASES["3x3_winograd"], layout=layout)
     out = fastdl.ops.conv2d(x, w, b, winograd_weight=torch.zeros(16, w.size(1), w.size(0)), **args)

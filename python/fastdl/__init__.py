@@ -8,10 +8,10 @@ drop-in modules; importing either loads torch and the operator library. :mod:`fa
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "game2048", "__version__"]
+__all__ = ["ops", "nn", "backends", "game2048", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("ops", "nn", "game2048"):
+    if name in ("ops", "nn", "backends", "game2048"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fastdl' has no attribute {name!r}")

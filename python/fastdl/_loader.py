@@ -25,9 +25,16 @@ if _release(_build_info.TORCH_VERSION) != _release(torch.__version__):
     raise ImportError(_rebuild_hint())
 
 try:
-    from . import _C  # noqa: F401
+    from . import _C
 except ImportError as error:
     raise ImportError(f"{error}\n{_rebuild_hint()}") from error
+
+# Reading the CPU capability applies FASTDL_CPU_CAPABILITY now, so a bad value fails the import
+# with its message instead of the first op call.
+try:
+    _C.cpu_capability()
+except ValueError as error:
+    raise ImportError(f"fastdl: {error}") from None
 
 
 def cuda_kernels_built() -> bool:

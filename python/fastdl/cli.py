@@ -12,11 +12,14 @@ def cmd_info(args) -> int:
     import torch
 
     import fastdl
+    import fastdl.backends.cpu
     from fastdl import _loader
     from fastdl.ops import _library
 
     print(f"fastdl {fastdl.__version__}   torch {torch.__version__}   python {platform.python_version()}")
-    print(f"cpu: {platform.machine()}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"cpu: {platform.machine()}, {torch.get_num_threads()} threads, torch capability {torch.backends.cpu.get_cpu_capability()}")
+    supported = fastdl.backends.cpu.supported_cpu_capabilities()[-1]
+    print(f"fastdl CPU kernels: {fastdl.backends.cpu.get_cpu_capability()} (this CPU supports up to {supported})")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}: {torch.cuda.get_device_name(i)} (torch CUDA {torch.version.cuda})")

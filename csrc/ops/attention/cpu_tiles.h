@@ -11,6 +11,10 @@
 #include <algorithm>
 #include <cstdint>
 
+#include <c10/util/Exception.h>
+
+#include "common/cpu_capability.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
@@ -24,12 +28,11 @@ namespace fastdl::attention::tiles {
 
 constexpr int64_t kStrip = 32;  // keys per packed strip (two 16-lane vectors)
 
-#if FASTDL_ATTENTION_TILES
+// Whether the tiles may run: compiled in (x86-64 with GCC or Clang) and AVX-512 in use. Every
+// call of a function below sits behind this check.
+inline bool available() { return FASTDL_ATTENTION_TILES && cpu::has(cpu::Capability::AVX512); }
 
-inline bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
+#if FASTDL_ATTENTION_TILES
 
 #define FASTDL_TILE_FN __attribute__((target("avx512f"), always_inline)) inline
 
@@ -207,12 +210,17 @@ __attribute__((target("avx512f"))) inline float exp2_shift_sum(int64_t n, float*
 
 #else
 
-inline bool available() { return false; }
+// Never called: available() is false where the tiles are not compiled.
+[[noreturn]] inline void not_compiled() { TORCH_INTERNAL_ASSERT(false, "attention: the CPU tiles are not compiled in"); }
 inline void qk_block(int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, float*,
-                     int64_t, float*, float*, int64_t) {}
+                     int64_t, float*, float*, int64_t) {
+  not_compiled();
+}
 inline void pv_block(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-                     float*, int64_t, int64_t) {}
-inline float exp2_shift_sum(int64_t, float*, float) { return 0.0f; }
+                     float*, int64_t, int64_t) {
+  not_compiled();
+}
+inline float exp2_shift_sum(int64_t, float*, float) { not_compiled(); }
 
 #endif
 

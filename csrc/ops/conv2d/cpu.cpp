@@ -427,7 +427,7 @@ bool use_winograd(const Geometry& g) {
   return g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 &&
          g.dil_h == 1 && g.dil_w == 1 && g.groups == 1 && g.channels >= 32 &&
          g.out_channels >= 32 && tiles >= 64 &&
-         winograd::available();
+         tiles::available();
 }
 
 // A caller-supplied U (prepacked for inference) must be float32 [16, C, K] on the weight's

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/cpu_capability.h"
 #include "ops/conv2d/conv2d.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -50,12 +51,11 @@ struct RowWindow {
   int64_t plane;           // floats between output channels
 };
 
-#if FASTDL_CONV2D_TILES
+// Whether the tiles may run: compiled in (x86-64 with GCC or Clang) and AVX-512 in use. Every
+// call of a function below except transpose() sits behind this check.
+inline bool available() { return FASTDL_CONV2D_TILES && cpu::has(cpu::Capability::AVX512); }
 
-inline bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
+#if FASTDL_CONV2D_TILES
 
 #define FASTDL_TILE_FN __attribute__((target("avx512f"), always_inline)) inline
 
@@ -185,13 +185,12 @@ __attribute__((target("avx512f"))) void run_row_tile(int vectors, const RowWindo
   }
 }
 
-// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols: the NCHW <-> NHWC layout
-// change at either end of the kernels, 16 x 16 blocks at a time in registers (three rounds of
-// in-lane shuffles: 32-bit pairs, 64-bit pairs, then 128-bit lanes), masked at the edges, so
-// every load and store is a contiguous vector instead of a scalar at a plane's distance.
-__attribute__((target("avx512f"))) inline void transpose(const float* src, int64_t rows,
-                                                         int64_t cols, int64_t src_ld, float* dst,
-                                                         int64_t dst_ld) {
+// transpose() with AVX-512: 16 x 16 blocks at a time in registers (three rounds of in-lane
+// shuffles: 32-bit pairs, 64-bit pairs, then 128-bit lanes), masked at the edges, so every load
+// and store is a contiguous vector instead of a scalar at a plane's distance.
+__attribute__((target("avx512f"))) inline void transpose_avx512(const float* src, int64_t rows,
+                                                                int64_t cols, int64_t src_ld,
+                                                                float* dst, int64_t dst_ld) {
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     const int64_t nr = std::min<int64_t>(16, rows - r0);
     const __mmask16 row_mask = static_cast<__mmask16>((1u << nr) - 1u);
@@ -306,15 +305,32 @@ __attribute__((target("avx512f"))) inline void gather_columns(const float* src, 
 
 #else
 
-inline bool available() { return false; }
-inline void run_tile(int, const Window&, const float*, const float*, Activation, float* const*) {}
+// Never called: available() is false where the tiles are not compiled.
+[[noreturn]] inline void not_compiled() { TORCH_INTERNAL_ASSERT(false, "conv2d: the CPU tiles are not compiled in"); }
+inline void run_tile(int, const Window&, const float*, const float*, Activation, float* const*) { not_compiled(); }
 inline void run_row_tile(int, const RowWindow&, const float* const*, float* const*, const uint16_t*,
-                         const float*, const float*, int, Activation) {}
-inline void transpose(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
-inline void gather_columns(const float*, int64_t, int64_t, float*) {}
+                         const float*, const float*, int, Activation) {
+  not_compiled();
+}
+inline void transpose_avx512(const float*, int64_t, int64_t, int64_t, float*, int64_t) { not_compiled(); }
+inline void gather_columns(const float*, int64_t, int64_t, float*) { not_compiled(); }
 inline void run_row_weight_tile(int, int64_t, const float* const*, const float* const*,
-                                const uint16_t*, const int64_t*, int64_t, int, float*, int64_t) {}
+                                const uint16_t*, const int64_t*, int64_t, int, float*, int64_t) {
+  not_compiled();
+}
 
 #endif
+
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols: the NCHW <-> NHWC layout
+// change at either end of the kernels, which the portable paths need too.
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_ld, float* dst,
+                      int64_t dst_ld) {
+  if (available()) {
+    transpose_avx512(src, rows, cols, src_ld, dst, dst_ld);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * dst_ld + r] = src[r * src_ld + c];
+}
 
 }  // namespace fastdl::conv2d::tiles

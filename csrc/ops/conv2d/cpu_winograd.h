@@ -124,15 +124,14 @@ FASTDL_WINO_FN void output_tile(const float* in, int64_t point_stride, int64_t c
 
 #undef FASTDL_WINO_FN
 
-inline bool available() { return tiles::available(); }
-
 #else
 
-inline bool available() { return false; }
-inline void weight_block(const float*, int64_t, int64_t, int64_t, int64_t, float*, bool) {}
-inline void input_tile(const float* const*, int64_t, int64_t, float*, int64_t) {}
-inline void output_tile(const float*, int64_t, int64_t, const float*, Activation,
-                        float* const (*)[2]) {}
+// Never called: tiles::available() is false where the transforms are not compiled.
+inline void weight_block(const float*, int64_t, int64_t, int64_t, int64_t, float*, bool) { tiles::not_compiled(); }
+inline void input_tile(const float* const*, int64_t, int64_t, float*, int64_t) { tiles::not_compiled(); }
+inline void output_tile(const float*, int64_t, int64_t, const float*, Activation, float* const (*)[2]) {
+  tiles::not_compiled();
+}
 
 #endif
 

@@ -1,0 +1,212 @@
+"""Every CPU kernel path, forward and backward, at small sizes, on every capability this CPU has.
+
+Each case is chosen to reach one path of the C++ kernels (conv2d's row tiles, direct tiles,
+Winograd, strided 1x1, grouped GEMM and the weight gradients for few channels and large maps;
+attention's tiled and BLAS paths; the LSTM's pointwise loops; the detection ops' SIMD loops) and
+is compared with a float64 reference. The ``every_cpu_capability`` fixture (conftest.py) runs
+each under ``avx512``, ``avx2`` and ``default`` as far as the CPU supports them.
+
+The module is small on purpose: CI also runs it under ``qemu-x86_64 -cpu Haswell`` (AVX2, no
+AVX-512) and ``-cpu Nehalem`` (neither), where an instruction the CPU lacks is a crash.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdl.backends.cpu
+import fastdl.nn
+import fastdl.ops
+from fastdl.ops import _library
+from harness import LAYOUTS, fresh_seed, with_layout
+
+pytestmark = pytest.mark.usefixtures("every_cpu_capability")
+
+DTYPES = [torch.float32, torch.float64]
+TOLERANCE = {torch.float32: dict(rtol=2e-4, atol=2e-4), torch.float64: dict(rtol=1e-9, atol=1e-9)}
+
+
+def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Compare with ``expected`` (float64), relative to the reference's magnitude."""
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double(), expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def test_reported_capability():
+    """Under an emulated CPU, CI names the capability the emulator offers: a test that fails if
+    the emulator exposed more (AVX-512) than intended, so the guarded paths really ran."""
+    expected = os.environ.get("FASTDL_EXPECT_CPU_CAPABILITY")
+    supported = fastdl.backends.cpu.supported_cpu_capabilities()
+    assert supported[0] == "default"
+    if expected:
+        assert supported[-1] == expected
+
+
+# ---- conv2d -----------------------------------------------------------------------------------
+
+# name: (input shape, weight shape, stride, padding, dilation, groups)
+CONV_CASES = {
+    # the issue's reproduction: CIFAR's first layer, few input channels on a 32x32 map
+    "cifar_first_layer": ((2, 3, 32, 32), (64, 3, 3, 3), 1, 1, 1, 1),
+    "few_output_channels": ((2, 16, 20, 20), (4, 16, 3, 3), 1, 1, 1, 1),
+    "stem_7x7_stride2": ((1, 3, 37, 37), (16, 3, 7, 7), 2, 3, 1, 1),
+    "winograd_3x3": ((4, 32, 16, 16), (32, 32, 3, 3), 1, 1, 1, 1),
+    "direct_strided": ((2, 16, 15, 15), (40, 16, 3, 3), 2, 1, 1, 1),
+    "pointwise_strided": ((2, 16, 14, 14), (32, 16, 1, 1), 2, 0, 1, 1),
+    "dilated": ((2, 8, 17, 17), (12, 8, 3, 3), 1, 2, 2, 1),
+    "grouped": ((2, 8, 10, 10), (8, 2, 3, 3), 1, 1, 1, 4),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", CONV_CASES)
+def test_conv2d_forward_backward(name, layout, dtype):
+    fresh_seed()
+    x_shape, w_shape, stride, padding, dilation, groups = CONV_CASES[name]
+    x64 = torch.randn(x_shape, dtype=torch.float64)
+    w64 = torch.randn(w_shape, dtype=torch.float64) / math.sqrt(w_shape[1] * w_shape[2] * w_shape[3])
+    b64 = torch.randn(w_shape[0], dtype=torch.float64)
+    x = with_layout(x64.to(dtype), layout).requires_grad_()
+    w, b = w64.to(dtype).requires_grad_(), b64.to(dtype).requires_grad_()
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    out = fastdl.ops.conv2d(x, w, b, activation="relu", **args)
+    x64.requires_grad_(), w64.requires_grad_(), b64.requires_grad_()
+    expected = F.relu(F.conv2d(x64, w64, b64, **args))
+    assert_close_to(out, expected, dtype)
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(dtype))
+    expected.backward(grad)
+    for mine, ref in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        assert_close_to(mine, ref, dtype)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu6"])
+@pytest.mark.parametrize("name", ["cifar_first_layer", "winograd_3x3", "direct_strided"])
+def test_conv2d_activations(name, activation):
+    fresh_seed()
+    x_shape, w_shape, stride, padding, dilation, groups = CONV_CASES[name]
+    x, w = torch.randn(x_shape), torch.randn(w_shape) / math.sqrt(w_shape[1] * 9)
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    act = {"silu": F.silu, "gelu": F.gelu, "relu6": F.relu6}[activation]
+    expected = act(F.conv2d(x.double(), w.double(), **args))
+    assert_close_to(fastdl.ops.conv2d(x, w, activation=activation, **args), expected, torch.float32)
+
+
+# ---- attention --------------------------------------------------------------------------------
+
+# name: (B, H, H_kv, N_q, N_k, D, causal, mask)
+ATTENTION_CASES = {
+    "tiled_d64": (1, 2, 2, 40, 40, 64, False, False),
+    "tiled_causal_gqa": (2, 4, 2, 33, 33, 32, True, False),
+    "blas_d24_masked": (1, 2, 2, 17, 29, 24, False, True),
+    "one_query_causal": (2, 2, 1, 1, 37, 16, True, False),
+}
+
+
+def attention_reference(q, k, v, causal, mask, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores + mask
+    if causal:
+        nq, nk = scores.shape[-2:]
+        hidden = torch.ones(nq, nk, dtype=torch.bool).triu(nk - nq + 1)
+        scores = scores.masked_fill(hidden, -math.inf)
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "non_contiguous"])
+@pytest.mark.parametrize("name", ATTENTION_CASES)
+def test_attention_forward_backward(name, contiguous, dtype):
+    fresh_seed()
+    b, h, hkv, nq, nk, d, causal, masked = ATTENTION_CASES[name]
+    q64, k64, v64 = (torch.randn(b, heads, n, d, dtype=torch.float64) for heads, n in ((h, nq), (hkv, nk), (hkv, nk)))
+    mask64 = torch.randn(b, h, nq, nk, dtype=torch.float64) if masked else None
+    make = (lambda t: t.to(dtype)) if contiguous else (lambda t: t.to(dtype).transpose(1, 2).contiguous().transpose(1, 2))
+    q, k, v = (make(t).requires_grad_() for t in (q64, k64, v64))
+    mask = None if mask64 is None else mask64.to(dtype)
+    out = fastdl.ops.attention(q, k, v, causal=causal, attn_mask=mask)
+    for t in (q64, k64, v64):
+        t.requires_grad_()
+    expected = attention_reference(q64, k64, v64, causal, mask64, 1 / math.sqrt(d))
+    assert_close_to(out, expected, dtype)
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(dtype))
+    expected.backward(grad)
+    for mine, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert_close_to(mine, ref, dtype)
+
+
+# ---- LSTM -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+def test_lstm_forward_backward(bidirectional, dtype):
+    fresh_seed()
+    reference = torch.nn.LSTM(12, 20, num_layers=2, bidirectional=bidirectional, batch_first=True).double()
+    mine = fastdl.nn.LSTM(12, 20, num_layers=2, bidirectional=bidirectional, batch_first=True).to(dtype)
+    mine.load_state_dict(reference.state_dict())
+    x64 = torch.randn(3, 9, 12, dtype=torch.float64)
+    x = x64.to(dtype).requires_grad_()
+    x64.requires_grad_()
+    out, (h, c) = mine(x)
+    expected, (h64, c64) = reference(x64)
+    for actual, ref in ((out, expected), (h, h64), (c, c64)):
+        assert_close_to(actual, ref, dtype)
+    (out.sum() + h.sum() + c.sum()).backward()
+    (expected.sum() + h64.sum() + c64.sum()).backward()
+    assert_close_to(x.grad, x64.grad, dtype)
+    for (key, p), p64 in zip(mine.named_parameters(), reference.parameters()):
+        assert_close_to(p.grad, p64.grad, dtype)
+
+
+# ---- detection ops (their loops are SIMD clones) -----------------------------------------------
+
+
+def random_rois(count: int, batch: int, size: float, dtype) -> torch.Tensor:
+    xy = torch.rand(count, 2) * size
+    wh = torch.rand(count, 2) * size / 2 + 1
+    index = torch.randint(0, batch, (count, 1)).float()
+    return torch.cat([index, xy, xy + wh], 1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["roi_align", "roi_pool"])
+def test_roi_ops_forward_backward(op, layout, dtype):
+    fresh_seed()
+    features = with_layout(torch.randn(2, 19, 12, 14, dtype=dtype), layout).requires_grad_()
+    rois = random_rois(11, 2, 12.0, dtype)
+    reference_features = features.detach().double().requires_grad_()
+    if op == "roi_align":
+        out = fastdl.ops.roi_align(features, rois, (3, 4), spatial_scale=0.75, sampling_ratio=2, aligned=True)
+        expected = _library.composite("roi_align")(reference_features, rois.double(), 0.75, 3, 4, 2, True)
+    else:
+        out = fastdl.ops.roi_pool(features, rois, (3, 4), spatial_scale=0.75)
+        expected = _library.composite("roi_pool")(reference_features, rois.double(), 0.75, 3, 4)[0]
+    assert_close_to(out, expected, dtype)
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(dtype))
+    expected.backward(grad)
+    assert_close_to(features.grad, reference_features.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nms(dtype):
+    fresh_seed()
+    boxes = random_rois(300, 1, 50.0, dtype)[:, 1:]
+    scores = torch.rand(300, dtype=dtype)
+    keep = fastdl.ops.nms(boxes, scores, 0.4)
+    expected = _library.composite("nms")(boxes.double(), scores.double(), 0.4)
+    assert torch.equal(keep, expected)
+
