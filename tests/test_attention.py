@@ -442,7 +442,7 @@ def test_multihead_attention_matches_torch(case):
     ours_kwargs = dict(kwargs)
     if case == "self-causal":  # fastdl takes the causal flag alone
         ours_kwargs.pop("attn_mask")
-    actual, weights = ours(x, key, value, **ours_kwargs)
+    actual, weights = ours(x, key, value, need_weights=False, **ours_kwargs)
     assert weights is None
     assert_close(actual, expected, atol=2e-5, rtol=2e-5)
     grad = torch.randn_like(expected)
@@ -457,7 +457,7 @@ def test_multihead_attention_unbatched():
     fresh_seed()
     ours, theirs = _mha_pair(16, 2)
     x = torch.randn(5, 16)
-    assert_close(ours(x, x, x)[0], theirs(x, x, x, need_weights=False)[0], atol=2e-5, rtol=2e-5)
+    assert_close(ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0], atol=2e-5, rtol=2e-5)
     out, weights = ours(x, x, x, need_weights=True)
     expected, expected_weights = theirs(x, x, x, need_weights=True)
     assert_close(out, expected, atol=2e-5, rtol=2e-5)
@@ -488,7 +488,85 @@ def test_multihead_attention_need_weights(masks, average):
     for a, e in zip(got, want):
         assert_close(a, e, atol=5e-5, rtol=5e-5)
     # the fused path (need_weights=False) gives the same output
-    assert_close(ours(x, x, x, **kwargs)[0], expected, atol=2e-5, rtol=2e-5)
+    assert_close(ours(x, x, x, need_weights=False, **kwargs)[0], expected, atol=2e-5, rtol=2e-5)
+
+
+def _compare_outputs_and_grads(ours, theirs, inputs, call):
+    """``call(module, *inputs)`` -> (out, weights-or-None) on both modules: outputs, weights and
+    the gradients of inputs and parameters match."""
+    mine = [t.detach().clone().requires_grad_() for t in inputs]
+    reference = [t.detach().clone().requires_grad_() for t in inputs]
+    out, weights = call(ours, *mine)
+    expected, expected_weights = call(theirs, *reference)
+    assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    assert (weights is None) == (expected_weights is None)
+    loss = out.square().sum() + (0 if weights is None else weights.square().sum())
+    expected_loss = expected.square().sum() + (0 if expected_weights is None else expected_weights.square().sum())
+    if weights is not None:
+        assert_close(weights, expected_weights, atol=2e-6, rtol=2e-5)
+    got = torch.autograd.grad(loss, mine + list(ours.parameters()))
+    want = torch.autograd.grad(expected_loss, reference + list(theirs.parameters()))
+    for a, e in zip(got, want):
+        assert_close(a, e, atol=5e-5, rtol=5e-5)
+
+
+def test_multihead_attention_torch_defaults():
+    """Constructed and called with torch's defaults: sequence-first inputs, weights returned."""
+    import fastdl.nn
+
+    fresh_seed()
+    theirs = torch.nn.MultiheadAttention(32, 4)
+    ours = fastdl.nn.MultiheadAttention(32, 4)
+    assert not ours.batch_first
+    with torch.no_grad():
+        theirs.in_proj_bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(11, 3, 32)  # [N, B, E]
+    _compare_outputs_and_grads(ours, theirs, [x], lambda m, x: m(x, x, x))
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("extra", ["bias_kv", "zero_attn", "both"])
+def test_multihead_attention_extra_keys(extra, batch_first, need_weights):
+    """``add_bias_kv`` and ``add_zero_attn``, with a key-padding mask and an attention mask that
+    must be widened for the added keys."""
+    import fastdl.nn
+
+    fresh_seed()
+    kwargs = dict(add_bias_kv=extra in ("bias_kv", "both"), add_zero_attn=extra in ("zero_attn", "both"), batch_first=batch_first)
+    theirs = torch.nn.MultiheadAttention(24, 3, kdim=16, vdim=20, **kwargs)
+    ours = fastdl.nn.MultiheadAttention(24, 3, kdim=16, vdim=20, **kwargs)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    b, nq, nk = 2, 5, 7
+    shape = (lambda n, e: (b, n, e)) if batch_first else (lambda n, e: (n, b, e))
+    query, key, value = torch.randn(shape(nq, 24)), torch.randn(shape(nk, 16)), torch.randn(shape(nk, 20))
+    pad = torch.zeros(b, nk)  # floating, like attn_mask (torch deprecates mixing the two)
+    pad[1, -2:] = -math.inf
+    mask = torch.randn(b * 3, nq, nk)
+    _compare_outputs_and_grads(
+        ours, theirs, [query, key, value],
+        lambda m, q, k, v: m(q, k, v, key_padding_mask=pad, attn_mask=mask, need_weights=need_weights),
+    )
+
+
+def test_multihead_attention_swapped_into_transformer_layer():
+    """Swapped into ``nn.TransformerEncoderLayer`` in place of its ``self_attn`` with the same
+    state_dict, the layer's outputs and gradients are unchanged (default, sequence-first layout)."""
+    import copy
+
+    import fastdl.nn
+
+    fresh_seed()
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0)
+    swapped = copy.deepcopy(layer)
+    swapped.self_attn = fastdl.nn.MultiheadAttention(32, 4, dropout=0.0)
+    swapped.self_attn.load_state_dict(layer.self_attn.state_dict())
+    x = torch.randn(9, 2, 32)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[0, -3:] = True
+    _compare_outputs_and_grads(swapped, layer, [x], lambda m, x: (m(x, src_key_padding_mask=pad), None))
 
 
 def test_functional_sdpa_matches_torch():

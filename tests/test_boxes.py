@@ -53,24 +53,35 @@ def test_box_coder_formula_round_trip_and_clamp():
     gt = torch.tensor([[5.0, 5, 25, 25]])
     # px=5 py=10 pw=10 ph=20; gx=15 gy=15 gw=20 gh=20
     expected = [[10 * (15 - 5) / 10, 10 * (15 - 10) / 20, 5 * math.log(2.0), 5 * math.log(1.0)]]
-    assert_close(coder.encode(proposals, gt), torch.tensor(expected), torch.float32)
+    assert_close(coder.encode_single(gt, proposals), torch.tensor(expected), torch.float32)
     fresh_seed()
     p, _ = random_boxes(40, dtype=torch.float64)
     g, _ = random_boxes(40, dtype=torch.float64)
-    assert_close(coder.decode(p, coder.encode(p, g)), g)
+    assert_close(coder.decode_single(coder.encode_single(g, p), p), g)
+    # per image: encode splits by image, decode gives Tensor[N, C, 4]
+    targets = coder.encode([g[:15], g[15:]], [p[:15], p[15:]])
+    assert [t.shape for t in targets] == [(15, 4), (25, 4)]
+    assert_close(torch.cat(targets), coder.encode_single(g, p))
+    codes = torch.cat([torch.cat(targets), torch.zeros(40, 4, dtype=torch.float64)], 1)  # two classes
+    decoded = coder.decode(codes, [p[:15], p[15:]])
+    assert decoded.shape == (40, 2, 4)
+    assert_close(decoded[:, 0], g)
+    assert_close(decoded[:, 1], p)  # zero codes decode to the reference box
     huge = torch.full((1, 8), 1e4)
-    decoded = coder.decode(proposals, huge)
+    decoded = coder.decode_single(huge, proposals)
     assert decoded.shape == (1, 8) and torch.isfinite(decoded).all()
     with pytest.raises(ValueError, match="weights"):
         ops.BoxCoder(weights=(1.0, 0.0, 1.0, 1.0))
     with pytest.raises(ValueError, match=r"Tensor\[1, 4 \* C\]"):
-        coder.decode(proposals, torch.zeros(1, 5))
+        coder.decode_single(torch.zeros(1, 5), proposals)
+    with pytest.raises(ValueError, match="same shape"):
+        coder.encode_single(g[:3], p[:4])
 
 
 def level_reference(box, scales, canonical_scale=224.0, canonical_level=4):
     size = math.sqrt(max((box[2] - box[0]) * (box[3] - box[1]), 0.0))
     lo, hi = -math.log2(scales[0]), -math.log2(scales[-1])
-    level = math.floor(canonical_level + math.log2(size / canonical_scale + 1e-6))
+    level = math.floor(canonical_level + math.log2(size / canonical_scale) + 1e-6) if size > 0 else -math.inf
     return int(min(max(level, lo), hi) - lo)
 
 
@@ -95,3 +106,22 @@ def test_multiscale_roi_align_picks_the_fpn_level():
         ops.multiscale_roi_align(features, rois, 3, [1 / 3, 1 / 8, 1 / 16, 1 / 32])
     with pytest.raises(KeyError, match="p6"):
         fastdl.nn.MultiScaleRoIAlign(["p6"], 3)(named, boxes, [(256, 256)] * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8, torch.int16, torch.uint8])
+def test_areas_and_iou_are_upcast(dtype):
+    """Products of coordinates in float32 / int32, as torchvision: a 300-pixel float16 box's area
+    (90,000) is past float16's range, and an int8 box of 20 x 20 wraps."""
+    big = 300 if dtype.is_floating_point else 20
+    boxes = torch.tensor([[0, 0, big, big], [big // 2, 0, big + big // 2, big]]).to(dtype)
+    area = ops.box_area(boxes)
+    assert area.dtype == (torch.float32 if dtype.is_floating_point else torch.int32)
+    assert area.tolist() == [big * big] * 2
+    iou = ops.box_iou(boxes, boxes)
+    assert iou.dtype == torch.float32
+    assert_close(iou, torch.tensor([[1.0, 1 / 3], [1 / 3, 1.0]]), torch.float32)
+
+
+def test_multiscale_roi_align_repr():
+    pooler = fastdl.nn.MultiScaleRoIAlign(["0", "1"], 7, 2)
+    assert repr(pooler) == "MultiScaleRoIAlign(featmap_names=['0', '1'], output_size=(7, 7), sampling_ratio=2)"

@@ -560,41 +560,95 @@ def test_fuse_conv_bn_equals_conv_bn_act(activation, bias):
         assert_conv_close(fused(x), ACTIVATIONS[activation](bn(conv(x))).double())
 
 
-def test_conv_bn_act_train_and_eval():
+def test_conv2d_norm_activation_train_and_eval():
     fresh_seed()
-    block = fastdl.nn.ConvBNAct(4, 8, 3, stride=2, activation="relu")
-    assert {"conv.weight", "bn.weight", "bn.running_mean"} <= set(block.state_dict())
+    block = fastdl.nn.Conv2dNormActivation(4, 8, 3, stride=2)
+    assert {"0.weight", "1.weight", "1.running_mean"} <= set(block.state_dict())
     x = torch.randn(6, 4, 11, 11)
     block.train()
     out = block(x)  # batch statistics, and the running statistics move
-    expected = F.relu(F.batch_norm(F.conv2d(x, block.conv.weight, None, 2, 1), None, None, block.bn.weight, block.bn.bias, True))
+    expected = F.relu(F.batch_norm(F.conv2d(x, block[0].weight, None, 2, 1), None, None, block[1].weight, block[1].bias, True))
     assert_conv_close(out, expected.double())
     out.sum().backward()
-    assert block.conv.weight.grad is not None
+    assert block[0].weight.grad is not None
     block.eval()
     with torch.no_grad():
-        unfused = F.relu(block.bn(block.conv(x)))
+        unfused = F.relu(block[1](block[0](x)))
         assert_conv_close(block(x), unfused.double())
-        block.bn.running_mean.add_(1.0)  # an updated statistic invalidates the cached folding
-        unfused = F.relu(block.bn(block.conv(x)))
+        assert block._fused is not None  # the fused path ran
+        block[1].running_mean.add_(1.0)  # an updated statistic invalidates the cached folding
+        unfused = F.relu(block[1](block[0](x)))
         assert_conv_close(block(x), unfused.double())
-        block.bn.running_var.data.mul_(2)  # unseen by the cache until refresh()
-        unfused = F.relu(block.bn(block.conv(x)))
+        block[1].running_var.data.mul_(2)  # unseen by the cache until refresh()
+        unfused = F.relu(block[1](block[0](x)))
         assert_conv_close(block.refresh()(x), unfused.double())
 
 
-def test_conv_bn_act_eval_with_winograd():
+def test_conv2d_norm_activation_eval_with_winograd():
     """A 3x3 stride-1 block's cached folding also keeps the Winograd transform."""
     fresh_seed()
-    block = fastdl.nn.ConvBNAct(32, 48, 3, activation="silu")
-    block.bn.load_state_dict(trained_batchnorm(48).state_dict())
+    block = fastdl.nn.Conv2dNormActivation(32, 48, 3, activation_layer=nn.SiLU)
+    block[1].load_state_dict(trained_batchnorm(48).state_dict())
     block.eval()
     x = torch.randn(2, 32, 16, 16)
     with torch.no_grad():
-        assert_conv_close(block(x), F.silu(block.bn(block.conv(x))).double())
+        assert_conv_close(block(x), F.silu(block[1](block[0](x))).double())
         assert block._fused[3] is not None
-        block.conv.weight.add_(0.5)
-        assert_conv_close(block(x), F.silu(block.bn(block.conv(x))).double())
+        block[0].weight.add_(0.5)
+        assert_conv_close(block(x), F.silu(block[1](block[0](x))).double())
+
+
+def _torchvision_style_block(*args, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU, **kwargs):
+    """The layers torchvision's ``Conv2dNormActivation`` builds, from its documented defaults:
+    padding ``(k - 1) // 2 * dilation``, a conv bias only without a norm layer."""
+    in_channels, out_channels, kernel_size = args
+    stride, groups, dilation = kwargs.get("stride", 1), kwargs.get("groups", 1), kwargs.get("dilation", 1)
+    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2 * dilation, dilation,
+                        groups, bias=norm_layer is None)]
+    if norm_layer is not None:
+        layers.append(norm_layer(out_channels))
+    if activation_layer is not None:
+        layers.append(activation_layer(inplace=True))
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(),
+        dict(stride=2, dilation=1),
+        dict(dilation=2),
+        dict(groups=2, activation_layer=nn.ReLU6),
+        dict(activation_layer=nn.SiLU),
+        dict(activation_layer=nn.Hardswish),  # not fusable: runs as separate modules
+        dict(norm_layer=None),
+        dict(activation_layer=None),
+    ],
+    ids=["defaults", "stride2", "dilation2", "groups-relu6", "silu", "hardswish", "no-norm", "no-activation"],
+)
+def test_conv2d_norm_activation_swaps_for_the_reference(config):
+    """Same keys as the reference block; with its state_dict, outputs and gradients match in
+    training and the (fused) eval outputs match too."""
+    fresh_seed()
+    reference = _torchvision_style_block(8, 12, 3, **config)
+    block = fastdl.nn.Conv2dNormActivation(8, 12, 3, **config)
+    assert list(block.state_dict()) == list(reference.state_dict())
+    if len(reference) > 1 and isinstance(reference[1], nn.BatchNorm2d):
+        reference[1].load_state_dict(trained_batchnorm(12).state_dict())
+    block.load_state_dict(reference.state_dict())
+    block.train(), reference.train()
+    x = torch.randn(3, 8, 10, 10, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, expected = block(x), reference(x_ref)
+    assert_conv_close(out, expected.double())
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    for p, q in zip(block.parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-3)
+    block.eval(), reference.eval()
+    with torch.no_grad():
+        assert_conv_close(block(x), reference(x).double())
 
 
 def test_fuse_conv_bn_rejects_mismatch():

@@ -2,13 +2,13 @@
 
 from . import functional
 from .attention import MultiheadAttention
-from .conv import Conv2d, ConvBNAct, fuse_conv_bn
+from .conv import Conv2d, Conv2dNormActivation, fuse_conv_bn
 from .detection import MultiScaleRoIAlign, RoIAlign, RoIPool
 from .recurrent import LSTM, LSTMCell
 
 __all__ = [
     "Conv2d",
-    "ConvBNAct",
+    "Conv2dNormActivation",
     "LSTM",
     "LSTMCell",
     "MultiScaleRoIAlign",

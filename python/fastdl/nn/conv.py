@@ -1,4 +1,5 @@
-"""Convolution modules: a drop-in ``nn.Conv2d`` and the fused inference block ConvBNAct."""
+"""Convolution modules: a drop-in ``nn.Conv2d`` and torchvision's ``Conv2dNormActivation`` block,
+fused for inference."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.conv2d import ACTIVATIONS, check_activation
+from ..ops.conv2d import check_activation
 
-__all__ = ["Conv2d", "ConvBNAct", "fuse_conv_bn"]
+__all__ = ["Conv2d", "Conv2dNormActivation", "fuse_conv_bn"]
 
 
 def _state_key(*tensors: Tensor | None) -> tuple:
@@ -107,53 +108,104 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str | None = N
     return fused.eval().prepack()
 
 
-class ConvBNAct(nn.Module):
-    """Conv2d (no bias) -> BatchNorm2d -> activation, the block of ResNet-style networks.
+# The activation modules whose function the conv2d kernels apply in their epilogue.
+_FUSABLE_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.GELU: "gelu"}
 
-    In training, or whenever parameter gradients are wanted, it runs the three steps (BatchNorm
-    needs batch statistics). In eval mode under ``torch.no_grad()``/``torch.inference_mode()``
-    (or with frozen parameters) it runs one fused convolution with BatchNorm folded into the
-    weights. The folded weights (and, for a 3x3 stride-1 float32 CPU convolution, their Winograd
-    transform, as :meth:`Conv2d.prepack` keeps) are cached and recomputed when a parameter or
-    running statistic is replaced or modified in place; writes through ``.data`` are not seen,
-    so call :meth:`refresh` after them. ``padding`` defaults to
-    ``dilation * (kernel_size - 1) // 2`` (the output keeps the input size at stride 1).
-    state_dict keys: ``conv.weight``, ``bn.weight``, ``bn.bias``, ``bn.running_mean``, ...
+
+def _epilogue(activation: nn.Module | None) -> str | None | bool:
+    """The kernel's name for ``activation`` (``None`` for none), or ``False`` where the kernels
+    cannot apply it (another module, or GELU with the tanh approximation)."""
+    if activation is None:
+        return None
+    if isinstance(activation, nn.GELU) and activation.approximate != "none":
+        return False
+    return _FUSABLE_ACTIVATIONS.get(type(activation), False)
+
+
+class Conv2dNormActivation(nn.Sequential):
+    """torchvision's ``Conv2dNormActivation``: conv -> norm -> activation as an ``nn.Sequential``
+    with the same arguments, defaults and ``state_dict`` keys (``0.weight``, ``1.weight``,
+    ``1.running_mean``, ...), the convolution a fastdl :class:`Conv2d`.
+
+    ``padding=None`` is ``(kernel_size - 1) // 2 * dilation``; ``bias=None`` gives the
+    convolution a bias only without a norm layer. In eval mode, when no parameter gradient is
+    wanted (under ``torch.no_grad()``/``torch.inference_mode()``, or with frozen parameters), a
+    ``BatchNorm2d`` is folded into the convolution and a ReLU, ReLU6, SiLU or GELU runs in its
+    epilogue: one convolution writes the output. The folded weights (and, for a 3x3 stride-1
+    float32 CPU convolution, their Winograd transform) are cached and recomputed when a
+    parameter or running statistic is replaced or modified in place; writes through ``.data``
+    are not seen, so call :meth:`refresh` after them. Other norm layers or activations run as
+    separate modules.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 padding: int | None = None, dilation: int = 1, groups: int = 1, activation: str | None = "relu",
-                 eps: float = 1e-5, momentum: float = 0.1, device=None, dtype=None):
-        super().__init__()
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] = 3,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str | None = None,
+        groups: int = 1,
+        norm_layer=nn.BatchNorm2d,
+        activation_layer=nn.ReLU,
+        dilation: int | tuple[int, int] = 1,
+        inplace: bool | None = True,
+        bias: bool | None = None,
+        device=None,
+        dtype=None,
+    ):
         if padding is None:
-            padding = dilation * (kernel_size - 1) // 2
-        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False,
-                           device=device, dtype=dtype)
-        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
-        check_activation(activation, "ConvBNAct")
-        self.activation = activation
-        self._fused: tuple[tuple, Tensor, Tensor, Tensor | None] | None = None
+            kernels = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+            dilations = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+            padding = tuple((k - 1) // 2 * d for k, d in zip(kernels, dilations))
+        if bias is None:
+            bias = norm_layer is None
+        layers: list[nn.Module] = [
+            Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias,
+                   device=device, dtype=dtype)
+        ]
+        if norm_layer is not None:
+            layers.append(norm_layer(out_channels).to(device=device, dtype=dtype))
+        if activation_layer is not None:
+            layers.append(activation_layer() if inplace is None else activation_layer(inplace=inplace))
+        super().__init__(*layers)
+        self.out_channels = out_channels
+        self._fused: tuple[tuple, Tensor, Tensor | None, Tensor | None] | None = None
 
-    def refresh(self) -> "ConvBNAct":
+    def refresh(self) -> "Conv2dNormActivation":
         """Drop the cached folded weights (needed only after writes through ``.data``)."""
         self._fused = None
         return self
 
-    def _fused_parameters(self) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _parts(self) -> tuple[Conv2d, nn.BatchNorm2d | None, str | None] | None:
+        """The convolution, BatchNorm and epilogue activation of a block that can run as one
+        convolution, else None."""
+        conv, *rest = self
+        if conv.padding_mode != "zeros":
+            return None
+        bn = rest.pop(0) if rest and isinstance(rest[0], nn.BatchNorm2d) and rest[0].running_mean is not None else None
+        if len(rest) > 1:
+            return None
+        activation = _epilogue(rest[0]) if rest else None
+        return None if activation is False else (conv, bn, activation)
+
+    def _fused_parameters(self, conv: Conv2d, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Folded weight, bias and (where it applies) the weight's Winograd transform."""
-        key = _state_key(self.conv.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
+        tensors = (conv.weight, conv.bias) + ((bn.weight, bn.bias, bn.running_mean, bn.running_var) if bn else ())
+        key = _state_key(*tensors)
         if self._fused is None or self._fused[0] != key:
             with torch.no_grad():
-                weight, bias = _folded(self.conv, self.bn)
-            winograd = ops.conv2d_winograd_weight(weight) if _winograd_applies(self.conv, weight) else None
+                weight, bias = _folded(conv, bn) if bn is not None else (conv.weight.detach(), conv.bias)
+            winograd = ops.conv2d_winograd_weight(weight) if _winograd_applies(conv, weight) else None
             self._fused = (key, weight, bias, winograd)
         return self._fused[1:]
 
     def forward(self, x: Tensor) -> Tensor:
         needs_parameter_grads = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if self.training or needs_parameter_grads:
-            return ACTIVATIONS[self.activation](self.bn(self.conv(x)))
-        weight, bias, winograd = self._fused_parameters()
-        c = self.conv
-        return ops.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups, self.activation,
+        parts = None if self.training or needs_parameter_grads else self._parts()
+        if parts is None:
+            return super().forward(x)
+        conv, bn, activation = parts
+        weight, bias, winograd = self._fused_parameters(conv, bn)
+        return ops.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation,
                           winograd_weight=winograd)

@@ -46,12 +46,15 @@ class RoIPool(nn.Module):
 
 
 class MultiScaleRoIAlign(nn.Module):
-    """ROI-align over named feature-pyramid levels (as in torchvision's ``MultiScaleRoIAlign``).
+    """ROI-align over named feature-pyramid levels: torchvision's ``MultiScaleRoIAlign``, with the
+    same arguments, level rule, scale inference, output and repr.
 
-    ``forward(features, boxes, image_sizes)`` takes a dict of ``Tensor[N, C, H_l, W_l]`` maps, a
-    list of per-image ``Tensor[L, 4]`` boxes in image coordinates and the ``(height, width)`` of
-    each image; each map's scale is inferred as the power of two nearest to its size over the
-    largest image's size. Returns ``Tensor[K, C, PH, PW]`` with the boxes of all images in order.
+    ``forward(x, boxes, image_shapes)`` takes a dict of ``Tensor[N, C, H_l, W_l]`` maps, a list of
+    per-image ``Tensor[L, 4]`` boxes in image coordinates and the ``(height, width)`` of each
+    image. Each map's scale is the power of two nearest to its height over the largest image
+    height (as torchvision infers it). Returns ``Tensor[K, C, PH, PW]`` with the boxes of all
+    images in order. ``aligned`` (keyword, default ``False`` as in torchvision) is passed to
+    :func:`fastdl.ops.roi_align`.
     """
 
     def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int = -1, *, aligned: bool = False,
@@ -64,14 +67,18 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
 
-    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
-        missing = [name for name in self.featmap_names if name not in features]
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        missing = [name for name in self.featmap_names if name not in x]
         if missing:
-            raise KeyError(f"MultiScaleRoIAlign: feature maps {missing} not in the input (have {list(features)})")
-        maps = [features[name] for name in self.featmap_names]
-        max_h = max(s[0] for s in image_sizes)
-        max_w = max(s[1] for s in image_sizes)
-        scales = [2.0 ** round(math.log2(0.5 * (m.shape[-2] / max_h + m.shape[-1] / max_w))) for m in maps]
+            raise KeyError(f"MultiScaleRoIAlign: feature maps {missing} not in the input (have {list(x)})")
+        if not image_shapes:
+            raise ValueError("MultiScaleRoIAlign: image_shapes is empty")
+        maps = [x[name] for name in self.featmap_names]
+        max_height = max(shape[0] for shape in image_shapes)
+        scales = [2.0 ** round(math.log2(m.shape[-2] / max_height)) for m in maps]
         return ops.multiscale_roi_align(
             maps, boxes, self.output_size, scales, self.sampling_ratio, self.aligned, self.canonical_scale, self.canonical_level
         )
+
+    def extra_repr(self) -> str:
+        return f"featmap_names={self.featmap_names}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}"

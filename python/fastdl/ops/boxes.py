@@ -20,22 +20,38 @@ def _check_boxes(name: str, boxes: Tensor) -> None:
         raise ValueError(f"{name} must be a Tensor[..., 4], got {shape}")
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """``t`` in a type whose products of coordinates do not overflow, as torchvision computes
+    areas: float16/bfloat16 in float32 (a 300-pixel box's area is past float16's 65504), and
+    integers narrower than int32 in int32."""
+    if t.is_floating_point():
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return t if t.dtype in (torch.int32, torch.int64) else t.int()
+
+
 def box_area(boxes: Tensor) -> Tensor:
-    """``Tensor[N, 4]`` xyxy -> ``Tensor[N]`` areas ``(x2 - x1) * (y2 - y1)``."""
+    """``Tensor[N, 4]`` xyxy -> ``Tensor[N]`` areas ``(x2 - x1) * (y2 - y1)``.
+
+    float16/bfloat16 boxes give float32 areas and integer boxes narrower than int32 give int32
+    (as in torchvision), so the product cannot overflow.
+    """
     _check_boxes("boxes", boxes)
+    boxes = _upcast(boxes)
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise IoU: ``Tensor[N, 4]``, ``Tensor[M, 4]`` (xyxy) -> ``Tensor[N, M]``.
 
-    Two empty boxes have IoU ``0/0 = NaN`` (which never exceeds an NMS threshold).
+    Areas are computed in the upcast type of :func:`box_area`; the result is float32 for
+    float16, bfloat16 and integer boxes. Two empty boxes have IoU ``0/0 = NaN`` (which never
+    exceeds an NMS threshold).
     """
     _check_boxes("boxes1", boxes1)
     _check_boxes("boxes2", boxes2)
     lt = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
     rb = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
+    wh = _upcast(rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     return inter / (box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter)
 
@@ -83,42 +99,79 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 
 
 class BoxCoder:
-    """Encodes ground-truth boxes relative to proposals as regression targets, and back.
+    """Encodes boxes as regression targets relative to reference boxes, and back: torchvision's
+    ``torchvision.models.detection._utils.BoxCoder``, with the same arguments, methods, shapes
+    and numerics.
 
-    For a proposal with centre ``(px, py)`` and size ``(pw, ph)`` and a target with ``(gx, gy, gw, gh)``:
-    ``tx = wx (gx - px) / pw``, ``ty = wy (gy - py) / ph``, ``tw = ww log(gw / pw)``,
-    ``th = wh log(gh / ph)``, with per-coordinate ``weights = (wx, wy, ww, wh)`` (default 1).
-    ``decode`` inverts it; the exponent is clamped at ``bbox_xform_clip`` (default ``log(1000/16)``)
-    so that huge predicted deltas cannot overflow.
+    For a proposal with centre ``(px, py)`` and size ``(pw, ph)`` and a matched ground-truth box
+    ``(gx, gy, gw, gh)``, the target is ``dx = wx (gx - px) / pw``, ``dy = wy (gy - py) / ph``,
+    ``dw = ww log(gw / pw)``, ``dh = wh log(gh / ph)`` with ``weights = (wx, wy, ww, wh)``
+    (``(10, 10, 5, 5)`` in torchvision's box head, ``(1, 1, 1, 1)`` in its RPN). Decoding clamps
+    ``dw``, ``dh`` at ``bbox_xform_clip`` (``log(1000 / 16)``) so that huge predictions cannot
+    overflow ``exp``.
     """
 
-    def __init__(self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0), bbox_xform_clip: float = math.log(1000.0 / 16)):
-        if len(weights) != 4 or any(w <= 0 for w in weights):
-            raise ValueError(f"BoxCoder: weights must be 4 positive numbers, got {weights}")
+    def __init__(self, weights: tuple[float, float, float, float], bbox_xform_clip: float = math.log(1000.0 / 16)):
+        if len(weights) != 4 or any(not w > 0 for w in weights):
+            raise ValueError(f"BoxCoder: weights must be 4 positive numbers, got {tuple(weights)}")
+        if not bbox_xform_clip > 0:
+            raise ValueError(f"BoxCoder: bbox_xform_clip must be positive, got {bbox_xform_clip}")
         self.weights = tuple(float(w) for w in weights)
         self.bbox_xform_clip = bbox_xform_clip
 
-    def encode(self, proposals: Tensor, gt: Tensor) -> Tensor:
-        """``Tensor[N, 4]`` proposals and matched ``Tensor[N, 4]`` targets (xyxy) -> ``Tensor[N, 4]`` deltas."""
-        _check_boxes("proposals", proposals)
-        _check_boxes("gt", gt)
-        if proposals.shape != gt.shape:
-            raise ValueError(f"BoxCoder.encode: proposals {tuple(proposals.shape)} and gt {tuple(gt.shape)} must have the same shape")
-        wx, wy, ww, wh = self.weights
-        px, py, pw, ph = box_convert(proposals, "xyxy", "cxcywh").unbind(-1)
-        gx, gy, gw, gh = box_convert(gt, "xyxy", "cxcywh").unbind(-1)
-        return torch.stack([wx * (gx - px) / pw, wy * (gy - py) / ph, ww * torch.log(gw / pw), wh * torch.log(gh / ph)], dim=-1)
+    def encode(self, reference_boxes: list[Tensor], proposals: list[Tensor]) -> tuple[Tensor, ...]:
+        """Per image: matched ground-truth ``Tensor[L_i, 4]`` and proposals ``Tensor[L_i, 4]`` (xyxy)
+        -> a tuple of ``Tensor[L_i, 4]`` targets."""
+        if len(reference_boxes) != len(proposals):
+            raise ValueError(f"BoxCoder.encode: {len(reference_boxes)} lists of reference boxes for {len(proposals)} of proposals")
+        counts = [len(b) for b in reference_boxes]
+        targets = self.encode_single(torch.cat(reference_boxes, dim=0), torch.cat(proposals, dim=0))
+        return targets.split(counts, 0)
 
-    def decode(self, proposals: Tensor, deltas: Tensor) -> Tensor:
-        """``Tensor[N, 4]`` proposals (xyxy) and ``Tensor[N, 4 * C]`` deltas -> ``Tensor[N, 4 * C]`` boxes (xyxy)."""
+    def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        """Ground-truth ``Tensor[N, 4]`` and proposals ``Tensor[N, 4]`` (xyxy) -> targets ``Tensor[N, 4]``."""
+        _check_boxes("reference_boxes", reference_boxes)
         _check_boxes("proposals", proposals)
-        if deltas.dim() != 2 or deltas.size(0) != proposals.size(0) or deltas.size(1) % 4:
-            raise ValueError(f"BoxCoder.decode: deltas must be Tensor[{proposals.size(0)}, 4 * C], got {tuple(deltas.shape)}")
+        if reference_boxes.shape != proposals.shape:
+            raise ValueError(
+                f"BoxCoder.encode: reference_boxes {tuple(reference_boxes.shape)} and proposals "
+                f"{tuple(proposals.shape)} must have the same shape"
+            )
         wx, wy, ww, wh = self.weights
-        px, py, pw, ph = (t[:, None] for t in box_convert(proposals.to(deltas.dtype), "xyxy", "cxcywh").unbind(-1))
-        dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy
-        dw = (deltas[:, 2::4] / ww).clamp(max=self.bbox_xform_clip)
-        dh = (deltas[:, 3::4] / wh).clamp(max=self.bbox_xform_clip)
+        px, py, pw, ph = _centres_and_sizes(proposals)
+        gx, gy, gw, gh = _centres_and_sizes(reference_boxes)
+        return torch.stack(
+            [wx * (gx - px) / pw, wy * (gy - py) / ph, ww * torch.log(gw / pw), wh * torch.log(gh / ph)], dim=1
+        )
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        """Codes ``Tensor[N, 4 * C]`` for the concatenated per-image boxes ``Tensor[L_i, 4]``
+        (``N = sum L_i``) -> ``Tensor[N, C, 4]`` decoded xyxy boxes."""
+        if not isinstance(boxes, (list, tuple)) or not all(isinstance(b, Tensor) for b in boxes):
+            raise TypeError(f"BoxCoder.decode: boxes must be a list of Tensor[L, 4], got {type(boxes).__name__}")
+        total = sum(b.size(0) for b in boxes)
+        concatenated = torch.cat(list(boxes), dim=0) if boxes else rel_codes.new_zeros(0, 4)
+        decoded = self.decode_single(rel_codes.reshape(total, -1) if total > 0 else rel_codes, concatenated)
+        return decoded.reshape(total, -1, 4) if total > 0 else decoded
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        """Codes ``Tensor[N, 4 * C]`` and reference boxes ``Tensor[N, 4]`` (xyxy) -> ``Tensor[N, 4 * C]``."""
+        _check_boxes("boxes", boxes)
+        if rel_codes.dim() != 2 or rel_codes.size(0) != boxes.size(0) or rel_codes.size(1) % 4:
+            raise ValueError(
+                f"BoxCoder.decode: rel_codes must be Tensor[{boxes.size(0)}, 4 * C], got {tuple(rel_codes.shape)}"
+            )
+        wx, wy, ww, wh = self.weights
+        px, py, pw, ph = (t[:, None] for t in _centres_and_sizes(boxes.to(rel_codes.dtype)))
+        dx, dy = rel_codes[:, 0::4] / wx, rel_codes[:, 1::4] / wy
+        dw = (rel_codes[:, 2::4] / ww).clamp(max=self.bbox_xform_clip)
+        dh = (rel_codes[:, 3::4] / wh).clamp(max=self.bbox_xform_clip)
         cx, cy = dx * pw + px, dy * ph + py
-        w, h = torch.exp(dw) * pw, torch.exp(dh) * ph
-        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1).flatten(1)
+        half_w, half_h = 0.5 * torch.exp(dw) * pw, 0.5 * torch.exp(dh) * ph
+        return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=2).flatten(1)
+
+
+def _centres_and_sizes(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(cx, cy, w, h)`` of xyxy boxes, the centre as ``x1 + w / 2`` (torchvision's rounding)."""
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h, w, h

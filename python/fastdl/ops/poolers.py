@@ -19,12 +19,14 @@ def pyramid_levels(
 ) -> Tensor:
     """Index into ``scales`` of the level that pools each box (FPN paper, eq. 1).
 
-    A box of size ``sqrt(area)`` goes to level ``floor(canonical_level + log2(sqrt(area) / canonical_scale))``,
-    clamped to the pyramid; level ``l`` is the map with scale ``2**-l``.
+    A box of size ``s = sqrt(area)`` goes to level ``floor(canonical_level + log2(s / canonical_scale) + eps)``,
+    clamped to the pyramid; level ``l`` is the map with scale ``2**-l``. This is torchvision's
+    rule, ``eps`` included: it lifts a box whose size is an exact power of two times
+    ``canonical_scale`` (``log2`` a hair below an integer) onto the level it belongs to.
     """
     level_min, level_max = -math.log2(scales[0]), -math.log2(scales[-1])
     size = torch.sqrt(((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).clamp(min=0))
-    level = torch.floor(canonical_level + torch.log2(size / canonical_scale + eps))
+    level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + eps)
     return (level.clamp(level_min, level_max) - level_min).long()
 
 
