@@ -12,6 +12,17 @@ import pytest  # noqa: E402
 import fastdl.backends.cpu  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--seed", default="0",
+        help="base of the per-test seeds of harness.fresh_seed (each test's seed also depends on its id)",
+    )
+
+
+def pytest_configure(config):
+    os.environ["FASTDL_TEST_SEED"] = str(config.getoption("--seed"))
+
+
 @pytest.fixture(params=fastdl.backends.cpu.supported_cpu_capabilities())
 def every_cpu_capability(request):
     """Runs the test once per CPU capability this machine supports (default, avx2, avx512), with

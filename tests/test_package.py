@@ -35,12 +35,22 @@ def test_triton_kernels_and_benchmarks_ship_in_the_package():
     assert (bench.benchmark_dir() / "bench_roi_align.py").exists()
 
 
-def test_every_op_has_schema_kernels_and_composite():
-    for name in _library.public_ops():
+def schema_names() -> list[str]:
+    """Every operator the fastdl:: library defined, read from the dispatcher."""
+    return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastdl::"))
+
+
+def test_every_op_has_schema_kernels_composite_and_fake():
+    names = schema_names()
+    assert "roi_align" in names and "_conv2d_backward" in names
+    assert set(names) == set(_library.public_ops()), "an operator schema without a composite, or the reverse"
+    for name in names:
         qualname = _library.qualname(name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU"), f"{name}: no CPU kernel"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd"), f"{name}: no composite"
         assert _library.implementation(name, "cpu") == "C++"
+        entry = torch._library.simple_registry.singleton.find(qualname)
+        assert entry.fake_impl.kernel is not None, f"{name}: no fake kernel"
 
 
 def test_info_command_lists_every_op():

@@ -1,5 +1,7 @@
 """fastdl's functional API. Every function here is a thin wrapper over ``torch.ops.fastdl.*``."""
 
+import torch.fx
+
 from .. import _loader  # noqa: F401  (must precede the op modules)
 from .attention import attention
 from .boxes import BoxCoder, box_area, box_convert, box_iou, clip_boxes_to_image, remove_small_boxes
@@ -28,3 +30,24 @@ __all__ = [
     "roi_align",
     "roi_pool",
 ]
+
+
+def _refuse_torchscript(name: str):
+    def prepare():
+        raise RuntimeError(
+            f"fastdl.ops.{name} cannot be compiled by TorchScript, which PyTorch has deprecated: use "
+            "torch.compile or torch.export, or call the registered operators (torch.ops.fastdl.*), "
+            "which scripted code can call"
+        )
+
+    return prepare
+
+
+# torch.fx.symbolic_trace keeps calls of these (as ``fastdl.ops.<name>`` and from fastdl.nn) as
+# leaf nodes instead of tracing into the wrappers, whose argument handling (lists of boxes,
+# ints for sizes) cannot run on proxies. torch.jit.script of one fails with a clear message.
+for _name in __all__:
+    if _name != "BoxCoder":
+        torch.fx.wrap(_name)
+        globals()[_name].__prepare_scriptable__ = _refuse_torchscript(_name)
+del _name

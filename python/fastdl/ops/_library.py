@@ -81,3 +81,42 @@ def implementation(name: str, device: str) -> str:
     if torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), key):
         return {"cpu": "C++", "cuda": _OPS[name].cuda_kernel, "mps": "native"}[device]
     return "composite (PyTorch)"
+
+
+def _autocast_cast(value, dtype: torch.dtype):
+    """``value`` cast to ``dtype`` if it is a floating tensor other than float64 (autocast leaves
+    float64 alone), else unchanged."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+        return value.to(dtype)
+    return value
+
+
+def register_autocast(name: str, policy: str) -> None:
+    """Autocast rule of ``fastdl::name`` on CPU and CUDA.
+
+    * ``"float32"``: the op runs on float32 copies of its floating inputs and its first output is
+      returned in the dtype of the first input; torchvision's rule for its detection ops, so that
+      float16 features with float32 boxes (what an AMP detector passes) work.
+    * ``"lower"``: floating inputs are cast to the autocast dtype
+      (``torch.get_autocast_dtype``), as for ``scaled_dot_product_attention``.
+    """
+    if policy not in ("float32", "lower"):
+        raise ValueError(f"register_autocast: policy must be 'float32' or 'lower', got {policy!r}")
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(*args, _device_type=device_type, _excluded=excluded):
+            dtype = torch.float32 if policy == "float32" else torch.get_autocast_dtype(_device_type)
+            # the op itself must not reach this kernel again
+            with torch._C._ExcludeDispatchKeyGuard(_excluded):
+                result = op(*(_autocast_cast(a, dtype) for a in args))
+            if policy == "lower":
+                return result
+            first = args[0]
+            if isinstance(result, tuple):
+                return (result[0].to(first.dtype), *result[1:])
+            return result.to(first.dtype) if result.is_floating_point() else result
+
+        torch.library.impl(qualname(name), key, kernel)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._library import register_composite, register_triton_kernels, triton_available
+from ._library import register_autocast, register_composite, register_triton_kernels, triton_available
 
 __all__ = ["attention"]
 
@@ -163,6 +163,7 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("fastdl::attention", _backward, setup_context=_setup_context)
+register_autocast("attention", "lower")
 
 
 # ---- dropout mask: a counter-based hash shared by every implementation -------------------------

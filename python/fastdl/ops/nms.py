@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import register_composite
+from ._library import register_autocast, register_composite
 
 __all__ = ["nms", "batched_nms"]
 
@@ -120,6 +120,10 @@ def _nms_fake(boxes, scores, iou_threshold):
 @torch.library.register_fake("fastdl::batched_nms")
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     return _fake("batched_nms", boxes, scores, idxs)
+
+
+register_autocast("nms", "float32")
+register_autocast("batched_nms", "float32")
 
 
 # ---- composites -------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import register_composite
+from ._library import register_autocast, register_composite
 from ._utils import BoxesLike, boxes_to_rois, check_output_size, check_rois, pair, suggest_memory_format
 
 __all__ = ["roi_align"]
@@ -91,6 +91,7 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("fastdl::roi_align", _backward, setup_context=_setup_context)
+register_autocast("roi_align", "float32")
 
 
 # ---- composite (plain PyTorch; serves MPS and devices without a native kernel) ----------------

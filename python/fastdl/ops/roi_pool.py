@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import register_composite
+from ._library import register_autocast, register_composite
 from ._utils import BoxesLike, boxes_to_rois, check_output_size, check_rois, pair
 
 __all__ = ["roi_pool"]
@@ -66,6 +66,7 @@ def _backward(ctx, grad, _grad_argmax):
 
 
 torch.library.register_autograd("fastdl::roi_pool", _backward, setup_context=_setup_context)
+register_autocast("roi_pool", "float32")
 
 
 # ---- composite --------------------------------------------------------------------------------
