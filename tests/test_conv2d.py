@@ -179,6 +179,26 @@ def test_cifar_first_layer_backward():
     assert_close(w.grad, w64.grad, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("channels", [1, 3, 4, 16])
+def test_gradients_are_laid_out_as_the_fake_kernel_says(channels):
+    """The eager gradients have the strides the fake kernel promises (a 3-channel weight gradient
+    once came back as a strided view, which broke compiled training of RGB networks)."""
+    fresh_seed()
+    x = torch.randn(2, channels, 12, 12, requires_grad=True)
+    w = torch.randn(8, channels, 3, 3, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    fastdl.ops.conv2d(x, w, b, padding=1).sum().backward()
+    mode = torch._subclasses.fake_tensor.FakeTensorMode()
+    grad_output, x_fake, w_fake = (mode.from_tensor(t) for t in (torch.ones(2, 8, 12, 12), x.detach(), w.detach()))
+    with mode:
+        fake = torch.ops.fastdl._conv2d_backward.default(grad_output, x_fake, w_fake, [1, 1], [1, 1], [1, 1], 1, [True, True, True])
+    def layout(t):  # the strides that matter: those of dimensions longer than 1
+        return tuple(stride for stride, size in zip(t.stride(), t.shape) if size > 1)
+
+    for eager, promised in zip((x.grad, w.grad, b.grad), fake):
+        assert layout(eager) == layout(promised), (eager.shape, eager.stride(), promised.stride())
+
+
 def test_few_input_channels_strided_view():
     """An input whose columns are not adjacent (every other one of a wider image)."""
     fresh_seed()

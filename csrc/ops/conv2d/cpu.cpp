@@ -816,7 +816,8 @@ at::Tensor grad_weight_rows(const Geometry& g, const at::Tensor& grad_output, co
       .sum(2)
       .narrow(0, 0, K)
       .narrow(1, 0, taps)
-      .reshape({K, g.channels, g.kernel_h, g.kernel_w});
+      .reshape({K, g.channels, g.kernel_h, g.kernel_w})
+      .contiguous();  // the fake kernel (and autograd's callers) expect a contiguous gradient
 }
 
 // At stride 1 each tap's weight gradient is one GEMM over shifted rows of the padded input, so
