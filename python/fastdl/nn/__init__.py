@@ -5,6 +5,7 @@ from .attention import MultiheadAttention
 from .conv import Conv2d, Conv2dNormActivation, fuse_conv_bn
 from .detection import MultiScaleRoIAlign, RoIAlign, RoIPool
 from .recurrent import LSTM, LSTMCell
+from .replace import replace_modules
 
 __all__ = [
     "Conv2d",
@@ -16,4 +17,5 @@ __all__ = [
     "RoIAlign",
     "RoIPool",
     "fuse_conv_bn",
+    "replace_modules",
 ]
