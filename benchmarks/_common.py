@@ -41,3 +41,15 @@ def make_run(fn, args, mode: str, device: str, grad=None):
         return out
 
     return run
+
+
+def torchvision_ops():
+    """``torchvision.ops`` when torchvision imports and its compiled ops load (it needs the torch it
+    was built for), else None: the benchmarks then add it as a named peer."""
+    try:
+        import torchvision.ops
+
+        torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+    except Exception:  # missing, or built for another torch: the peer is left out
+        return None
+    return torchvision.ops

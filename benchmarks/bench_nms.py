@@ -1,4 +1,4 @@
-"""nms and batched_nms against eager PyTorch.
+"""nms and batched_nms against eager PyTorch (and torchvision when it imports).
 
 Baselines: "eager" is the greedy loop over a precomputed IoU matrix (fastdl's plain-PyTorch
 composite); "python-loop" is the per-kept-box loop found in course notes (each kept box's IoU
@@ -14,7 +14,7 @@ import torch
 import fastdl.ops
 from fastdl.ops._library import composite
 
-from ._common import record, sync
+from ._common import record, sync, torchvision_ops
 
 # name: (number of boxes, number of classes or 0 for plain nms, quick?)
 CASES = {
@@ -71,6 +71,9 @@ BATCHED_IMPLS = {
     "fastdl": lambda b, s, i, t: fastdl.ops.batched_nms(b, s, i, t),
     "per-class-eager": batched_nms_per_class,
 }
+if (tv_ops := torchvision_ops()) is not None:
+    NMS_IMPLS["torchvision"] = lambda b, s, i, t: tv_ops.nms(b, s, t)
+    BATCHED_IMPLS["torchvision"] = lambda b, s, i, t: tv_ops.batched_nms(b, s, i, t)
 
 
 def _params():

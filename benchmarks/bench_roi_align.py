@@ -1,4 +1,5 @@
-"""roi_align: fastdl's kernel against a vectorised eager-PyTorch implementation.
+"""roi_align: fastdl's kernel against a vectorised eager-PyTorch implementation (and torchvision
+when it imports).
 
 The eager baseline is the usual gather formulation (every sample point's four neighbours fetched
 with advanced indexing, then weighted and averaged), as written for devices without a kernel.
@@ -12,7 +13,7 @@ import torch
 import fastdl.ops
 from fastdl.ops._library import composite
 
-from ._common import make_run, record
+from ._common import make_run, record, torchvision_ops
 
 # name: (feature map [N, C, H, W], number of boxes, output size, sampling ratio, quick?)
 CASES = {
@@ -79,6 +80,8 @@ IMPLS = {
     "fastdl": lambda x, r, o, s, sr, a: fastdl.ops.roi_align(x, r, o, s, sr, a),
     "eager": eager_roi_align,
 }
+if (tv_ops := torchvision_ops()) is not None:
+    IMPLS["torchvision"] = lambda x, r, o, s, sr, a: tv_ops.roi_align(x, r, o, s, sr, a)
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])

@@ -1,4 +1,5 @@
-"""roi_pool: fastdl's kernel against eager PyTorch (fastdl's masked-max composite)."""
+"""roi_pool: fastdl's kernel against eager PyTorch (fastdl's masked-max composite) and torchvision
+when it imports."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import fastdl.ops
 from fastdl.ops._library import composite
 
-from ._common import record, sync
+from ._common import record, sync, torchvision_ops
 from .bench_roi_align import make_inputs
 
 CASES = {"fasterrcnn-c4": False, "small-64ch": True}  # shared with bench_roi_align; value: quick?
@@ -17,6 +18,8 @@ IMPLS = {
     "fastdl": lambda x, r, s: fastdl.ops.roi_pool(x, r, 7, s),
     "eager": lambda x, r, s: composite("roi_pool")(x, r, s, 7, 7)[0],
 }
+if (tv_ops := torchvision_ops()) is not None:
+    IMPLS["torchvision"] = lambda x, r, s: tv_ops.roi_pool(x, r, 7, s)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
