@@ -674,3 +674,23 @@ def test_conv2d_norm_activation_swaps_for_the_reference(config):
 def test_fuse_conv_bn_rejects_mismatch():
     with pytest.raises(ValueError, match="output channels"):
         fastdl.nn.fuse_conv_bn(nn.Conv2d(3, 4, 3), trained_batchnorm(5))
+
+
+@pytest.mark.parametrize("impl", ["native", "composite"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+def test_no_input_channels_gives_the_activated_bias(impl, activation):
+    """With zero input channels every sum is empty: the output is act(bias), defined, never the
+    uninitialised memory a BLAS call with an empty reduction left (F.conv2d itself returns a
+    tensor with no output channels here)."""
+    fresh_seed()
+    x, w = torch.randn(2, 0, 5, 6), torch.randn(4, 0, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    args = ([1, 1], [1, 1], [1, 1], 1, activation, None)
+    op = torch.ops.fastdl.conv2d.default if impl == "native" else _library.composite("conv2d")
+    out = op(x, w, b, *args)
+    expected = ACTIVATIONS[activation](b.detach().view(1, 4, 1, 1).expand(2, 4, 5, 6))
+    assert_close(out.detach(), expected, rtol=1e-6, atol=1e-7)
+    if impl == "native":
+        out.sum().backward()
+        assert w.grad.shape == (4, 0, 3, 3)
+        assert_close(b.grad, torch.autograd.grad(ACTIVATIONS[activation](b.view(1, 4, 1, 1).expand(2, 4, 5, 6)).sum(), b)[0])

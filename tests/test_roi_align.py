@@ -299,3 +299,27 @@ def test_cuda_matches_cpu():
     assert_close(fastdl.ops.roi_align(x.cuda(), rois.cuda(), 7, 0.5, -1, True), fastdl.ops.roi_align(x, rois, 7, 0.5, -1, True))
 
 
+
+
+@pytest.mark.parametrize("impl", ["native", "composite"])
+@pytest.mark.parametrize("shape", [(2, 3, 0, 7), (2, 3, 6, 0)])
+def test_map_without_pixels_gives_zeros(shape, impl):
+    """Every sample point of a 0-pixel map is outside it: zeros, never a read past the map."""
+    features = torch.randn(shape)
+    rois = torch.tensor([[0, 0.0, 0, 3, 3], [1, 1.0, 1, 2, 5]])
+    op = torch.ops.fastdl.roi_align.default if impl == "native" else _library.composite("roi_align")
+    out = op(features, rois, 1.0, 2, 2, 2, True)
+    assert out.shape == (2, 3, 2, 2) and torch.equal(out, torch.zeros_like(out))
+
+
+def test_backward_op_checks_its_rois():
+    """The internal backward is reachable through torch.ops.fastdl: a batch index beyond
+    batch_size, a NaN box or a negative size is an error, not a write outside the gradient."""
+    backward = torch.ops.fastdl._roi_align_backward.default
+    grad = torch.ones(1, 3, 2, 2)
+    with pytest.raises(RuntimeError, match=r"batch index\) must lie in \[0, 2\) for batch_size 2"):
+        backward(grad, torch.tensor([[5.0, 0, 0, 3, 3]]), 1.0, 2, 2, 2, 3, 8, 8, 2, True)
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        backward(grad, torch.tensor([[0.0, 0, float("nan"), 3, 3]]), 1.0, 2, 2, 2, 3, 8, 8, 2, True)
+    with pytest.raises(RuntimeError, match="input size must be non-negative"):
+        backward(grad, torch.tensor([[0.0, 0, 0, 3, 3]]), 1.0, 2, 2, 2, 3, -8, 8, 2, True)

@@ -157,3 +157,15 @@ def test_cuda_deterministic_backward():
     finally:
         torch.use_deterministic_algorithms(False)
     assert_close(det, atomic)
+
+
+def test_backward_op_checks_its_rois_and_argmax():
+    """The internal backward is reachable through torch.ops.fastdl: it checks like the forward."""
+    backward = torch.ops.fastdl._roi_pool_backward.default
+    grad, argmax = torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"batch index\) must lie in \[0, 2\) for batch_size 2"):
+        backward(grad, torch.tensor([[2.0, 0, 0, 3, 3]]), argmax, 1.0, 2, 2, 2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="argmax must be int64"):
+        backward(grad, torch.tensor([[0.0, 0, 0, 3, 3]]), argmax.int(), 1.0, 2, 2, 2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="beyond the 8x8 map"):
+        backward(grad, torch.tensor([[0.0, 0, 0, 3, 3]]), argmax + 64, 1.0, 2, 2, 2, 3, 8, 8)

@@ -686,6 +686,15 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                                 input.options().memory_format(input.suggest_memory_format()));
   if (output.numel() == 0) return output;
+  if (g.group_channels() == 0) {  // nothing to sum (no input channels): act(bias), as torch gives
+    output.zero_();
+    if (bias) output.add_(bias->view({1, -1, 1, 1}));
+    AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "conv2d_cpu_no_channels", [&] {
+      scalar_t* out = output.data_ptr<scalar_t>();  // freshly allocated, so dense in either layout
+      for (int64_t i = 0; i < output.numel(); ++i) out[i] = activate(act, out[i]);
+    });
+    return output;
+  }
   if (input.scalar_type() == at::kFloat && use_winograd(g)) {
     forward_winograd(g, input, weight, winograd_weight, bias, act, output);
     return output;

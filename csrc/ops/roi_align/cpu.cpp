@@ -101,6 +101,8 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
   auto output = at::empty({num_rois, channels, pooled_h, pooled_w},
                           input.options().memory_format(format));
   if (output.numel() == 0) return output;
+  // A map without pixels: every sample point lies outside it and contributes zero.
+  if (height == 0 || width == 0) return output.zero_();
   const auto input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
   const auto rois_c = rois.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "roi_align_cpu", [&] {
@@ -117,7 +119,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                   int64_t batch_size, int64_t channels, int64_t height,
                                   int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_backward_args(grad, rois, spatial_scale, pooled_h, pooled_w, channels);
+  check_backward_args(grad, rois, spatial_scale, pooled_h, pooled_w, batch_size, channels, height, width);
   auto grad_input_nhwc = at::zeros({batch_size, height, width, channels}, grad.options());
   if (grad.numel() > 0 && grad_input_nhwc.numel() > 0) {
     const auto grad_nhwc = grad.permute({0, 2, 3, 1}).contiguous();

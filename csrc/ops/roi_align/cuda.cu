@@ -142,7 +142,9 @@ at::Tensor roi_align_cuda(const at::Tensor& input, const at::Tensor& rois, doubl
   const int64_t height = input.size(2), width = input.size(3);
   auto output = at::empty({num_rois, channels, pooled_h, pooled_w}, input.options());
   const int64_t total = output.numel();
-  if (total > 0) {
+  // A map without pixels: every sample point lies outside it and contributes zero.
+  if (total > 0 && (height == 0 || width == 0)) output.zero_();
+  if (total > 0 && height > 0 && width > 0) {
     const auto input_c = input.contiguous();
     const auto rois_c = rois.contiguous();
     auto stream = c10::cuda::getCurrentCUDAStream();
@@ -162,7 +164,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
                                    double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                    int64_t batch_size, int64_t channels, int64_t height,
                                    int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_backward_args(grad, rois, spatial_scale, pooled_h, pooled_w, channels);
+  check_backward_args(grad, rois, spatial_scale, pooled_h, pooled_w, batch_size, channels, height, width);
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
   auto grad_input = at::zeros({batch_size, channels, height, width}, grad.options().dtype(acc_dtype));

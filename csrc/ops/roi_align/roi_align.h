@@ -109,10 +109,12 @@ inline void check_params(int64_t pooled_h, int64_t pooled_w, double spatial_scal
 }
 
 inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
-                                int64_t pooled_h, int64_t pooled_w, int64_t channels) {
+                                int64_t pooled_h, int64_t pooled_w, int64_t batch_size,
+                                int64_t channels, int64_t height, int64_t width) {
   check_params(pooled_h, pooled_w, spatial_scale);
   check_same_device("roi_align_backward", "grad", grad, "rois", rois);
   check_same_dtype("roi_align_backward", "grad", grad, "rois", rois);
+  check_backward_rois("roi_align_backward", rois, batch_size, channels, height, width);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
                   grad.size(2) == pooled_h && grad.size(3) == pooled_w,
               "roi_align_backward: expected grad of shape [", rois.size(0), ", ", channels, ", ",

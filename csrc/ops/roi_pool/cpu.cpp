@@ -77,7 +77,7 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                  const at::Tensor& argmax, double spatial_scale, int64_t pooled_h,
                                  int64_t pooled_w, int64_t batch_size, int64_t channels,
                                  int64_t height, int64_t width) {
-  check_backward_args(grad, rois, argmax, channels, pooled_h, pooled_w);
+  check_backward_args(grad, rois, argmax, pooled_h, pooled_w, batch_size, channels, height, width);
   auto grad_input = at::zeros({batch_size, channels, height, width}, grad.options());
   if (grad.numel() == 0 || grad_input.numel() == 0) return grad_input;
   TORCH_CHECK(argmax.max().item<int64_t>() < height * width,

@@ -121,7 +121,7 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
                                   const at::Tensor& argmax, double spatial_scale, int64_t pooled_h,
                                   int64_t pooled_w, int64_t batch_size, int64_t channels,
                                   int64_t height, int64_t width) {
-  check_backward_args(grad, rois, argmax, channels, pooled_h, pooled_w);
+  check_backward_args(grad, rois, argmax, pooled_h, pooled_w, batch_size, channels, height, width);
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
   auto grad_input = at::zeros({batch_size, channels, height, width}, grad.options().dtype(acc_dtype));

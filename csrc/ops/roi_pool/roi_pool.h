@@ -56,8 +56,11 @@ FASTDL_HOST_DEVICE Window bin_window(const RoiGeometry<T>& g, int64_t py, int64_
 }
 
 inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois,
-                                const at::Tensor& argmax, int64_t channels, int64_t pooled_h,
-                                int64_t pooled_w) {
+                                const at::Tensor& argmax, int64_t pooled_h, int64_t pooled_w,
+                                int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
+  check_backward_rois("roi_pool_backward", rois, batch_size, channels, height, width);
+  TORCH_CHECK(argmax.scalar_type() == at::kLong, "roi_pool_backward: argmax must be int64, got ",
+              argmax.scalar_type());
   TORCH_CHECK(grad.sizes() == argmax.sizes(), "roi_pool_backward: grad ", sizes_str(grad),
               " and argmax ", sizes_str(argmax), " must have the same shape");
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels,

@@ -221,10 +221,14 @@ torch.library.register_autograd("fastdl::conv2d", _backward, setup_context=_setu
 
 @register_composite("conv2d", cuda_kernel="Triton")
 def _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None):
-    _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
+    out_h, out_w = _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
     _check_winograd_weight("conv2d", weight, groups, winograd_weight)
     check_activation(activation)
-    out = ACTIVATIONS[activation](F.conv2d(input, weight, bias, stride, padding, dilation, groups))
+    if weight.size(1) == 0:  # no input channels: every sum is empty (F.conv2d returns no channels)
+        pre = input.new_zeros(input.size(0), weight.size(0), out_h, out_w)
+        out = ACTIVATIONS[activation](pre if bias is None else pre + bias.view(1, -1, 1, 1))
+    else:
+        out = ACTIVATIONS[activation](F.conv2d(input, weight, bias, stride, padding, dilation, groups))
     return out.contiguous(memory_format=suggest_memory_format(input))
 
 
@@ -245,7 +249,7 @@ def _register_triton():
     from fastdl.kernels import conv2d as triton_conv2d
 
     def forward(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None):
-        if input.dtype == torch.float64:
+        if input.dtype == torch.float64 or weight.size(1) == 0:
             return _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight)
         _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
         _check_winograd_weight("conv2d", weight, groups, winograd_weight)

@@ -157,7 +157,7 @@ def roi_align_composite(input, rois, spatial_scale, pooled_height, pooled_width,
     check_output_size("roi_align", pooled_height, pooled_width)
     n, c, h, w = input.shape
     out = input.new_zeros((rois.size(0), c, pooled_height, pooled_width))
-    if out.numel() == 0:
+    if out.numel() == 0 or h == 0 or w == 0:  # no pixels: every sample point contributes zero
         return out.contiguous(memory_format=suggest_memory_format(input))
     wy, wx = _box_weights(rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, h, w)
     image = rois[:, 0].long()
