@@ -38,6 +38,17 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.d
     torch.testing.assert_close(actual.double(), expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
+def check_forward_backward(out, expected, pairs, dtype) -> None:
+    """``out`` against the float64 ``expected``, then the gradients of each (ours, reference)
+    input pair after backpropagating the same random output gradient through both."""
+    assert_close_to(out, expected, dtype)
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(dtype))
+    expected.backward(grad)
+    for mine, reference in pairs:
+        assert_close_to(mine.grad, reference.grad, dtype)
+
+
 def test_reported_capability():
     """Under an emulated CPU, CI names the capability the emulator offers: a test that fails if
     the emulator exposed more (AVX-512) than intended, so the guarded paths really ran."""
@@ -79,12 +90,7 @@ def test_conv2d_forward_backward(name, layout, dtype):
     out = fastdl.ops.conv2d(x, w, b, activation="relu", **args)
     x64.requires_grad_(), w64.requires_grad_(), b64.requires_grad_()
     expected = F.relu(F.conv2d(x64, w64, b64, **args))
-    assert_close_to(out, expected, dtype)
-    grad = torch.randn_like(expected)
-    out.backward(grad.to(dtype))
-    expected.backward(grad)
-    for mine, ref in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
-        assert_close_to(mine, ref, dtype)
+    check_forward_backward(out, expected, ((x, x64), (w, w64), (b, b64)), dtype)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu6"])
@@ -138,12 +144,7 @@ def test_attention_forward_backward(name, contiguous, dtype):
     for t in (q64, k64, v64):
         t.requires_grad_()
     expected = attention_reference(q64, k64, v64, causal, mask64, 1 / math.sqrt(d))
-    assert_close_to(out, expected, dtype)
-    grad = torch.randn_like(expected)
-    out.backward(grad.to(dtype))
-    expected.backward(grad)
-    for mine, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
-        assert_close_to(mine, ref, dtype)
+    check_forward_backward(out, expected, ((q, q64), (k, k64), (v, v64)), dtype)
 
 
 # ---- LSTM -------------------------------------------------------------------------------------
@@ -194,11 +195,7 @@ def test_roi_ops_forward_backward(op, layout, dtype):
     else:
         out = fastdl.ops.roi_pool(features, rois, (3, 4), spatial_scale=0.75)
         expected = _library.composite("roi_pool")(reference_features, rois.double(), 0.75, 3, 4)[0]
-    assert_close_to(out, expected, dtype)
-    grad = torch.randn_like(expected)
-    out.backward(grad.to(dtype))
-    expected.backward(grad)
-    assert_close_to(features.grad, reference_features.grad, dtype)
+    check_forward_backward(out, expected, ((features, reference_features),), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -34,6 +34,18 @@ def random_rois(count: int, batch: int, size: float, dtype=torch.float32) -> tor
     return torch.cat([index, random_boxes(count, size, dtype)], 1)
 
 
+def assert_same_with_gradients(ours_fn, theirs_fn, features: torch.Tensor) -> None:
+    """``ours_fn(features)`` equals ``theirs_fn(features)``, and so do the input gradients of the
+    same random output gradient."""
+    ours_in, theirs_in = features.clone().requires_grad_(), features.clone().requires_grad_()
+    ours, theirs = ours_fn(ours_in), theirs_fn(theirs_in)
+    torch.testing.assert_close(ours, theirs)
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    theirs.backward(grad)
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad)
+
+
 def test_operators_live_side_by_side():
     assert torch.ops.fastdl.roi_align.default.name() == "fastdl::roi_align"
     assert torch.ops.torchvision.roi_align.default.name() == "torchvision::roi_align"
@@ -47,14 +59,11 @@ def test_roi_align(sampling_ratio, aligned, layout, dtype):
     fresh_seed()
     features = with_layout(torch.randn(2, 7, 23, 19, dtype=dtype), layout)
     rois = random_rois(33, 2, 40.0, dtype)
-    ours_in, theirs_in = features.clone().requires_grad_(), features.clone().requires_grad_()
-    ours = ops.roi_align(ours_in, rois, (5, 4), 0.5, sampling_ratio, aligned)
-    theirs = tv_ops.roi_align(theirs_in, rois, (5, 4), 0.5, sampling_ratio, aligned)
-    torch.testing.assert_close(ours, theirs)
-    grad = torch.randn_like(ours)
-    ours.backward(grad)
-    theirs.backward(grad)
-    torch.testing.assert_close(ours_in.grad, theirs_in.grad)
+    assert_same_with_gradients(
+        lambda f: ops.roi_align(f, rois, (5, 4), 0.5, sampling_ratio, aligned),
+        lambda f: tv_ops.roi_align(f, rois, (5, 4), 0.5, sampling_ratio, aligned),
+        features,
+    )
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
@@ -63,14 +72,9 @@ def test_roi_pool(layout, dtype):
     fresh_seed()
     features = with_layout(torch.randn(2, 5, 17, 21, dtype=dtype), layout)
     rois = random_rois(29, 2, 30.0, dtype)
-    ours_in, theirs_in = features.clone().requires_grad_(), features.clone().requires_grad_()
-    ours = ops.roi_pool(ours_in, rois, (3, 5), 0.625)
-    theirs = tv_ops.roi_pool(theirs_in, rois, (3, 5), 0.625)
-    torch.testing.assert_close(ours, theirs)
-    grad = torch.randn_like(ours)
-    ours.backward(grad)
-    theirs.backward(grad)
-    torch.testing.assert_close(ours_in.grad, theirs_in.grad)
+    assert_same_with_gradients(
+        lambda f: ops.roi_pool(f, rois, (3, 5), 0.625), lambda f: tv_ops.roi_pool(f, rois, (3, 5), 0.625), features
+    )
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
