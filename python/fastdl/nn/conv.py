@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops._utils import pair
 from ..ops.conv2d import check_activation
 
 __all__ = ["Conv2d", "Conv2dNormActivation", "fuse_conv_bn"]
@@ -155,9 +156,7 @@ class Conv2dNormActivation(nn.Sequential):
         dtype=None,
     ):
         if padding is None:
-            kernels = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-            dilations = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
-            padding = tuple((k - 1) // 2 * d for k, d in zip(kernels, dilations))
+            padding = tuple((k - 1) // 2 * d for k, d in zip(pair(kernel_size, "kernel_size"), pair(dilation, "dilation")))
         if bias is None:
             bias = norm_layer is None
         layers: list[nn.Module] = [
