@@ -10,7 +10,8 @@ All three kernels use the same names for their GEMM view: ``ROWS x COLS`` output
 * forward: ``y[m, k] = sum_q A[m, q] * w[k, q]`` with ``m = (n, ho, wo)`` over ``N * Ho * Wo``
   (ROWS), ``k`` over ``Kg`` (COLS), ``q`` over ``Cg * kh * kw`` (RED) and
   ``A[m, q] = x[n, g * Cg + c, ho * sh - ph + r * dh, wo * sw - pw + s * dw]``.
-  The epilogue adds the bias, applies the activation and casts, so ``y`` is written once.
+  The epilogue adds the bias and the residual, applies the activation and casts, so ``y`` is
+  written once.
 * grad_input: ``dx[m, c] = sum_q dY[m, q] * w[q, c]`` with ``m = (n, h, w)`` over ``N * H * W``,
   ``c`` over ``Cg``, ``q = (k, r, s)`` over ``Kg * kh * kw`` and the transposed gather
   ``dY[m, q] = dy[n, g * Kg + k, (h + ph - r * dh) / sh, (w + pw - s * dw) / sw]``, zero unless
@@ -155,12 +156,13 @@ def _activate(x, ACTIVATION: tl.constexpr):
 
 @_autotuned
 @triton.jit
-def _conv_fwd_kernel(X, Wt, BIAS, Y,
+def _conv_fwd_kernel(X, Wt, BIAS, RES, Y,
                      ROWS, COLS, RED, C_GROUP, H, W, HO, WO,
-                     sxn, sxc, sxh, sxw, swk, swc, swh, sww, sb, syn, syk, syh, syw,
+                     sxn, sxc, sxh, sxw, swk, swc, swh, sww, sb, srn, srk, srh, srw, syn, syk, syh, syw,
                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                      KH: tl.constexpr, KW: tl.constexpr, CHANNEL_FASTEST: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PREC: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                     PREC: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     g = tl.program_id(2)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -188,10 +190,14 @@ def _conv_fwd_kernel(X, Wt, BIAS, Y,
 
     if HAS_BIAS:
         acc += tl.load(BIAS + k_out.to(tl.int64) * sb, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    out_ok = m_ok[:, None] & k_ok[None, :]
+    if HAS_RESIDUAL:
+        r_offs = (n.to(tl.int64) * srn + ho * srh + wo * srw)[:, None] + k_out.to(tl.int64)[None, :] * srk
+        acc += tl.load(RES + r_offs, mask=out_ok, other=0.0).to(tl.float32)
     acc = _activate(acc, ACTIVATION)
     y_rows = n.to(tl.int64) * syn + ho * syh + wo * syw
     y_offs = y_rows[:, None] + k_out.to(tl.int64)[None, :] * syk
-    tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+    tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=out_ok)
 
 
 @_autotuned
@@ -298,8 +304,9 @@ def _out_size(size, kernel, stride, pad, dil):
     return (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
 
 
-def conv2d_forward_op(input, weight, bias, stride, padding, dilation, groups, activation):
-    """``fastdl::conv2d`` on Triton: conv2d (+ bias) followed by ``activation``, written once."""
+def conv2d_forward_op(input, weight, bias, stride, padding, dilation, groups, activation, residual=None):
+    """``fastdl::conv2d`` on Triton: conv2d (+ bias, + residual of the output's shape, read at its
+    own strides) followed by ``activation``, written once."""
     assert input.dtype in _DTYPES and weight.dtype == input.dtype, (input.dtype, weight.dtype)
     assert activation in _ACTIVATIONS, activation
     n, c, h, w = input.shape
@@ -313,12 +320,14 @@ def conv2d_forward_op(input, weight, bias, stride, padding, dilation, groups, ac
     rows, cols = n * ho * wo, k // groups
     grid = lambda meta: (triton.cdiv(rows, meta["BM"]), triton.cdiv(cols, meta["BN"]), groups)  # noqa: E731
     _conv_fwd_kernel[grid](
-        input, weight, input if bias is None else bias, out,
+        input, weight, input if bias is None else bias, out if residual is None else residual, out,
         rows, cols, c_group * kh * kw, c_group, h, w, ho, wo,
-        *input.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *out.stride(),
+        *input.stride(), *weight.stride(), 0 if bias is None else bias.stride(0),
+        *(out if residual is None else residual).stride(), *out.stride(),
         sh, sw, ph, pw, dh, dw,
         KH=kh, KW=kw, CHANNEL_FASTEST=_channels_innermost(input), HAS_BIAS=bias is not None,
-        ACTIVATION="none" if activation is None else activation, PREC=_precision(input.dtype),
+        HAS_RESIDUAL=residual is not None, ACTIVATION="none" if activation is None else activation,
+        PREC=_precision(input.dtype),
     )
     return out
 

@@ -13,6 +13,7 @@ import fastdl.backends.cpu
 import fastdl.nn
 import fastdl.ops
 from fastdl.ops import _library
+from fastdl.ops._utils import suggest_memory_format
 from fastdl.ops.conv2d import ACTIVATIONS
 from harness import DEVICES, LAYOUTS, assert_close, check_compiled, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck, with_layout
 
@@ -220,6 +221,117 @@ def test_fused_activation(name, activation, layout):
     out = fastdl.ops.conv2d(x, w, b, activation=activation, **args)
     pre = reference(x, w, b, **args)
     assert_conv_close(out, ACTIVATIONS[activation](pre), pre_activation=pre)
+
+
+# ---- the residual epilogue: act(conv + bias + residual) ------------------------------------------
+
+# One case per CPU algorithm: direct tiles (full and partial channel blocks), row tiles, Winograd
+# (both schedules), the subsampled strided 1x1, grouped (GEMM), no output pixels.
+RESIDUAL_CASES = {name: CASES[name] for name in (
+    "3x3", "wide_channels", "3x3_winograd", "3x3_winograd_few_tiles", "1x1_stride2_downsample", "grouped", "batch_0"
+)} | {name: ROW_TILE_CASES[name] for name in ("row_of_17", "few_output_channels")}
+
+
+def make_residual(x, w, args, layout, dtype=None):
+    shape = reference(x, w, None, **args).shape
+    return with_layout(torch.randn(shape, dtype=dtype or x.dtype, device=x.device), layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("residual_layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("name", list(RESIDUAL_CASES))
+def test_residual_matches_reference(name, activation, layout, residual_layout, dtype, device):
+    fresh_seed()
+    x, w, b, args = make_case(RESIDUAL_CASES[name], dtype, device, layout)
+    residual = make_residual(x, w, args, residual_layout)
+    out = fastdl.ops.conv2d(x, w, b, activation=activation, residual=residual, **args)
+    pre = reference(x, w, b, **args) + residual.double()
+    assert_conv_close(out, ACTIVATIONS[activation](pre), dtype, pre_activation=pre)
+    assert out.is_contiguous(memory_format=suggest_memory_format(x))
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", ["3x3", "3x3_winograd", "row_of_17"])
+def test_residual_gradients(name, layout, activation):
+    fresh_seed()
+    case = RESIDUAL_CASES[name]
+    x, w, b, args = make_case(case, layout=layout)
+    residual = make_residual(x, w, args, layout)
+    inputs = [t.requires_grad_() for t in (x, w, b, residual)]
+    out = fastdl.ops.conv2d(*inputs[:3], activation=activation, residual=inputs[3], **args)
+    grad = torch.randn_like(out)
+    actual = torch.autograd.grad(out, inputs, grad)
+    doubles = [t.detach().double().requires_grad_() for t in inputs]
+    expected_out = ACTIVATIONS[activation](reference(*doubles[:3], **args) + doubles[3])
+    expected = torch.autograd.grad(expected_out, doubles, grad.double())
+    for a, e in zip(actual, expected):
+        assert_conv_close(a, e)
+
+
+@pytest.mark.parametrize("activation", [None, "relu6", "gelu"])
+def test_residual_gradcheck(activation):
+    fresh_seed()
+    x, w, b, _ = make_case((1, 3, 5, 6, 4, (3, 2), (2, 1), 1, (1, 2), 1), torch.float64)
+    residual = torch.randn(1, 4, 3, 6, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, w, b, residual)]
+    op = torch.ops.fastdl.conv2d.default
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, r: op(x, w, b, [2, 1], [1, 1], [1, 2], 1, activation, None, r), inputs, nondet_tol=1e-12
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_residual_opcheck_and_compile(layout, device):
+    fresh_seed()
+    x, w, b, _ = make_case((2, 4, 7, 6, 5, (3, 3), 1, 1, 1, 1), device=device, layout=layout)
+    residual = with_layout(torch.randn(2, 5, 4, 4, device=device), layout)
+    args = ([2, 1], [1, 0], [1, 1], 1, "relu", None)
+    run_opcheck(torch.ops.fastdl.conv2d.default, (x.requires_grad_(), w.requires_grad_(), b, *args, residual.requires_grad_()))
+    fn = lambda x, w, b, r: fastdl.ops.conv2d(x, w, b, stride=(2, 1), padding=(1, 0), activation="relu", residual=r)  # noqa: E731
+    check_compiled(fn, x, w, b.requires_grad_(), residual)
+
+
+def test_residual_composite_matches_native():
+    fresh_seed()
+    x, w, b, _ = make_case(CASES["grouped"], layout="channels_last")
+    residual = torch.randn(2, 12, 9, 9)
+    params = ([1, 1], [1, 1], [1, 1], 4, "relu", None, residual)
+    native = torch.ops.fastdl.conv2d.default(x, w, b, *params)
+    assert_conv_close(_library.composite("conv2d")(x, w, b, *params), native.double())
+
+
+def test_residual_without_input_channels():
+    x, w, b = torch.randn(2, 0, 5, 5), torch.randn(3, 0, 3, 3), torch.randn(3)
+    residual = torch.randn(2, 3, 3, 3)
+    out = fastdl.ops.conv2d(x, w, b, activation="relu", residual=residual)
+    assert_close(out, F.relu(b.view(1, -1, 1, 1) + residual))
+
+
+@pytest.mark.parametrize("impl", ["native", "composite"])
+def test_bad_residual(impl):
+    op = torch.ops.fastdl.conv2d.default if impl == "native" else _library.composite("conv2d")
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    args = ([1, 1], [1, 1], [1, 1], 1, "relu", None)
+    with pytest.raises(RuntimeError, match=r"residual must have the output's shape \[2, 6, 8, 8\], got \[2, 6, 8\]"):
+        op(x, w, None, *args, torch.randn(2, 6, 8))
+    with pytest.raises(RuntimeError, match=r"output's shape \[2, 6, 8, 8\], got \[1, 6, 8, 8\]"):
+        op(x, w, None, *args, torch.randn(1, 6, 8, 8))  # no broadcasting
+    with pytest.raises(RuntimeError, match="input has dtype .*(Float|float32) but residual has dtype .*(Double|float64)"):
+        op(x, w, None, *args, torch.randn(2, 6, 8, 8, dtype=torch.float64))
+
+
+def test_conv2d_module_takes_a_residual():
+    fresh_seed()
+    conv = fastdl.nn.Conv2d(4, 6, 3, padding=1, activation="relu")
+    x, residual = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8)
+    expected = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1) + residual)
+    assert_conv_close(conv(x, residual=residual), expected.detach().double())
+    assert_conv_close(conv(x), F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)).detach().double())
 
 
 def test_padded_input_beyond_kept_scratch():
@@ -483,6 +595,9 @@ def test_cuda_resnet_block_shapes(layout, dtype):
         out = fastdl.ops.conv2d(x, w, b, activation="relu", **args)
         tol = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-1)
         assert_close(out, reference(x, w, b, activation="relu", **args).cuda(), **tol)
+        residual = make_residual(x, w, args, layout)
+        out = fastdl.ops.conv2d(x, w, b, activation="relu", residual=residual, **args)
+        assert_close(out, F.relu(reference(x, w, b, **args).cuda() + residual.double()), **tol)
 
 
 # ---- bad input --------------------------------------------------------------------------------

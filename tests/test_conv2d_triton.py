@@ -142,6 +142,22 @@ def test_activations(activation, gen):
     check(x, weight, bias, padding=1, activation=activation, backward=False)
 
 
+@pytest.mark.parametrize("residual_layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_residual(activation, residual_layout, gen):
+    """act(conv + bias + residual), the residual read at its own strides."""
+    x, weight, bias = make_inputs(gen, 2, 4, 7, 7, 6, 3, 3)
+    residual = torch.randn(2, 6, 7, 14, generator=gen).to(DEVICE)
+    residual = {
+        "contiguous": residual[..., :7].contiguous(),
+        "channels_last": residual[..., :7].contiguous(memory_format=torch.channels_last),
+        "strided": residual[..., ::2],
+    }[residual_layout]
+    out = FORWARD(x, weight, bias, (1, 1), (1, 1), (1, 1), 1, activation, residual)
+    pre = reference(x, weight, bias, (1, 1), (1, 1), (1, 1), 1) + residual.double()
+    assert_close(out, ACTIVATIONS[activation](pre), torch.float32, "out")
+
+
 def test_without_bias(gen):
     x, weight, _ = make_inputs(gen, 2, 4, 6, 6, 6, 3, 3, bias=False)
     check(x, weight, None, padding=1, activation="relu", gen=gen)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from harness import assert_close, fresh_seed, with_layout
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdl.nn
 from fastdl import models
@@ -259,7 +260,7 @@ def test_fused_structure_keeps_names_and_is_inference_only():
     model = models.resnet50(num_classes=10)
     fused = model.fuse()
     assert fused.layer1[0].conv1.activation == "relu" and fused.layer1[0].conv2.activation == "relu"
-    assert fused.layer1[0].conv3.activation is None and fused.conv1.activation == "relu"
+    assert fused.layer1[0].conv3.activation == "relu" and fused.conv1.activation == "relu"  # relu(conv3 + shortcut)
     assert fused.layer1[0].downsample[0].bias is not None and isinstance(fused.layer1[0].downsample[1], nn.Identity)
     assert isinstance(fused.layer2[1].bn2, nn.Identity) and isinstance(fused.bn1, nn.Identity)
     keys = set(fused.state_dict())
@@ -274,6 +275,33 @@ def test_fused_structure_keeps_names_and_is_inference_only():
         grouped.fuse()
     with pytest.raises(TypeError, match="fastdl.models.ResNet"):
         models.fuse_for_inference(nn.Linear(2, 2))
+
+
+class OpLog(TorchDispatchMode):
+    """The names of the ops that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_fused_block_is_only_convolutions(name):
+    """In a fused block the shortcut add and the final ReLU happen inside the last convolution."""
+    fused = getattr(models, name)(num_classes=10).fuse()
+    x = torch.randn(1, 64, 8, 8)
+    for block in (fused.layer1[0], fused.layer1[1]):  # with and without a downsample
+        with torch.no_grad():
+            block(x)  # computes the kept Winograd transforms once
+            with OpLog() as log:
+                out = block(x)
+        x = out
+        expected = 3 if name == "resnet50" else 2
+        assert log.ops == ["fastdl.conv2d"] * (expected + (block.downsample is not None)), log.ops
 
 
 def test_torch_compile_unfused_and_fused_inference():

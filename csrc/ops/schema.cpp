@@ -24,7 +24,8 @@ TORCH_LIBRARY(fastdl, m) {
   // ---- convolution ----------------------------------------------------------------------
   m.def(
       "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, str? activation, Tensor? winograd_weight=None) -> Tensor");
+      "int[2] dilation, int groups, str? activation, Tensor? winograd_weight=None, "
+      "Tensor? residual=None) -> Tensor");
   m.def(
       "_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

@@ -1,4 +1,5 @@
-// conv2d on the CPU: nn.Conv2d semantics with the bias and activation fused into the output pass.
+// conv2d on the CPU: nn.Conv2d semantics with the bias, a residual and the activation fused into
+// the output pass.
 //
 // Forward, float32 with groups == 1 on an AVX-512 CPU (the CNN case): Winograd for 3x3 layers
 // with enough channels, else a direct convolution. The direct form copies the input once into a
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -131,6 +133,21 @@ bool is_channels_last_output(const at::Tensor& output) {
   return channels_last;
 }
 
+// What the float32 kernels do as they store. Without a residual they apply the activation to
+// each result; with one they store conv + bias, and finish() adds the residual (laid out at the
+// output's strides) and activates each stretch right after it is stored, still in cache, so the
+// output is written to memory once.
+struct OutputPass {
+  Activation act;
+  const float* residual = nullptr;  // the residual's element that lies at `output`'s first
+  const float* output = nullptr;
+
+  Activation in_kernel() const { return residual ? Activation::None : act; }
+  void finish(float* out, int64_t count) const {
+    if (residual) tiles::add_residual(out, residual + (out - output), count, act);
+  }
+};
+
 // The input as a zero-padded NHWC buffer [N, Hp, Wp, C] with the image at (pad_h, pad_w): the
 // one layout change an NCHW input needs, after which no kernel tests bounds. Rows are filled in
 // parallel, each in one pass (a row of C x Wp floats stays in cache while it is transposed).
@@ -203,7 +220,7 @@ at::Tensor pack_weight(const Geometry& g, const at::Tensor& weight) {
 }
 
 void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                    const std::optional<at::Tensor>& bias, Activation act, at::Tensor& output) {
+                    const std::optional<at::Tensor>& bias, const OutputPass& pass, at::Tensor& output) {
   using tiles::kChannelBlock;
   const int64_t C = g.channels;
   // A channels-last input without padding already is the NHWC image the tiles read, at its own
@@ -232,6 +249,7 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   const float* w = packed.const_data_ptr<float>();
   const float* b = bias_padded.const_data_ptr<float>();
   float* out = output.data_ptr<float>();
+  const Activation act = pass.in_kernel();
   const int64_t block_size = g.kernel_h * g.kernel_w * C * kChannelBlock;
   const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2),
                 sW = output.stride(3);
@@ -276,14 +294,18 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
           if (channels_last && valid == kChannelBlock) {  // straight into each pixel's channels
             for (int p = 0; p < pixels; ++p) pixel_outputs[p] = target + offsets[i0 + p];
             tiles::run_tile(pixels, win, w + kb * block_size, b + kb * kChannelBlock, act, pixel_outputs);
+            for (int p = 0; p < pixels; ++p) pass.finish(pixel_outputs[p], kChannelBlock);
             continue;
           }
           tiles::run_tile(pixels, win, w + kb * block_size, b + kb * kChannelBlock, act, pixel_results);
           if (channels_last) {  // a partial block: each pixel's first `valid` channels
-            for (int p = 0; p < pixels; ++p)
+            for (int p = 0; p < pixels; ++p) {
               std::memcpy(target + offsets[i0 + p], result + p * kChannelBlock, valid * sizeof(float));
+              pass.finish(target + offsets[i0 + p], valid);
+            }
           } else {  // NCHW: the tile's pixels are one contiguous run of each channel's plane
             tiles::transpose(result, pixels, valid, kChannelBlock, target + offsets[i0], sK);
+            for (int64_t k = 0; k < valid; ++k) pass.finish(target + offsets[i0] + k * sK, pixels);
           }
         }
       }
@@ -378,7 +400,7 @@ RowInput split_phases(const Geometry& g, const at::Tensor& input) {
 }
 
 void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, Activation act, at::Tensor& output) {
+                  const std::optional<at::Tensor>& bias, const OutputPass& pass, at::Tensor& output) {
   using tiles::kRowChannels;
   using tiles::kRowVectors;
   const int64_t K = g.out_channels, taps = g.channels * g.kernel_h * g.kernel_w;
@@ -409,10 +431,13 @@ void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& 
       const int count = static_cast<int>(std::min<int64_t>(kRowVectors, row_vectors - first));
       split.locate(g, first, count, out, sN, sH, inputs, outputs, masks);
       for (int64_t kb = 0; kb < blocks; ++kb) {
+        const int channels = static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels));
         tiles::run_row_tile(count, window, inputs, outputs, masks, w + kb * taps * kRowChannels,
-                            b + kb * kRowChannels,
-                            static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels)), act);
-        for (int j = 0; j < count; ++j) outputs[j] += kRowChannels * sK;
+                            b + kb * kRowChannels, channels, pass.in_kernel());
+        for (int j = 0; j < count; ++j) {
+          for (int k = 0; k < channels; ++k) pass.finish(outputs[j] + k * sK, std::popcount(masks[j]));
+          outputs[j] += kRowChannels * sK;
+        }
       }
     }
   });
@@ -463,7 +488,7 @@ at::Tensor transform_weight(const Geometry& g, const at::Tensor& weight) {
 
 void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& prepacked, const std::optional<at::Tensor>& bias,
-                      Activation act, at::Tensor& output) {
+                      const OutputPass& pass, at::Tensor& output) {
   const int64_t C = g.channels, K = g.out_channels;
   const int64_t tiles_h = (g.out_h + 1) / 2, tiles_w = (g.out_w + 1) / 2;
   // Odd output sizes: the last tile row/column reads zeros past the padded image.
@@ -503,15 +528,17 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
     for (int64_t tw = 0; tw < tiles_w; ++tw) {
       float* const targets[2][2] = {{staged + 2 * tw * K, staged + (2 * tw + 1) * K},
                                     {staged + staged_row + 2 * tw * K, staged + staged_row + (2 * tw + 1) * K}};
-      winograd::output_tile(m + (row_offset + tw) * K, tiles * K, K, b, act, targets);
+      winograd::output_tile(m + (row_offset + tw) * K, tiles * K, K, b, pass.in_kernel(), targets);
     }
     const int64_t n = row / tiles_h, oh = 2 * (row % tiles_h);
     for (int64_t i = 0; i < std::min<int64_t>(2, g.out_h - oh); ++i) {
       float* target = out + n * sN + (oh + i) * sH;
       if (channels_last) {
         std::memcpy(target, staged + i * staged_row, g.out_w * K * sizeof(float));
+        pass.finish(target, g.out_w * K);
       } else {
         tiles::transpose(staged + i * staged_row, g.out_w, K, K, target, sK);
+        for (int64_t k = 0; k < K; ++k) pass.finish(target + k * sK, g.out_w);
       }
     }
   };
@@ -627,7 +654,8 @@ const T* image(const at::Tensor& nhwc, int64_t n) {
 
 template <typename T>
 void forward_gemm(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, Activation act, at::Tensor& output) {
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                  Activation act, at::Tensor& output) {
   const int64_t Kg = g.group_out_channels(), window = g.window(), P = g.pixels();
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w = weight.permute({0, 2, 3, 1}).contiguous();  // [K, kh, kw, Cg]
@@ -635,6 +663,7 @@ void forward_gemm(const Geometry& g, const at::Tensor& input, const at::Tensor& 
   at::Tensor result = at::empty({P, Kg}, input.options());
   const T* bias_data = bias ? bias->contiguous().const_data_ptr<T>() : nullptr;
   T* out = output.data_ptr<T>();
+  const T* added = residual ? residual->const_data_ptr<T>() : nullptr;  // at the output's strides
   const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2),
                 sW = output.stride(3);
   for (int64_t n = 0; n < g.batch; ++n) {
@@ -652,9 +681,10 @@ void forward_gemm(const Geometry& g, const at::Tensor& input, const at::Tensor& 
         for (int64_t k = 0; k < Kg; ++k) {
           const int64_t channel = group * Kg + k;
           const T b = bias_data ? bias_data[channel] : T(0);
-          T* o = out + n * sN + channel * sK;
+          const int64_t plane = n * sN + channel * sK;
           for (int64_t p = begin; p < end; ++p) {
-            o[(p / g.out_w) * sH + (p % g.out_w) * sW] = activate(act, res[p * Kg + k] + b);
+            const int64_t at = plane + (p / g.out_w) * sH + (p % g.out_w) * sW;
+            out[at] = activate(act, res[p * Kg + k] + b + (added ? added[at] : T(0)));
           }
         }
       });
@@ -662,17 +692,33 @@ void forward_gemm(const Geometry& g, const at::Tensor& input, const at::Tensor& 
   }
 }
 
+// The residual is added before the activation; it has the output's shape and the input's dtype,
+// and is read at the output's strides (a copy only where its layout differs).
+at::Tensor check_residual(const Geometry& g, const at::Tensor& input, const at::Tensor& residual,
+                          at::MemoryFormat format) {
+  const std::array<int64_t, 4> shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef(shape), "conv2d: residual must have the output's shape ",
+              at::IntArrayRef(shape), ", got ", sizes_str(residual));
+  check_same_dtype("conv2d", "input", input, "residual", residual);
+  check_same_device("conv2d", "input", input, "residual", residual);
+  return residual.contiguous(format);
+}
+
 at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                       std::optional<c10::string_view> activation,
-                      const std::optional<at::Tensor>& winograd_weight) {
+                      const std::optional<at::Tensor>& winograd_weight,
+                      const std::optional<at::Tensor>& residual_arg) {
   const Geometry g = check_args("conv2d", input, weight, bias, stride, padding, dilation, groups);
   const Activation act = parse_activation(activation);
   if (winograd_weight) check_winograd_weight(g, weight, *winograd_weight);
+  const at::MemoryFormat format = input.suggest_memory_format();
+  const std::optional<at::Tensor> residual =
+      residual_arg ? std::optional<at::Tensor>(check_residual(g, input, *residual_arg, format)) : std::nullopt;
   if (is_reduced_precision(input)) {  // float32 arithmetic, result rounded once
     return conv2d_cpu(input.to(at::kFloat), weight.to(at::kFloat), to_float(bias), stride, padding,
-                      dilation, groups, activation, winograd_weight)
+                      dilation, groups, activation, winograd_weight, to_float(residual))
         .to(input.scalar_type());
   }
   if (g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 && g.pad_w == 0 &&
@@ -681,34 +727,37 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     // the kernels copy and read a stride_h * stride_w times smaller input.
     const at::Tensor sampled = input.slice(2, 0, g.height, g.stride_h).slice(3, 0, g.width, g.stride_w);
     return conv2d_cpu(sampled, weight, bias, {1, 1}, padding, dilation, groups, activation,
-                      std::nullopt);
+                      std::nullopt, residual);
   }
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
-                                input.options().memory_format(input.suggest_memory_format()));
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   if (output.numel() == 0) return output;
   if (g.group_channels() == 0) {  // nothing to sum (no input channels): act(bias), as torch gives
     output.zero_();
     if (bias) output.add_(bias->view({1, -1, 1, 1}));
+    if (residual) output.add_(*residual);
     AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "conv2d_cpu_no_channels", [&] {
       scalar_t* out = output.data_ptr<scalar_t>();  // freshly allocated, so dense in either layout
       for (int64_t i = 0; i < output.numel(); ++i) out[i] = activate(act, out[i]);
     });
     return output;
   }
-  if (input.scalar_type() == at::kFloat && use_winograd(g)) {
-    forward_winograd(g, input, weight, winograd_weight, bias, act, output);
-    return output;
-  }
-  if (input.scalar_type() == at::kFloat && use_row_tiles(g, output)) {
-    forward_rows(g, input, weight, bias, act, output);
-    return output;
-  }
-  if (input.scalar_type() == at::kFloat && g.groups == 1 && tiles::available()) {
-    forward_direct(g, input, weight, bias, act, output);
-    return output;
+  if (input.scalar_type() == at::kFloat) {
+    const OutputPass pass{act, residual ? residual->const_data_ptr<float>() : nullptr, output.const_data_ptr<float>()};
+    if (use_winograd(g)) {
+      forward_winograd(g, input, weight, winograd_weight, bias, pass, output);
+      return output;
+    }
+    if (use_row_tiles(g, output)) {
+      forward_rows(g, input, weight, bias, pass, output);
+      return output;
+    }
+    if (g.groups == 1 && tiles::available()) {
+      forward_direct(g, input, weight, bias, pass, output);
+      return output;
+    }
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_cpu", [&] {
-    forward_gemm<scalar_t>(g, input, weight, bias, act, output);
+    forward_gemm<scalar_t>(g, input, weight, bias, residual, act, output);
   });
   return output;
 }
@@ -903,7 +952,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     // im2col/col2im.
     grad_input = conv2d_cpu(grad_output, weight.flip({2, 3}).transpose(0, 1), std::nullopt, {1, 1},
                             {full_pad_h - g.pad_h, full_pad_w - g.pad_w},
-                            {g.dil_h, g.dil_w}, 1, std::nullopt, std::nullopt)
+                            {g.dil_h, g.dil_w}, 1, std::nullopt, std::nullopt, std::nullopt)
                      .contiguous(input.suggest_memory_format());
     output_mask[0] = false;
   }

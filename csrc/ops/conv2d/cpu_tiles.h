@@ -52,7 +52,7 @@ struct RowWindow {
 };
 
 // Whether the tiles may run: compiled in (x86-64 with GCC or Clang) and AVX-512 in use. Every
-// call of a function below except transpose() sits behind this check.
+// call of a function below except transpose() and add_residual() sits behind this check.
 inline bool available() { return FASTDL_CONV2D_TILES && cpu::has(cpu::Capability::AVX512); }
 
 #if FASTDL_CONV2D_TILES
@@ -301,6 +301,19 @@ __attribute__((target("avx512f"))) inline void gather_columns(const float* src, 
   for (; i < n; ++i) dst[i] = src[i * step];
 }
 
+// add_residual() with AVX-512, the tail masked.
+__attribute__((target("avx512f"))) inline void add_residual_avx512(float* out, const float* residual,
+                                                                   int64_t count, Activation act) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16)
+    _mm512_storeu_ps(out + i, activate(act, _mm512_add_ps(_mm512_loadu_ps(out + i), _mm512_loadu_ps(residual + i))));
+  if (i < count) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (count - i)) - 1u);
+    const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(tail, out + i), _mm512_maskz_loadu_ps(tail, residual + i));
+    _mm512_mask_storeu_ps(out + i, tail, activate(act, sum));
+  }
+}
+
 #undef FASTDL_TILE_FN
 
 #else
@@ -313,6 +326,7 @@ inline void run_row_tile(int, const RowWindow&, const float* const*, float* cons
   not_compiled();
 }
 inline void transpose_avx512(const float*, int64_t, int64_t, int64_t, float*, int64_t) { not_compiled(); }
+inline void add_residual_avx512(float*, const float*, int64_t, Activation) { not_compiled(); }
 inline void gather_columns(const float*, int64_t, int64_t, float*) { not_compiled(); }
 inline void run_row_weight_tile(int, int64_t, const float* const*, const float* const*,
                                 const uint16_t*, const int64_t*, int64_t, int, float*, int64_t) {
@@ -331,6 +345,16 @@ inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * dst_ld + r] = src[r * src_ld + c];
+}
+
+// out[i] = act(out[i] + residual[i]) for i < count: the residual epilogue, run on a stretch of
+// output a kernel has just stored (conv + bias), while it is still in cache.
+inline void add_residual(float* out, const float* residual, int64_t count, Activation act) {
+  if (available()) {
+    add_residual_avx512(out, residual, count, act);
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) out[i] = conv2d::activate(act, out[i] + residual[i]);
 }
 
 }  // namespace fastdl::conv2d::tiles

@@ -43,12 +43,6 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> Conv2d:
     return Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
-def _add_relu(out: Tensor, identity: Tensor) -> Tensor:
-    """``relu(out + identity)``: the residual join of a fused block. ``out`` is the fresh output
-    of the block's last convolution, so it is overwritten in place."""
-    return torch.relu_(out.add_(identity))
-
-
 def _fuse_pair(conv: nn.Module, norm: nn.Module, activation: str | None, where: str) -> Conv2d:
     """``activation(norm(conv(x)))`` as one fastdl convolution, or a ValueError naming ``where``
     when ``norm`` is not a BatchNorm with running statistics."""
@@ -88,7 +82,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         if self.fused:
-            return _add_relu(self.conv2(self.conv1(x)), identity)
+            return self.conv2(self.conv1(x), residual=identity)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
@@ -96,7 +90,7 @@ class BasicBlock(nn.Module):
     def fuse_(self) -> None:
         """Fold each BatchNorm into the convolution before it, in place (see :func:`fuse_for_inference`)."""
         self.conv1, self.bn1 = _fuse_pair(self.conv1, self.bn1, "relu", "bn1"), nn.Identity()
-        self.conv2, self.bn2 = _fuse_pair(self.conv2, self.bn2, None, "bn2"), nn.Identity()
+        self.conv2, self.bn2 = _fuse_pair(self.conv2, self.bn2, "relu", "bn2"), nn.Identity()
         _fuse_downsample(self.downsample)
         self.fused = True
 
@@ -130,7 +124,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         if self.fused:
-            return _add_relu(self.conv3(self.conv2(self.conv1(x))), identity)
+            return self.conv3(self.conv2(self.conv1(x)), residual=identity)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -140,7 +134,7 @@ class Bottleneck(nn.Module):
         """Fold each BatchNorm into the convolution before it, in place (see :func:`fuse_for_inference`)."""
         self.conv1, self.bn1 = _fuse_pair(self.conv1, self.bn1, "relu", "bn1"), nn.Identity()
         self.conv2, self.bn2 = _fuse_pair(self.conv2, self.bn2, "relu", "bn2"), nn.Identity()
-        self.conv3, self.bn3 = _fuse_pair(self.conv3, self.bn3, None, "bn3"), nn.Identity()
+        self.conv3, self.bn3 = _fuse_pair(self.conv3, self.bn3, "relu", "bn3"), nn.Identity()
         _fuse_downsample(self.downsample)
         self.fused = True
 
@@ -281,8 +275,8 @@ def fuse_for_inference(model: ResNet) -> ResNet:
     writes the output (:func:`fastdl.nn.fuse_conv_bn`); the downsample's convolution and
     BatchNorm are fused too. The BatchNorm modules become ``nn.Identity``, so the module names
     stay those of ``model`` (the state_dict loses the BatchNorm entries and gains conv biases).
-    Each block's residual add and final ReLU run as one in-place step after its last
-    convolution. ``model`` is left unchanged. The copy has no trainable parameters and refuses
+    Each block's last convolution also adds the shortcut and applies the final ReLU as it
+    writes (``residual=`` of :func:`fastdl.ops.conv2d`), so a block's output is written once. ``model`` is left unchanged. The copy has no trainable parameters and refuses
     ``train()``; it needs BatchNorm2d normalisation (the default ``norm_layer``).
     """
     if not isinstance(model, ResNet):

@@ -33,7 +33,8 @@ def _winograd_applies(conv: nn.Conv2d, weight: Tensor) -> bool:
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` computed by :func:`fastdl.ops.conv2d`: same arguments, parameters and
     state_dict (weights load both ways), plus an optional fused ``activation`` ("relu",
-    "relu6", "silu", "gelu"). ``padding_mode`` other than "zeros" pads with ``F.pad`` first.
+    "relu6", "silu", "gelu") and an optional ``residual`` argument of :meth:`forward`.
+    ``padding_mode`` other than "zeros" pads with ``F.pad`` first.
 
     For CPU inference, :meth:`prepack` keeps the weight's Winograd transform between calls."""
 
@@ -64,13 +65,18 @@ class Conv2d(nn.Conv2d):
             self._winograd = (key, ops.conv2d_winograd_weight(weight))
         return self._winograd[1]
 
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``activation(conv(input) + residual)``: ``residual`` (a tensor of the output's shape,
+        such as a ResNet block's shortcut) is added in the same pass, before the activation."""
+        return self._conv_forward(input, self.weight, self.bias, residual)
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return ops.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups, self.activation,
-                          winograd_weight=self._winograd_weight(weight))
+                          residual=residual, winograd_weight=self._winograd_weight(weight))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")

@@ -1,5 +1,5 @@
-"""2-D convolution (``nn.Conv2d`` semantics) with the bias and an activation fused into the
-output pass, so the output is written once."""
+"""2-D convolution (``nn.Conv2d`` semantics) with the bias, a residual and an activation fused
+into the output pass, so the output is written once."""
 
 from __future__ import annotations
 
@@ -38,9 +38,11 @@ def conv2d(
     groups: int = 1,
     activation: str | None = None,
     *,
+    residual: Tensor | None = None,
     winograd_weight: Tensor | None = None,
 ) -> Tensor:
-    """``activation(F.conv2d(input, weight, bias, stride, padding, dilation, groups))`` in one pass.
+    """``activation(F.conv2d(input, weight, bias, stride, padding, dilation, groups) + residual)``
+    in one pass.
 
     Args:
         input: ``Tensor[N, C, H, W]``, contiguous or channels_last (any strides work).
@@ -52,6 +54,9 @@ def conv2d(
             as ``nn.Conv2d`` does).
         groups: divides both C and K; ``groups == C`` is a depthwise convolution.
         activation: None, ``"relu"``, ``"relu6"``, ``"silu"`` or ``"gelu"`` (exact erf form).
+        residual: ``Tensor[N, K, Ho, Wo]`` (the output's shape, the input's dtype) or None: added
+            before the activation, as a ResNet block adds its shortcut. It is read in the output's
+            memory format (copied first if its layout differs).
         winograd_weight: ``Tensor[16, C, K]`` float32 or None: ``conv2d_winograd_weight(weight)``
             computed once, for inference with fixed weights. The CPU kernel then skips
             transforming the weights on each call where it runs Winograd (3x3, stride 1); every
@@ -60,7 +65,7 @@ def conv2d(
     Returns:
         ``Tensor[N, K, Ho, Wo]`` in the input's memory format (channels_last in, channels_last out).
 
-    Differentiable w.r.t. input, weight and bias. With ``"silu"``/``"gelu"`` and gradients
+    Differentiable w.r.t. input, weight, bias and residual. With ``"silu"``/``"gelu"`` and gradients
     required, the activation runs as a separate op so that its input is kept for the backward
     (the fused op would have to recompute it). dtypes: float32/float64 on CPU (float16/bfloat16
     computed in float32), float32/float16/bfloat16 on CUDA.
@@ -71,11 +76,14 @@ def conv2d(
     else:
         padding = pair(padding, "padding")
     check_activation(activation)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias, residual)
+    )
+    op = torch.ops.fastdl.conv2d.default
     if activation in ("silu", "gelu") and needs_grad:
-        out = torch.ops.fastdl.conv2d.default(input, weight, bias, stride, padding, dilation, groups, None, winograd_weight)
+        out = op(input, weight, bias, stride, padding, dilation, groups, None, winograd_weight, residual)
         return ACTIVATIONS[activation](out)
-    return torch.ops.fastdl.conv2d.default(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight)
+    return op(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight, residual)
 
 
 # Winograd F(2x2, 3x3)'s filter transform G (U = G f G^T); its 4x4 points are flattened row-major.
@@ -163,15 +171,32 @@ def _output_size(op, input, weight, bias, stride, padding, dilation, groups):
     return (h + 2 * padding[0] - span_h) // stride[0] + 1, (w + 2 * padding[1] - span_w) // stride[1] + 1
 
 
+def _check_residual(op, input, weight, out_h, out_w, residual):
+    """The Python twin of the C++ check of ``residual``."""
+    if residual is None:
+        return
+    shape = (input.size(0), weight.size(0), out_h, out_w)
+    torch._check(
+        tuple(residual.shape) == shape,
+        lambda: f"{op}: residual must have the output's shape {list(shape)}, got {list(residual.shape)}",
+    )
+    torch._check(residual.dtype == input.dtype, lambda: f"{op}: input has dtype {input.dtype} but residual has dtype {residual.dtype}")
+    torch._check(
+        residual.device == input.device,
+        lambda: f"{op}: input is on {input.device} but residual is on {residual.device}; move them to the same device",
+    )
+
+
 def _new_output(input, weight, out_h, out_w):
     shape = (input.size(0), weight.size(0), out_h, out_w)
     return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=suggest_memory_format(input))
 
 
 @torch.library.register_fake("fastdl::conv2d")
-def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None):
+def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None, residual=None):
     out_h, out_w = _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
     _check_winograd_weight("conv2d", weight, groups, winograd_weight)
+    _check_residual("conv2d", input, weight, out_h, out_w, residual)
     return _new_output(input, weight, out_h, out_w)
 
 
@@ -187,22 +212,24 @@ def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation,
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups, activation, _ = inputs
+    input, weight, bias, stride, padding, dilation, groups, activation, _, residual = inputs
     # relu/relu6 derivatives read the output; silu/gelu need the pre-activation, recomputed.
-    ctx.save_for_backward(input, weight, bias, output if activation in ("relu", "relu6") else None)
+    reads_output = activation in ("relu", "relu6")
+    recomputes = activation in ("silu", "gelu")
+    ctx.save_for_backward(input, weight, bias, output if reads_output else None, residual if recomputes else None)
     ctx.params = (stride, padding, dilation, groups)
     ctx.activation = activation
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad):
-    input, weight, bias, output = ctx.saved_tensors
+    input, weight, bias, output, residual = ctx.saved_tensors
     if ctx.activation == "relu":
         grad = grad * (output > 0)
     elif ctx.activation == "relu6":
         grad = grad * ((output > 0) & (output < 6))
     elif ctx.activation is not None:
-        pre = torch.ops.fastdl.conv2d.default(input, weight, bias, *ctx.params, None)
+        pre = torch.ops.fastdl.conv2d.default(input, weight, bias, *ctx.params, None, None, residual)
         if ctx.activation == "silu":
             grad = torch.ops.aten.silu_backward(grad, pre)
         else:
@@ -210,7 +237,10 @@ def _backward(ctx, grad):
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     grads = torch.ops.fastdl._conv2d_backward.default(grad, input, weight, *ctx.params, mask)
     grad_input, grad_weight, grad_bias = (g if wanted else None for g, wanted in zip(grads, mask))
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+    # The dispatcher drops trailing arguments left at their defaults: one gradient per argument passed.
+    passed = len(ctx.needs_input_grad)
+    grad_residual = grad if passed > 9 and ctx.needs_input_grad[9] else None
+    return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None, grad_residual)[:passed]
 
 
 torch.library.register_autograd("fastdl::conv2d", _backward, setup_context=_setup_context)
@@ -220,15 +250,17 @@ torch.library.register_autograd("fastdl::conv2d", _backward, setup_context=_setu
 
 
 @register_composite("conv2d", cuda_kernel="Triton")
-def _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None):
+def _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None, residual=None):
     out_h, out_w = _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
     _check_winograd_weight("conv2d", weight, groups, winograd_weight)
+    _check_residual("conv2d", input, weight, out_h, out_w, residual)
     check_activation(activation)
     if weight.size(1) == 0:  # no input channels: every sum is empty (F.conv2d returns no channels)
         pre = input.new_zeros(input.size(0), weight.size(0), out_h, out_w)
-        out = ACTIVATIONS[activation](pre if bias is None else pre + bias.view(1, -1, 1, 1))
+        pre = pre if bias is None else pre + bias.view(1, -1, 1, 1)
     else:
-        out = ACTIVATIONS[activation](F.conv2d(input, weight, bias, stride, padding, dilation, groups))
+        pre = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    out = ACTIVATIONS[activation](pre if residual is None else pre + residual)
     return out.contiguous(memory_format=suggest_memory_format(input))
 
 
@@ -248,12 +280,13 @@ def _register_triton():
     """Serve CUDA with fastdl.kernels.conv2d (float64 inputs are passed on to the composite)."""
     from fastdl.kernels import conv2d as triton_conv2d
 
-    def forward(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None):
+    def forward(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None, residual=None):
         if input.dtype == torch.float64 or weight.size(1) == 0:
-            return _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight)
-        _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
+            return _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight, residual)
+        out_h, out_w = _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
         _check_winograd_weight("conv2d", weight, groups, winograd_weight)
-        return triton_conv2d.conv2d_forward_op(input, weight, bias, stride, padding, dilation, groups, activation)
+        _check_residual("conv2d", input, weight, out_h, out_w, residual)
+        return triton_conv2d.conv2d_forward_op(input, weight, bias, stride, padding, dilation, groups, activation, residual)
 
     def backward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
         if input.dtype == torch.float64:
