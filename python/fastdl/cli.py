@@ -1,4 +1,4 @@
-"""The ``fastdl`` command line: ``info``, ``bench`` and ``2048``."""
+"""The ``fastdl`` command line: ``info``, ``bench``, ``train`` and ``2048``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ def cmd_bench(args) -> int:
     return bench.run(args)
 
 
+def cmd_train(args) -> int:
+    from fastdl.train import cli as train_cli
+
+    return train_cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdl", description="fastdl: fast deep-learning kernels for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", default="bench-results", help="directory for the JSON results and the PNG chart")
     bench.set_defaults(func=cmd_bench)
+
+    from fastdl.train import cli as train_cli
+
+    train = sub.add_parser("train", help="train a ResNet on CIFAR, MNIST, an image folder or the bundled digits",
+                           description=train_cli.DESCRIPTION, epilog=train_cli.EPILOG,
+                           formatter_class=train_cli.HelpFormatter)
+    train_cli.add_arguments(train)
+    train.set_defaults(func=cmd_train)
 
     from fastdl.game2048 import cli as game_cli
 

@@ -1,0 +1,80 @@
+"""``curves.png`` (loss and accuracy per epoch) and ``predictions.png`` (test images with their
+predicted and true labels, wrong ones in red), drawn on matplotlib's Agg canvas: no display, and
+pyplot's global backend is left alone."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+from torch import Tensor
+
+__all__ = ["have_matplotlib", "plot_curves", "plot_predictions"]
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
+    """Train and test loss (left) and accuracy (right) against the epoch."""
+    epochs = [entry["epoch"] for entry in history]
+    figure = _figure(10, 4)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    for split, style in (("train", "-o"), ("test", "-s")):
+        loss_axes.plot(epochs, [entry[f"{split}_loss"] for entry in history], style, label=split, markersize=3)
+        accuracy_axes.plot(epochs, [100 * entry[f"{split}_acc"] for entry in history], style, label=split,
+                           markersize=3)
+    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    from matplotlib.ticker import MaxNLocator
+
+    for axes in (loss_axes, accuracy_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def plot_predictions(images: Tensor, predicted: Sequence[int], truth: Sequence[int], classes: Sequence[str],
+                     path: str | os.PathLike, columns: int = 8) -> None:
+    """A grid of uint8 ``images [N, C, H, W]`` titled "predicted / true", red where they differ."""
+    n = images.size(0)
+    rows = max(1, math.ceil(n / columns))
+    figure = _figure(1.6 * columns, 1.8 * rows)
+    grid = figure.subplots(rows, columns, squeeze=False)
+
+    def name(label: int) -> str:
+        text = str(classes[label]) if 0 <= label < len(classes) else str(label)
+        return text if len(text) <= 10 else text[:9] + "."
+
+    for index, axes in enumerate(grid.flat):
+        axes.axis("off")
+        if index >= n:
+            continue
+        image = images[index].permute(1, 2, 0).cpu().numpy()
+        if image.shape[2] == 1:
+            axes.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            axes.imshow(image)
+        right = predicted[index] == truth[index]
+        axes.set_title(f"{name(predicted[index])} / {name(truth[index])}", fontsize=7,
+                       color="black" if right else "red")
+    figure.suptitle("predicted / true (red: wrong)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
