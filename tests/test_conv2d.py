@@ -200,6 +200,20 @@ def test_gradients_are_laid_out_as_the_fake_kernel_says(channels):
         assert layout(eager) == layout(promised), (eager.shape, eager.stride(), promised.stride())
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kernel, size", [((1, 1), 6), ((3, 3), 1), ((1, 3), 5)])
+def test_gradients_have_their_parameters_strides(kernel, size, layout):
+    """Even along size-1 dimensions (a 1x1 weight, a 1x1 map): DDP buckets gradients by the
+    parameters' strides and warns, and copies, when they differ."""
+    fresh_seed()
+    x = with_layout(torch.randn(2, 16, size, size), layout).requires_grad_()
+    w = torch.randn(8, 16, *kernel, requires_grad=True)
+    padding = (kernel[0] // 2, kernel[1] // 2)
+    fastdl.ops.conv2d(x, w, None, padding=padding).sum().backward()
+    assert w.grad.stride() == w.stride()
+    assert x.grad.stride() == torch.empty_like(x).stride()
+
+
 def test_few_input_channels_strided_view():
     """An input whose columns are not adjacent (every other one of a wider image)."""
     fresh_seed()

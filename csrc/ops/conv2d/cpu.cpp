@@ -16,6 +16,7 @@
 // 1x1 stride-1 unpadded convolutions skip both: the NHWC image already is the matrix.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -764,6 +765,21 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
 
 // ---- backward ---------------------------------------------------------------------------------
 
+// `t` (dense in `format`) with exactly the strides a fresh tensor of that format has. contiguous()
+// keeps whatever strides size-1 dimensions had (a 1x1 weight's gradient came out [C, 1, C, C]);
+// the fake kernel promises fresh strides, and DDP's gradient buckets compare them with the
+// parameter's.
+at::Tensor with_canonical_strides(const at::Tensor& t, at::MemoryFormat format) {
+  if (t.dim() != 4) return t;  // an output_mask-ed empty result
+  const at::Tensor dense = t.contiguous(format);
+  c10::DimVector strides = c10::contiguous_strides(t.sizes());
+  if (format == at::MemoryFormat::ChannelsLast) {
+    const std::vector<int64_t> channels_last = c10::get_channels_last_strides_2d(t.sizes());
+    strides.assign(channels_last.begin(), channels_last.end());
+  }
+  return dense.strides() == at::IntArrayRef(strides) ? dense : dense.as_strided(t.sizes(), strides);
+}
+
 template <typename T>
 void backward_gemm(const Geometry& g, const at::Tensor& grad_output, const at::Tensor& input,
                    const at::Tensor& weight, at::Tensor& grad_input_nhwc,
@@ -990,7 +1006,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
                       : at::empty({0}, opts);
   }
   at::Tensor grad_bias = output_mask[2] ? grad_output.sum({0, 2, 3}) : at::empty({0}, opts);
-  return {grad_input, grad_weight, grad_bias};
+  return {with_canonical_strides(grad_input, input.suggest_memory_format()),
+          with_canonical_strides(grad_weight, at::MemoryFormat::Contiguous), grad_bias};
 }
 
 }  // namespace
