@@ -144,8 +144,15 @@ struct OutputPass {
   const float* output = nullptr;
 
   Activation in_kernel() const { return residual ? Activation::None : act; }
+  // Only the tile paths (behind tiles::available()) use a pass, so no capability check here.
   void finish(float* out, int64_t count) const {
-    if (residual) tiles::add_residual(out, residual + (out - output), count, act);
+    if (residual) tiles::add_residual_avx512(out, residual + (out - output), count, act);
+  }
+  // Starts loading the residual under `out` while a tile computes: the direct tiles' stretches are
+  // short and a row apart in channels-last, which the hardware prefetchers do not foresee.
+  void prefetch(const float* out, int64_t count) const {
+    if (!residual) return;
+    for (int64_t i = 0; i < count; i += 16) __builtin_prefetch(residual + (out - output) + i);
   }
 };
 
@@ -292,6 +299,11 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
           const int64_t i0 = (t - chunk) * tiles::kMaxPixels;
           win.origins = origins + i0;
           float* target = out + kb * kChannelBlock * sK;
+          if (channels_last) {
+            for (int p = 0; p < pixels; ++p) pass.prefetch(target + offsets[i0 + p], valid);
+          } else {
+            for (int64_t k = 0; k < valid; ++k) pass.prefetch(target + offsets[i0] + k * sK, pixels);
+          }
           if (channels_last && valid == kChannelBlock) {  // straight into each pixel's channels
             for (int p = 0; p < pixels; ++p) pixel_outputs[p] = target + offsets[i0 + p];
             tiles::run_tile(pixels, win, w + kb * block_size, b + kb * kChannelBlock, act, pixel_outputs);
