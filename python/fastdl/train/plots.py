@@ -39,7 +39,9 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
         loss_axes.plot(epochs, [entry[f"{split}_loss"] for entry in history], style, label=split, markersize=3)
         accuracy_axes.plot(epochs, [100 * entry[f"{split}_acc"] for entry in history], style, label=split,
                            markersize=3)
-    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    # log scale: an early test loss can be thousands of times the final one (BatchNorm's
+    # running statistics lag the first epochs), which flattens a linear plot
+    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss", yscale="log")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     from matplotlib.ticker import MaxNLocator
 
