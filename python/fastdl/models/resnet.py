@@ -255,10 +255,10 @@ class ResNet(nn.Module):
                 f"ResNet: expected {self.in_channels} input channels, got {x.size(1)} (input shape {list(x.shape)}); "
                 f"build the model with in_channels={x.size(1)} for such images"
             )
-        if self.fused:
-            # fastdl's kernels read and write channels_last natively; an NCHW network would pay
-            # a layout change at both ends of every convolution, so the fused model converts once.
-            x = x.contiguous(memory_format=torch.channels_last)
+        # fastdl's kernels read and write channels_last natively, and BatchNorm keeps the layout;
+        # an NCHW network would pay a layout change at both ends of every convolution (forward
+        # and backward), so the model converts once. The logits are [N, num_classes] either way.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
