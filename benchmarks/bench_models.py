@@ -1,4 +1,5 @@
-"""fastdl.models: whole ResNets against the same architecture in plain ``torch.nn``, float32.
+"""fastdl.models: whole ResNets against the same architecture in plain ``torch.nn``: float32,
+and on CUDA also float16 and bfloat16 inference (against cuDNN).
 
 Implementations (same weights, same input):
 
@@ -76,13 +77,16 @@ def make_model(builder: str, small_input: bool, device: str) -> nn.Module:
     return model.to(device)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("impl", ["fastdl", "fastdl-unfused", "eager", "eager-compiled"])
 @pytest.mark.parametrize("case", params(INFERENCE_CASES))
-def test_inference(benchmark, case, impl, layout, device, request):
+def test_inference(benchmark, case, impl, layout, dtype, device, request):
     builder, small_input, batch, size, _ = INFERENCE_CASES[case]
     if impl == "eager-compiled" and request.config.getoption("--quick"):
         pytest.skip("compiling takes minutes: full runs only")
+    if dtype != "float32" and device != "cuda":
+        pytest.skip("float16/bfloat16 models are a CUDA case")
     model = make_model(builder, small_input, device).eval()
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     if layout == "channels_last":
@@ -90,6 +94,7 @@ def test_inference(benchmark, case, impl, layout, device, request):
     eager = torch_twin(model)
     with torch.no_grad():
         reference = copy.deepcopy(eager).double()(x.double())
+    model, eager, x = (t.to(getattr(torch, dtype)) for t in (model, eager, x))
     if layout == "channels_last":
         model, eager = model.to(memory_format=torch.channels_last), eager.to(memory_format=torch.channels_last)
     fn = {
@@ -107,7 +112,8 @@ def test_inference(benchmark, case, impl, layout, device, request):
 
     run()  # compiles, and keeps the fused model's Winograd transforms
     result = benchmark(run)
-    record(benchmark, op="models", case=f"{case} inference {layout}", impl=impl, result=result, reference=reference)
+    case_name = f"{case} inference {layout}" + ("" if dtype == "float32" else f" {dtype}")
+    record(benchmark, op="models", case=case_name, impl=impl, result=result, reference=reference)
 
 
 def sgd_step(model: nn.Module, device: str):

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # Every op with a CUDA or Triton kernel (bench_game2048 times the CPU engine only).
-BENCHMARKED_OPS = ["attention", "conv2d", "roi_align", "roi_pool", "nms", "lstm"]
+BENCHMARKED_OPS = ["attention", "conv2d", "roi_align", "roi_pool", "nms", "lstm", "models"]
 # Run whole: on a GPU every test in them runs the Triton kernels on the device.
 TRITON_TEST_MODULES = ["tests/test_attention_triton.py", "tests/test_conv2d_triton.py"]
 # One quick test per .cu kernel (csrc/ops/*/cuda.cu); memcheck makes kernels 10-100x slower.
