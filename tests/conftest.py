@@ -30,3 +30,13 @@ def every_cpu_capability(request):
     ``pytestmark = pytest.mark.usefixtures("every_cpu_capability")``."""
     with fastdl.backends.cpu.cpu_capability(request.param):
         yield request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: for tiny models, where on a busy 2-core machine OpenMP
+    threads that wait for each other cost more than they gain."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

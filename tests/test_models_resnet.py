@@ -17,14 +17,7 @@ import fastdl.nn
 from fastdl import models
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the runs are tiny, and on a busy 2-core machine OpenMP threads that wait for
-    each other cost more than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,14 +27,7 @@ from fastdl.train.progress import SilentBar, TextBar, format_duration, progress_
 LAUNCHER = os.environ.get("FASTDL_TEST_LAUNCHER", "").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: the runs are tiny, and on a busy 2-core machine OpenMP threads that wait for
-    each other cost more than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_cifar10(folder, train_per_batch=4, test=8, seed=0):
