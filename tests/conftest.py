@@ -32,10 +32,11 @@ def every_cpu_capability(request):
         yield request.param
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for the test: for tiny models, where on a busy 2-core machine OpenMP
-    threads that wait for each other cost more than they gain."""
+    """One torch thread for a module's tests and its module-scoped fixtures (results computed in
+    one and compared in the other must use the same thread count): for tiny models, where on a
+    busy 2-core machine OpenMP threads that wait for each other cost more than they gain."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
