@@ -3,6 +3,8 @@
 * snake / notes: one decision of fastdl's search against the straightforward pure-Python search
   (fastdl.game2048.reference) on the same positions; ``extra_info["speedup"]`` is the ratio.
 * default heuristic: search nodes per second on one thread.
+* small decisions: the time of one shallow decision (fast preset, snake depth 3) on a few boards
+  with one thread and with all threads; equal when small trees stay on the calling thread.
 
     pytest benchmarks/bench_game2048.py --benchmark-only
 """
@@ -73,3 +75,20 @@ def test_default_nodes_per_second(benchmark):
     nodes_per_second = totals["nodes"] / benchmark.stats.stats.mean
     benchmark.extra_info["nodes_per_second"] = nodes_per_second
     print(f"\ndefault heuristic: {nodes_per_second / 1e6:.1f} M nodes/s on one thread")
+
+
+SMALL_BOARDS = {"open": 16777217, "8 tiles": 2305860601970168338, "11 tiles": 9376902421432766464,
+                "12 tiles": 9223499787488272658, "13 tiles": 9525521277823098880, "14 tiles": 9597578871877738752}
+
+
+@pytest.mark.parametrize("threads", [1, None])
+@pytest.mark.parametrize("settings", ["fast", "snake"])
+def test_small_decisions(benchmark, settings, threads):
+    engine = Engine.fast(threads=threads) if settings == "fast" else Engine(heuristic="snake", threads=threads)
+    boards = [Board(bits) for bits in SMALL_BOARDS.values()]
+    for board in boards:
+        engine.best_move(board)  # first use maps the table pages
+    benchmark(lambda: [engine.best_move(board) for board in boards])
+    per_decision = benchmark.stats.stats.median / len(boards)
+    benchmark.extra_info["seconds_per_decision"] = per_decision
+    print(f"\n{settings}, threads={threads}: {per_decision * 1e6:.1f} us per decision (median)")

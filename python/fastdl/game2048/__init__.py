@@ -11,13 +11,14 @@ import enum
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
 
 from . import _engine
-from ._engine import Rng
+from ._engine import Rng, SearchCancelled
 
-__all__ = ["Board", "Direction", "Engine", "GameResult", "IllegalMoveError", "Rng", "SearchResult",
-           "play_game", "play_games"]
+__all__ = ["Board", "Direction", "Engine", "GameResult", "IllegalMoveError", "Rng", "SearchCancelled",
+           "SearchResult", "play_game", "play_games"]
 
 MAX_TILE = 1 << _engine.MAX_RANK  # 32768: the largest tile one 4-bit cell can hold
 
@@ -192,11 +193,14 @@ class Board:
 class SearchResult:
     move: Direction | None           # None: no move is possible
     values: dict[Direction, float]   # expectimax value of every available root move
-    depth: int                       # root depth the search used
-    nodes: int
+    depth: int                       # root depth of the values: the deepest completed search
+    nodes: int                       # every node visited, an interrupted last depth included
     evaluations: int
     cache_hits: int
     seconds: float
+    target_depth: int = 0            # the configured or adaptive depth
+    budget_exhausted: bool = False   # the budget stopped the search before target_depth
+    threads: int = 1                 # threads that searched (0: nothing to search; small trees: 1)
 
 
 @dataclass
@@ -210,53 +214,56 @@ class GameResult:
     final_board: Board
     hit_65536_limit: bool
     move_log: list[Direction] | None = field(default=None, repr=False)
+    budget_stops: int = 0            # decisions whose search the budget cut short
 
     @property
     def moves_per_second(self) -> float:
         return self.moves / self.seconds if self.seconds else float("inf")
 
 
-_HEURISTICS = ("default", "snake", "notes")
-
-
 class Engine:
-    """Expectimax search.
+    """Expectimax search. Every setting is checked by the C++ engine: a bad value raises
+    ValueError naming it (ranges in docs/game2048.md).
 
     heuristic: "default" (strong, per-line tables, probability cutoff, transposition table),
         "snake" or "notes" (the course notes' evaluations and plain searches, see the docs).
-    depth: root depth; None = the heuristic's policy (default: max(3, distinct tiles - 2);
-        snake: 3; notes: 4/5/6 by the number of empty cells).
-    threads: search threads (None = all cores); results do not depend on it.
-    prob_cutoff: default heuristic only: chance nodes reached with a lower probability are
-        evaluated instead of expanded.
+    depth: root depth, 1..max_depth(heuristic) (default 16, snake 6, notes 12); None or 0 = the
+        heuristic's policy (default: max(3, distinct tiles - 2); snake: 3; notes: 4/5/6 by the
+        number of empty cells).
+    threads: search threads, 1..256 (None or 0 = all cores); a decision uses at most 4 (one per
+        root move), and small trees stay on the calling thread (see the docs). Results do not
+        depend on it.
+    prob_cutoff: default heuristic only (checked but unused otherwise), in [1e-6, 1): chance nodes
+        reached with a lower probability are evaluated instead of expanded.
     cache: use the transposition table.
-    weights: default-heuristic weights to override (see DEFAULT_WEIGHTS).
+    weights: default-heuristic weights to override (see DEFAULT_WEIGHTS): coefficients finite in
+        [-1e9, 1e9], the two powers in [0, 8].
+    max_nodes, time_limit: the default budget of every decision (None = no limit): at most
+        max_nodes search nodes (a positive integer) and time_limit seconds (in (0, 86400]). With a
+        budget the search deepens iteratively and returns the deepest completed depth.
     """
 
     DEFAULT_WEIGHTS = {"lost_penalty": 200000.0, "empty": 270.0, "merges": 700.0, "monotonicity": 47.0,
                        "monotonicity_power": 4.0, "sum": 11.0, "sum_power": 3.5}
 
     def __init__(self, depth: int | None = None, threads: int | None = None, heuristic: str = "default",
-                 prob_cutoff: float = 1e-4, cache: bool = True, weights: dict | None = None):
-        if heuristic not in _HEURISTICS:
-            raise ValueError(f"unknown heuristic {heuristic!r}: expected one of {', '.join(_HEURISTICS)}")
-        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 30):
-            raise ValueError(f"depth must be None or an integer in [1, 30], got {depth!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be None or a positive integer, got {threads!r}")
-        if not 0.0 <= prob_cutoff < 1.0:
-            raise ValueError(f"prob_cutoff must be in [0, 1), got {prob_cutoff!r}")
-        weights = dict(weights or {})
-        unknown = set(weights) - set(self.DEFAULT_WEIGHTS)
-        if unknown:
-            raise ValueError(f"unknown heuristic weights {sorted(unknown)}: expected {sorted(self.DEFAULT_WEIGHTS)}")
+                 prob_cutoff: float = 1e-4, cache: bool = True, weights: dict | None = None,
+                 max_nodes: int | None = None, time_limit: float | None = None):
+        if weights is not None and not isinstance(weights, dict):
+            raise ValueError(f"weights must be None or a dict, got {weights!r}")
         self.depth, self.threads, self.heuristic = depth, threads, heuristic
-        self.prob_cutoff, self.cache, self.weights = prob_cutoff, cache, weights
+        self.prob_cutoff, self.cache, self.weights = prob_cutoff, cache, dict(weights or {})
+        self.max_nodes, self.time_limit = max_nodes, time_limit
         self._core = self._make_core(threads)
 
     def _make_core(self, threads):
-        return _engine.Engine(self.heuristic, self.depth or 0, self.prob_cutoff, self.cache, threads or 0,
-                              {k: float(v) for k, v in self.weights.items()})
+        return _engine.Engine(self.heuristic, 0 if self.depth is None else self.depth, self.prob_cutoff, self.cache,
+                              0 if threads is None else threads, self.weights, self.max_nodes, self.time_limit)
+
+    @staticmethod
+    def max_depth(heuristic: str = "default") -> int:
+        """The deepest explicit ``depth`` a heuristic accepts."""
+        return _engine.max_depth(heuristic)
 
     @classmethod
     def fast(cls, threads: int | None = None) -> Engine:
@@ -264,8 +271,10 @@ class Engine:
         return cls(depth=2, threads=threads)
 
     def __repr__(self) -> str:
+        budget = "".join(f", {name}={getattr(self, name)!r}" for name in ("max_nodes", "time_limit")
+                         if getattr(self, name) is not None)
         return (f"Engine(depth={self.depth}, threads={self.threads}, heuristic={self.heuristic!r}, "
-                f"prob_cutoff={self.prob_cutoff}, cache={self.cache})")
+                f"prob_cutoff={self.prob_cutoff}, cache={self.cache}{budget})")
 
     def evaluate(self, board) -> float:
         """The heuristic value of a position."""
@@ -274,20 +283,29 @@ class Engine:
     def root_depth(self, board) -> int:
         return self._core.root_depth(Board(board).bits)
 
-    def best_move(self, board) -> SearchResult:
-        raw = self._core.best_move(Board(board).bits)
-        values = {d: v for d, v in zip(Direction, raw["values"]) if v == v}  # drop NaN (unavailable)
-        stats = raw["stats"]
-        return SearchResult(move=Direction(raw["move"]) if raw["move"] >= 0 else None, values=values,
-                            depth=raw["depth"], nodes=stats["nodes"], evaluations=stats["evaluations"],
-                            cache_hits=stats["cache_hits"], seconds=raw["seconds"])
+    def best_move(self, board, *, max_nodes=..., time_limit=...) -> SearchResult:
+        """The search's move. ``max_nodes`` / ``time_limit`` override the engine's budget for this
+        call (None = no limit; omitted = the engine's). Ctrl-C (on the main thread) interrupts
+        the search within about 20 ms with KeyboardInterrupt."""
+        raw = self._core.best_move(Board(board).bits, max_nodes, time_limit)
+        return _search_result(raw)
 
-    def _play(self, seed: int, record_moves: bool, core=None) -> GameResult:
-        raw = (core or self._core).play_game(seed, record_moves)
+    def _play(self, seed: int, record_moves: bool, core=None, cancel=None) -> GameResult:
+        raw = (core or self._core).play_game(seed, record_moves, cancel)
         return GameResult(seed=seed, max_tile=raw["max_tile"], score=raw["score"], moves=raw["moves"],
                           seconds=raw["seconds"], nodes=raw["stats"]["nodes"], final_board=Board(raw["final_board"],
                           score=raw["score"]), hit_65536_limit=raw["hit_65536_limit"],
-                          move_log=[Direction(m) for m in raw["move_log"]] if record_moves else None)
+                          move_log=[Direction(m) for m in raw["move_log"]] if record_moves else None,
+                          budget_stops=raw["budget_stops"])
+
+
+def _search_result(raw) -> SearchResult:
+    values = {d: v for d, v in zip(Direction, raw["values"]) if v == v}  # drop NaN (unavailable)
+    stats = raw["stats"]
+    return SearchResult(move=Direction(raw["move"]) if raw["move"] >= 0 else None, values=values,
+                        depth=raw["depth"], nodes=stats["nodes"], evaluations=stats["evaluations"],
+                        cache_hits=stats["cache_hits"], seconds=raw["seconds"], target_depth=raw["target_depth"],
+                        budget_exhausted=raw["budget_exhausted"], threads=raw["threads"])
 
 
 def _check_seed(seed) -> int:
@@ -297,7 +315,8 @@ def _check_seed(seed) -> int:
 
 
 def play_game(seed: int = 0, engine: Engine | None = None, record_moves: bool = False) -> GameResult:
-    """One self-play game from an empty board (two spawned tiles), tiles drawn from Rng(seed)."""
+    """One self-play game from an empty board (two spawned tiles), tiles drawn from Rng(seed).
+    Every decision uses the engine's budget. Interruptible with Ctrl-C on the main thread."""
     return (engine or Engine())._play(_check_seed(seed), record_moves)
 
 
@@ -310,18 +329,32 @@ def game_seeds(n: int, seed: int = 0) -> list[int]:
 def play_games(n: int, seed: int = 0, engine: Engine | None = None, threads: int | None = None,
                record_moves: bool = False, progress=None) -> list[GameResult]:
     """n games in parallel, one search thread per game, ``threads`` games at a time (None = all
-    cores). Game i is play_game(game_seeds(n, seed)[i]), so results do not depend on ``threads``.
-    ``progress(result)`` is called as each game ends."""
+    cores, else 1..256). Game i is play_game(game_seeds(n, seed)[i]), so results do not depend on
+    ``threads``. ``progress(result)`` is called as each game ends. An exception in the calling
+    thread (Ctrl-C: KeyboardInterrupt) stops the running games promptly and is re-raised."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= _engine.MAX_THREADS):
+        raise ValueError(f"threads must be None or an integer in [1, {_engine.MAX_THREADS}], got {threads!r}")
+    seeds = game_seeds(n, seed)
     engine = engine or Engine()
     single_threaded = engine._make_core(1)  # games are the unit of parallelism here
     workers = threads or os.cpu_count() or 1
+    cancel = _engine.CancelToken()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(engine._play, s, record_moves, single_threaded) for s in game_seeds(n, seed)]
+        futures = [pool.submit(engine._play, s, record_moves, single_threaded, cancel) for s in seeds]
         results = []
-        for future in futures:
-            results.append(future.result())
-            if progress:
-                progress(results[-1])
+        try:
+            for future in futures:
+                while not future.done():  # short waits: the main thread handles signals in between
+                    wait_for_futures([future], timeout=0.1)
+                results.append(future.result())
+                if progress:
+                    progress(results[-1])
+        except BaseException:
+            cancel.cancel()  # the running games raise SearchCancelled, the queued ones never start
+            for future in futures:
+                future.cancel()
+            raise
     return results

@@ -1,6 +1,7 @@
 """``fastdl 2048 ...``: play in the terminal, watch the engine, or benchmark it.
 
-The package's command line calls :func:`register` to add the ``2048`` sub-command.
+The package's command line calls :func:`register` to add the ``2048`` sub-command. Ctrl-C stops
+any of them promptly, in the middle of a search too.
 """
 
 from __future__ import annotations
@@ -48,11 +49,18 @@ def _add_engine_arguments(parser) -> None:
     parser.add_argument("--depth", type=int, default=None, help="search depth (default: the heuristic's policy)")
     parser.add_argument("--heuristic", choices=("default", "snake", "notes"), default="default")
     parser.add_argument("--threads", type=int, default=None, help="search threads (default: all cores)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="time budget per move: deepen iteratively, keep the deepest completed depth")
+    parser.add_argument("--max-nodes", type=int, default=None, metavar="N", help="node budget per move")
 
 
 def _engine_from(args) -> Engine:
     depth = args.depth if args.depth is not None else (2 if args.preset == "fast" else None)
-    return Engine(depth=depth, threads=args.threads, heuristic=args.heuristic)
+    try:
+        return Engine(depth=depth, threads=args.threads, heuristic=args.heuristic, time_limit=args.time_limit,
+                      max_nodes=args.max_nodes)
+    except ValueError as error:
+        raise SystemExit(f"fastdl 2048: {error}") from None
 
 
 def _seed_from(args) -> int:
@@ -64,7 +72,11 @@ def _seed_from(args) -> int:
 def cmd_play(args) -> int:
     import curses
 
-    return curses.wrapper(_play_loop, _seed_from(args))
+    try:
+        return curses.wrapper(_play_loop, _seed_from(args))  # restores the terminal on any exit
+    except KeyboardInterrupt:
+        print("interrupted")
+        return 130
 
 
 def _play_loop(screen, seed: int) -> int:
@@ -114,13 +126,14 @@ def cmd_watch(args) -> int:
             board = board.move(result.move).spawn(rng)
             moves += 1
             rate = moves / (time.perf_counter() - start)
+            depth = f"depth {result.depth}" + (f" of {result.target_depth} (budget)" if result.budget_exhausted else "")
             sys.stdout.write(f"{_CLEAR}{board}\nmove {moves} ({result.move}), {rate:.0f} moves/s, "
-                             f"depth {result.depth}, {result.nodes} nodes\n")
+                             f"{depth}, {result.nodes} nodes\n")
             sys.stdout.flush()
             if args.delay:
                 time.sleep(args.delay)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # raised within ~20 ms, also in the middle of a search
+        print("interrupted")
     print(f"final: score {board.score}, max tile {board.max_tile}, {moves} moves")
     return 0
 
@@ -146,13 +159,17 @@ def cmd_bench(args) -> int:
         sys.stderr.flush()
 
     start = time.perf_counter()
-    results = play_games(args.games, seed=args.seed, engine=engine, threads=args.parallel, progress=progress)
+    try:
+        results = play_games(args.games, seed=args.seed, engine=engine, threads=args.parallel, progress=progress)
+    except KeyboardInterrupt:  # play_games has stopped the running games
+        sys.stderr.write(f"\ninterrupted after {done} of {args.games} games\n")
+        return 130
     wall = time.perf_counter() - start
     sys.stderr.write("\n")
 
     summary = summarize(results, wall)
     summary["settings"] = {"games": args.games, "seed": args.seed, "preset": args.preset, "depth": args.depth,
-                           "heuristic": args.heuristic}
+                           "heuristic": args.heuristic, "time_limit": args.time_limit, "max_nodes": args.max_nodes}
     print(format_summary(summary))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -176,6 +193,7 @@ def summarize(results, wall_seconds: float) -> dict:
         "moves_per_second": moves / game_seconds,         # per game thread
         "nodes_per_second": sum(r.nodes for r in results) / game_seconds,
         "wall_seconds": wall_seconds,
+        "budget_stops": sum(r.budget_stops for r in results),  # moves whose search the budget cut short
         "games": [{"seed": r.seed, "max_tile": r.max_tile, "score": r.score, "moves": r.moves,
                    "seconds": r.seconds} for r in results],
     }
@@ -189,6 +207,8 @@ def format_summary(summary: dict) -> str:
     lines.append(f"score: min {score['min']}, median {score['median']}, max {score['max']}")
     lines.append(f"speed: {summary['moves_per_second']:.0f} moves/s, "
                  f"{summary['nodes_per_second'] / 1e6:.1f} M search nodes/s (per game thread)")
+    if summary.get("budget_stops"):
+        lines.append(f"budget: {summary['budget_stops']} of {summary['moves']} moves stopped before the full depth")
     return "\n".join(lines)
 
 
