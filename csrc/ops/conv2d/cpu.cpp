@@ -980,8 +980,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     // im2col/col2im.
     grad_input = conv2d_cpu(grad_output, weight.flip({2, 3}).transpose(0, 1), std::nullopt, {1, 1},
                             {full_pad_h - g.pad_h, full_pad_w - g.pad_w},
-                            {g.dil_h, g.dil_w}, 1, std::nullopt, std::nullopt, std::nullopt)
-                     .contiguous(input.suggest_memory_format());
+                            {g.dil_h, g.dil_w}, 1, std::nullopt, std::nullopt, std::nullopt);
     output_mask[0] = false;
   }
   at::Tensor grad_weight;
@@ -1006,18 +1005,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     });
   }
   if (!grad_input.defined()) {
-    grad_input = output_mask[0]
-                     ? grad_input_nhwc.permute({0, 3, 1, 2}).contiguous(input.suggest_memory_format())
-                     : at::empty({0}, opts);
+    grad_input = output_mask[0] ? grad_input_nhwc.permute({0, 3, 1, 2}) : at::empty({0}, opts);
   }
   if (!grad_weight.defined()) {
     grad_weight = output_mask[1]
                       ? grad_weight_rows.view({g.out_channels, g.kernel_h, g.kernel_w, g.group_channels()})
                             .permute({0, 3, 1, 2})
-                            .contiguous()
                       : at::empty({0}, opts);
   }
   at::Tensor grad_bias = output_mask[2] ? grad_output.sum({0, 2, 3}) : at::empty({0}, opts);
+  // Each gradient is made dense in its layout here, once, whichever path computed it.
   return {with_canonical_strides(grad_input, input.suggest_memory_format()),
           with_canonical_strides(grad_weight, at::MemoryFormat::Contiguous), grad_bias};
 }

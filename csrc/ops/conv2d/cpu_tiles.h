@@ -52,7 +52,7 @@ struct RowWindow {
 };
 
 // Whether the tiles may run: compiled in (x86-64 with GCC or Clang) and AVX-512 in use. Every
-// call of a function below except transpose() and add_residual() sits behind this check.
+// call of a function below except transpose() sits behind this check.
 inline bool available() { return FASTDL_CONV2D_TILES && cpu::has(cpu::Capability::AVX512); }
 
 #if FASTDL_CONV2D_TILES
@@ -301,7 +301,8 @@ __attribute__((target("avx512f"))) inline void gather_columns(const float* src, 
   for (; i < n; ++i) dst[i] = src[i * step];
 }
 
-// add_residual() with AVX-512, the tail masked.
+// out[i] = act(out[i] + residual[i]) for i < count, the tail masked: the residual epilogue, run on
+// a stretch of output a kernel has just stored (conv + bias), while it is still in cache.
 __attribute__((target("avx512f"))) inline void add_residual_avx512(float* out, const float* residual,
                                                                    int64_t count, Activation act) {
   int64_t i = 0;
@@ -345,16 +346,6 @@ inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * dst_ld + r] = src[r * src_ld + c];
-}
-
-// out[i] = act(out[i] + residual[i]) for i < count: the residual epilogue, run on a stretch of
-// output a kernel has just stored (conv + bias), while it is still in cache.
-inline void add_residual(float* out, const float* residual, int64_t count, Activation act) {
-  if (available()) {
-    add_residual_avx512(out, residual, count, act);
-    return;
-  }
-  for (int64_t i = 0; i < count; ++i) out[i] = conv2d::activate(act, out[i] + residual[i]);
 }
 
 }  // namespace fastdl::conv2d::tiles

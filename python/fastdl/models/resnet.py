@@ -280,7 +280,8 @@ def fuse_for_inference(model: ResNet) -> ResNet:
     BatchNorm are fused too. The BatchNorm modules become ``nn.Identity``, so the module names
     stay those of ``model`` (the state_dict loses the BatchNorm entries and gains conv biases).
     Each block's last convolution also adds the shortcut and applies the final ReLU as it
-    writes (``residual=`` of :func:`fastdl.ops.conv2d`), so a block's output is written once. ``model`` is left unchanged. The copy has no trainable parameters and refuses
+    writes (``residual=`` of :func:`fastdl.ops.conv2d`), so a block's output is written once.
+    ``model`` is left unchanged. The copy has no trainable parameters and refuses
     ``train()``; it needs BatchNorm2d normalisation (the default ``norm_layer``).
     """
     if not isinstance(model, ResNet):
