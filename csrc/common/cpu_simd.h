@@ -24,4 +24,30 @@ void axpy4(int64_t n, double w0, const double* a0, double w1, const double* a1, 
 void axpy(int64_t n, float w, const float* x, float* y);
 void axpy(int64_t n, double w, const double* x, double* y);
 
+// ---- softmax rows. float32 uses fastdl's exp2 polynomial (cpu_vec.h), float64 the exact library
+// functions (the reference and gradcheck path, not a fast one). A NaN in a row makes the max NaN.
+
+// max_i x[i] (-inf for n = 0)
+float row_max(int64_t n, const float* x);
+double row_max(int64_t n, const double* x);
+
+// x[i] = 2^(x[i] - m); returns the sum of the new values. Needs x[i] - m <= 0.5.
+float exp2_shift_sum(int64_t n, float* x, float m);
+double exp2_shift_sum(int64_t n, double* x, double m);
+
+// x[i] = e^(x[i] - m); returns the sum of the new values. Needs x[i] - m <= 0.
+float exp_shift_sum(int64_t n, float* x, float m);
+double exp_shift_sum(int64_t n, double* x, double m);
+
+// x[i] *= a
+void scale(int64_t n, float* x, float a);
+void scale(int64_t n, double* x, double a);
+
+// ds[i] = p[i] * (ds[i] - delta): the softmax backward of a row
+void softmax_grad(int64_t n, const float* p, float* ds, float delta);
+void softmax_grad(int64_t n, const double* p, double* ds, double delta);
+
+float dot(int64_t n, const float* a, const float* b);
+double dot(int64_t n, const double* a, const double* b);
+
 }  // namespace fastdl::cpu

@@ -37,6 +37,26 @@ TORCH_LIBRARY(fastdl, m) {
       "_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
       "Tensor out, Tensor lse, Tensor? grad_lse, bool causal, float scale, float dropout_p, "
       "int seed) -> (Tensor, Tensor, Tensor)");
+  // ---- transformer blocks ---------------------------------------------------------------
+  // residual_out is input + residual (empty without a residual); mean and rstd are per row.
+  m.def(
+      "layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, float eps) -> (Tensor output, Tensor residual_out, Tensor mean, "
+      "Tensor rstd)");
+  m.def(
+      "_layer_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
+      "Tensor rstd, SymInt[] normalized_shape, bool[3] output_mask) -> (Tensor grad_input, "
+      "Tensor grad_weight, Tensor grad_bias)");
+  // With compute_grad (scalar reductions only) the gradients of a unit loss come out of the
+  // forward pass; otherwise they are empty and _linear_cross_entropy_backward recomputes.
+  m.def(
+      "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
+      "int ignore_index, str reduction, bool compute_grad) -> (Tensor loss, Tensor lse, "
+      "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "_linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, "
+      "Tensor target, Tensor? bias, Tensor lse, int ignore_index, str reduction) -> "
+      "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // ---- recurrent ------------------------------------------------------------------------
   m.def(
       "lstm_layer(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "

@@ -1,4 +1,4 @@
-"""The ``fastdl`` command line: ``info``, ``bench``, ``train`` and ``2048``."""
+"""The ``fastdl`` command line: ``info``, ``bench``, ``train``, ``generate``, ``detect`` and ``2048``."""
 
 from __future__ import annotations
 
@@ -70,11 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fastdl.train import cli as train_cli
 
-    train = sub.add_parser("train", help="train a ResNet on CIFAR, MNIST, an image folder or the bundled digits",
+    train = sub.add_parser("train", help="train a ResNet (CIFAR, MNIST, image folders, digits); "
+                           "`train gpt` and `train fast-rcnn` have their own options",
                            description=train_cli.DESCRIPTION, epilog=train_cli.EPILOG,
                            formatter_class=train_cli.HelpFormatter)
     train_cli.add_arguments(train)
     train.set_defaults(func=cmd_train)
+
+    from fastdl import generate as generate_cli
+
+    generate = sub.add_parser("generate", help="continue a prompt with a GPT-2 model",
+                              description=generate_cli.DESCRIPTION, epilog=generate_cli.EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate_cli.add_arguments(generate)
+    generate.set_defaults(func=generate_cli.run)
+
+    from fastdl.train import detect as detect_cli
+
+    detect = sub.add_parser("detect", help="draw a trained detector's boxes on images",
+                            description=detect_cli.DESCRIPTION, epilog=detect_cli.EPILOG,
+                            formatter_class=train_cli.HelpFormatter)
+    detect_cli.add_arguments(detect)
+    detect.set_defaults(func=detect_cli.run)
 
     from fastdl.game2048 import cli as game_cli
 
@@ -83,5 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from fastdl.train import cli as train_cli
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"] and argv[1:2] and argv[1] in train_cli.OTHER_TRAINERS:
+        sys.exit(train_cli.run_other_trainer(argv[1], argv[2:], f"fastdl train {argv[1]}"))
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))

@@ -36,153 +36,10 @@
 #include "common/checks.h"
 #include "common/cpu_blas.h"
 #include "common/cpu_simd.h"
+#include "common/cpu_vec.h"
 #include "ops/attention/cpu_tiles.h"
 
-// 64-byte vector values only live inside always-inlined helpers and the per-ISA clones of this
-// file (nothing with a vector in its signature is visible outside it), so GCC's note that their
-// calling convention differs with and without AVX-512 does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 namespace fastdl::attention {
-
-// ---- vectorised row primitives (one clone per instruction set) --------------------------------
-
-namespace simd {
-
-// Sixteen floats as one GCC vector: one zmm register in the AVX-512 clone, two ymm in the AVX2
-// one, four xmm in the baseline one, so a single source serves every instruction set.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-#define FASTDL_VEC_INLINE __attribute__((always_inline)) inline
-
-FASTDL_VEC_INLINE f32x16 splat(float a) { return f32x16{} + a; }
-FASTDL_VEC_INLINE f32x16 load(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-FASTDL_VEC_INLINE void store(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// 2^f for f in (-0.5, 0.5]: a degree-7 polynomial evaluated by Horner's rule. One template
-// serves a float and a f32x16, so the scalar and vector forms agree bit for bit per lane.
-constexpr float kExp2Coefficients[] = {
-    1.525273380405984e-05f, 1.5403530393381608e-04f, 1.3333558146428443e-03f,
-    9.618129107628477e-03f, 5.550410866482158e-02f,  2.402265069591007e-01f,
-    6.931471805599453e-01f, 1.0f};
-
-template <typename V>
-FASTDL_VEC_INLINE V exp2_fraction(V f) {
-  V p = V{} + kExp2Coefficients[0];
-  for (int i = 1; i < 8; ++i) p = p * f + kExp2Coefficients[i];
-  return p;
-}
-
-// 2^x for x <= 0.5, |relative error| < 1e-8 over the float range; x < -126 gives 0.
-inline float exp2_poly(float x) {
-  x = x > -127.0f ? x : -127.0f;
-  const int32_t n = static_cast<int32_t>(x - 0.5f);  // truncation == ceil(x - 0.5) for x <= 0.5
-  const float two_n = __builtin_bit_cast(float, static_cast<uint32_t>(n + 127) << 23);
-  return exp2_fraction(x - static_cast<float>(n)) * two_n;
-}
-
-// exp2_poly on sixteen lanes (same polynomial, same clamping).
-FASTDL_VEC_INLINE f32x16 exp2_vec(f32x16 x) {
-  const f32x16 lo = splat(-127.0f);
-  x = x > lo ? x : lo;
-  const i32x16 n = __builtin_convertvector(x - 0.5f, i32x16);  // truncation toward zero
-  const i32x16 bits = (n + 127) << 23;  // 2^n built directly in the exponent field
-  return exp2_fraction(x - __builtin_convertvector(n, f32x16)) * reinterpret_cast<const f32x16&>(bits);
-}
-
-FASTDL_VEC_INLINE float hmax(f32x16 v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-FASTDL_VEC_INLINE float hsum(f32x16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-
-FASTDL_SIMD_CLONES float row_max(int64_t n, const float* __restrict x) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  f32x16 mv = splat(ninf);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const f32x16 v = load(x + i);
-    mv = v > mv ? v : mv;
-  }
-  float m = hmax(mv);
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-
-// x[i] = 2^(x[i] - m); returns the sum of the new values.
-FASTDL_SIMD_CLONES float exp2_shift_sum(int64_t n, float* __restrict x, float m) {
-  f32x16 sv = splat(0.0f);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const f32x16 e = exp2_vec(load(x + i) - m);
-    store(x + i, e);
-    sv += e;
-  }
-  float s = hsum(sv);
-  for (; i < n; ++i) {
-    const float e = exp2_poly(x[i] - m);
-    x[i] = e;
-    s += e;
-  }
-  return s;
-}
-
-FASTDL_SIMD_CLONES void scale(int64_t n, float* __restrict x, float a) {
-  for (int64_t i = 0; i < n; ++i) x[i] *= a;
-}
-
-// ds[i] = p[i] * (ds[i] - delta)
-FASTDL_SIMD_CLONES void softmax_grad(int64_t n, const float* __restrict p, float* __restrict ds,
-                                     float delta) {
-  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] * (ds[i] - delta);
-}
-
-FASTDL_SIMD_CLONES float dot(int64_t n, const float* __restrict a, const float* __restrict b) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// float64 versions: exact library exp2 (float64 is the reference/gradcheck path, not a fast one)
-double row_max(int64_t n, const double* x) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-double exp2_shift_sum(int64_t n, double* x, double m) {
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp2(x[i] - m);
-    s += x[i];
-  }
-  return s;
-}
-void scale(int64_t n, double* x, double a) {
-  for (int64_t i = 0; i < n; ++i) x[i] *= a;
-}
-void softmax_grad(int64_t n, const double* p, double* ds, double delta) {
-  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] * (ds[i] - delta);
-}
-double dot(int64_t n, const double* a, const double* b) {
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-}  // namespace simd
 
 namespace {
 
@@ -465,23 +322,23 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
         }
         for (int64_t r = 0; r < rows; ++r) {
           T* s = s2.data() + r * lds;
-          const T m_new = std::max(m[r], fused_max ? bmax[r] : simd::row_max(cols, s));
+          const T m_new = std::max(m[r], fused_max ? bmax[r] : cpu::row_max(cols, s));
           if (m_new == neg_inf) {  // nothing visible yet in this row
             std::fill(s, s + cols, T(0));
             continue;
           }
           T alpha, sum;
           if constexpr (std::is_same_v<T, float>) {
-            alpha = m[r] == neg_inf ? 0.0f : simd::exp2_poly(m[r] - m_new);
+            alpha = m[r] == neg_inf ? 0.0f : cpu::vec::exp2_poly(m[r] - m_new);
             sum = fast_exp ? tiles::exp2_shift_sum(cols, s, m_new)
-                           : simd::exp2_shift_sum(cols, s, m_new);
+                           : cpu::exp2_shift_sum(cols, s, m_new);
           } else {
             alpha = m[r] == neg_inf ? T(0) : std::exp2(m[r] - m_new);
-            sum = simd::exp2_shift_sum(cols, s, m_new);
+            sum = cpu::exp2_shift_sum(cols, s, m_new);
           }
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
-          if (alpha != T(1)) simd::scale(D, acc.data() + r * D, alpha);
+          if (alpha != T(1)) cpu::scale(D, acc.data() + r * D, alpha);
           if (o.dropout.enabled) {
             o.dropout.apply(cols, s, static_cast<uint64_t>((bh * sh.Nq + i0 + r) * sh.Nk + j0));
           }
@@ -531,7 +388,7 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
         for (int64_t i = 0; i < sh.Nq; ++i) {
           const T* dor = dout + b * sdo.b + h * sdo.h + i * sdo.n;
           const T* orow = out + b * so.b + h * so.h + i * so.n;
-          T d = simd::dot(D, dor, orow);
+          T d = cpu::dot(D, dor, orow);
           if (grad_lse) d -= grad_lse[bh * sh.Nq + i];
           delta[g * sh.Nq + i] = d;
           lse2[g * sh.Nq + i] = static_cast<T>(lse[bh * sh.Nq + i] * kLog2e);
@@ -565,7 +422,7 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
                     continue;
                   }
                 }
-                simd::exp2_shift_sum(cols, pr, l2);
+                cpu::exp2_shift_sum(cols, pr, l2);
               }
             }
             // dP = dO V^T
@@ -593,7 +450,7 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
                                         dv_acc.data(), D);
             }
             for (int64_t r = 0; r < rows; ++r) {
-              simd::softmax_grad(cols, p.data() + r * cols, ds.data() + r * cols,
+              cpu::softmax_grad(cols, p.data() + r * cols, ds.data() + r * cols,
                                  delta[g * sh.Nq + i0 + r]);
             }
             const T sc = static_cast<T>(o.scale);

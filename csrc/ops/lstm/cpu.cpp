@@ -7,8 +7,7 @@
 // sigmoid and tanh built on it are within 2e-7 (absolute) of the exact functions. float64 calls
 // the exact library functions (it is the checking path, not the fast one).
 
-// Vector values only live inside the always-inlined helpers and the per-ISA clones of this file,
-// so GCC's note that their calling convention differs between instruction sets does not apply.
+// Vector values stay inside this file's always-inlined helpers and clones (cpu_vec.h).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -22,35 +21,16 @@
 #include <cstring>
 
 #include "common/cpu_simd.h"
+#include "common/cpu_vec.h"
 #include "ops/lstm/lstm.h"
 
 namespace fastdl::lstm {
 namespace {
 
-// Sixteen floats as one GCC vector: one zmm register in the AVX-512 clone, two ymm in the AVX2
-// one, four xmm in the baseline one.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-#define FASTDL_VEC_INLINE __attribute__((always_inline)) inline
-
-// Loads/stores the first `count` (<= 16) lanes; the others read as 0 and are not written.
-FASTDL_VEC_INLINE f32x16 load(const float* p, int64_t count) {
-  f32x16 v{};
-  if (count == kLanes) {
-    std::memcpy(&v, p, sizeof(v));  // a single vector load
-  } else {
-    for (int64_t k = 0; k < count; ++k) v[k] = p[k];
-  }
-  return v;
-}
-FASTDL_VEC_INLINE void store(float* p, f32x16 v, int64_t count) {
-  if (count == kLanes) {
-    std::memcpy(p, &v, sizeof(v));
-  } else {
-    for (int64_t k = 0; k < count; ++k) p[k] = v[k];
-  }
-}
+using cpu::vec::f32x16;
+using cpu::vec::i32x16;
+using cpu::vec::load;
+using cpu::vec::store;
 
 struct VectorMath {
   // e^x: x = n ln2 + f ln2 with n integer, |f| <= 1/2; 2^f by Horner, 2^n in the exponent bits.

@@ -8,6 +8,8 @@ image transforms.
   ``.load()`` brings them into memory.
 - :class:`TensorBatches`: shuffled mini-batches of an in-memory dataset, transformed per batch.
 - :mod:`fastdl.data.transforms`: crop, flip, normalise and resize whole batches.
+- :mod:`fastdl.data.voc`, :mod:`.coco`, :mod:`.shapes`: detection sets (Pascal VOC, COCO json, a
+  seeded synthetic set); :mod:`.text` and :mod:`.tokenizer`: text corpora and tokenizers for GPT.
 """
 
 from . import transforms
@@ -17,8 +19,12 @@ from .dataset import ImageTensorDataset
 from .digits import digits
 from .folder import ImageFiles, ImageFolder, TinyImageNet, read_image
 from .mnist import MNIST, FashionMNIST, read_idx
+from .tokenizer import ByteTokenizer, GPT2Tokenizer, get_tokenizer
 
 __all__ = [
+    "ByteTokenizer",
+    "GPT2Tokenizer",
+    "get_tokenizer",
     "CIFAR10",
     "CIFAR100",
     "FashionMNIST",

@@ -1,5 +1,7 @@
 """Model definitions laid out like ``torchvision.models``, running fastdl's kernels."""
 
+from . import detection
+from .gpt2 import GPT, GPTClassifier, GPTConfig, KVCache, sample_next_token
 from .resnet import (
     BasicBlock,
     Bottleneck,
@@ -14,6 +16,12 @@ from .resnet import (
 )
 
 __all__ = [
+    "GPT",
+    "GPTClassifier",
+    "GPTConfig",
+    "KVCache",
+    "detection",
+    "sample_next_token",
     "BasicBlock",
     "Bottleneck",
     "ResNet",

@@ -4,6 +4,7 @@ from . import functional
 from .attention import MultiheadAttention
 from .conv import Conv2d, Conv2dNormActivation, fuse_conv_bn
 from .detection import MultiScaleRoIAlign, RoIAlign, RoIPool
+from .normalization import LayerNorm
 from .recurrent import LSTM, LSTMCell
 from .replace import replace_modules
 
@@ -11,6 +12,7 @@ __all__ = [
     "Conv2d",
     "Conv2dNormActivation",
     "LSTM",
+    "LayerNorm",
     "LSTMCell",
     "MultiScaleRoIAlign",
     "MultiheadAttention",

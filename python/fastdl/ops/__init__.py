@@ -6,6 +6,8 @@ from .. import _loader  # noqa: F401  (must precede the op modules)
 from .attention import attention
 from .boxes import BoxCoder, box_area, box_convert, box_iou, clip_boxes_to_image, remove_small_boxes
 from .conv2d import conv2d, conv2d_winograd_weight
+from .layer_norm import layer_norm
+from .linear_cross_entropy import linear_cross_entropy
 from .lstm import lstm, lstm_cell
 from .nms import batched_nms, nms
 from .poolers import multiscale_roi_align
@@ -22,6 +24,8 @@ __all__ = [
     "clip_boxes_to_image",
     "conv2d",
     "conv2d_winograd_weight",
+    "layer_norm",
+    "linear_cross_entropy",
     "lstm",
     "lstm_cell",
     "multiscale_roi_align",

@@ -72,8 +72,8 @@ def save(content: dict, path: str | os.PathLike) -> None:
     os.replace(partial, path)
 
 
-def load_last(out: str | os.PathLike) -> dict:
-    """``out/last.pt``, checked to be a training checkpoint of this format."""
+def load_last(out: str | os.PathLike, expected_format: str = FORMAT) -> dict:
+    """``out/last.pt``, checked to be a training checkpoint of ``expected_format``."""
     path = Path(out) / "last.pt"
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
@@ -81,9 +81,10 @@ def load_last(out: str | os.PathLike) -> dict:
         raise ConfigError(f"--resume: no checkpoint {str(path)!r}") from None
     except Exception as error:  # torch.load raises several types for a damaged or foreign file
         raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
-    if not isinstance(content, dict) or content.get("format") != FORMAT:
+    if not isinstance(content, dict) or content.get("format") != expected_format:
         found = content.get("format") if isinstance(content, dict) else type(content).__name__
-        raise ConfigError(f"--resume: {path} is not a fastdl train checkpoint (format {found!r}, expected {FORMAT!r})")
+        raise ConfigError(f"--resume: {path} is not a fastdl train checkpoint (format {found!r}, expected "
+                          f"{expected_format!r})")
     return content
 
 
@@ -91,14 +92,19 @@ def _flag(field: str) -> str:
     return "MODEL" if field == "model" else "--" + field.replace("_", "-")
 
 
-def check_same_recipe(saved: dict, config: TrainConfig, path: str) -> None:
-    """Refuse to resume with settings that change the trajectory (:data:`RECIPE_FIELDS`)."""
+_MAY_CHANGE = "--epochs, --patience, --device, --compile, --amp, --workers, --channels-last and --no-progress"
+
+
+def check_same_recipe(saved: dict, config: TrainConfig, path: str, fields: tuple[str, ...] = RECIPE_FIELDS,
+                      may_change: str = _MAY_CHANGE) -> None:
+    """Refuse to resume with settings that change the trajectory: ``fields`` of ``config`` (any
+    object with ``to_dict()``; :data:`RECIPE_FIELDS` of a :class:`TrainConfig` by default) that
+    differ from the ``saved`` settings. ``may_change`` lists, for the message, the flags that may."""
     current = config.to_dict()
     changed = [f"{_flag(field)} {saved.get(field)!r} -> {current[field]!r}"
-               for field in RECIPE_FIELDS if saved.get(field) != current[field]]
+               for field in fields if saved.get(field) != current[field]]
     if changed:
         raise ConfigError(
             f"--resume: {path} was trained with other settings ({'; '.join(changed)}); an exact continuation needs "
-            "the same ones (only --epochs, --patience, --device, --compile, --amp, --workers, --channels-last and "
-            "--no-progress may change)"
+            f"the same ones (only {may_change} may change)"
         )

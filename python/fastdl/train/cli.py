@@ -15,6 +15,7 @@ __all__ = ["add_arguments", "config_from_args", "run", "main"]
 
 DESCRIPTION = "Train a ResNet with the course recipe (SGD momentum 0.9, weight decay 5e-4, cosine schedule)."
 EPILOG = """examples:
+  fastdl train gpt --help, fastdl train fast-rcnn --help: the language-model and detector trainers
   fastdl train resnet18 --data cifar10=~/data/cifar-10-batches-py --epochs 30
   fastdl train resnet10 --data digits --epochs 3 --out runs/digits
   torchrun --nproc_per_node=2 -m fastdl.train resnet18 --data cifar10=~/data --sync-bn"""
@@ -96,6 +97,22 @@ def build_parser(prog: str = "python -m fastdl.train") -> argparse.ArgumentParse
     return parser
 
 
+# Models with a trainer (and arguments) of their own: `fastdl train gpt ...`, `fastdl train fast-rcnn ...`.
+OTHER_TRAINERS = {"gpt": "gpt_cli", "fast-rcnn": "detection_cli"}
+
+
+def run_other_trainer(name: str, argv: list[str], prog: str) -> int:
+    """Parse ``argv`` with the trainer of ``name`` (a key of OTHER_TRAINERS) and run it."""
+    import importlib
+
+    module = importlib.import_module(f"{__package__}.{OTHER_TRAINERS[name]}")
+    parser = module.build_parser(prog)
+    return module.run(parser.parse_args(argv), prog=parser.prog)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in OTHER_TRAINERS:
+        sys.exit(run_other_trainer(argv[0], argv[1:], f"python -m fastdl.train {argv[0]}"))
     parser = build_parser()
     sys.exit(run(parser.parse_args(argv), prog=parser.prog))

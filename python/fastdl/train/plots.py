@@ -1,6 +1,6 @@
-"""``curves.png`` (loss and accuracy per epoch) and ``predictions.png`` (test images with their
-predicted and true labels, wrong ones in red), drawn on matplotlib's Agg canvas: no display, and
-pyplot's global backend is left alone."""
+"""``curves.png`` (loss and accuracy per epoch, or loss curves against the step) and
+``predictions.png`` (test images with their predicted and true labels, wrong ones in red),
+drawn on matplotlib's Agg canvas: no display, and pyplot's global backend is left alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = ["have_matplotlib", "plot_curves", "plot_predictions"]
+__all__ = ["have_matplotlib", "plot_curves", "plot_loss_curves", "plot_predictions"]
 
 
 def have_matplotlib() -> bool:
@@ -49,6 +49,22 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def plot_loss_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | os.PathLike,
+                     xlabel: str = "step", ylabel: str = "cross-entropy loss") -> None:
+    """One line per ``label -> (x, y)`` of ``curves`` on one axes (e.g. the training loss of
+    every step and the validation loss of every evaluation); curves of at most 100 points get
+    markers, so a few evaluations stand out against a dense training curve."""
+    figure = _figure(7, 4.5)
+    axes = figure.subplots()
+    for label, (x, y) in curves.items():
+        axes.plot(x, y, "-o" if len(x) <= 100 else "-", label=label, markersize=3, linewidth=1)
+    axes.set(xlabel=xlabel, ylabel=ylabel, title="loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
