@@ -116,21 +116,24 @@ double row_max(int64_t n, const double* x) {
   for (int64_t i = 0; i < n; ++i) m = (x[i] > m || x[i] != x[i]) ? x[i] : m;
   return m;
 }
-double exp2_shift_sum(int64_t n, double* x, double m) {
+namespace {
+// x[i] = f(x[i] - m); returns the sum of the new values.
+template <typename F>
+double apply_shifted_sum(int64_t n, double* x, double m, F f) {
   double s = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp2(x[i] - m);
+    x[i] = f(x[i] - m);
     s += x[i];
   }
   return s;
 }
+}  // namespace
+
+double exp2_shift_sum(int64_t n, double* x, double m) {
+  return apply_shifted_sum(n, x, m, [](double t) { return std::exp2(t); });
+}
 double exp_shift_sum(int64_t n, double* x, double m) {
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - m);
-    s += x[i];
-  }
-  return s;
+  return apply_shifted_sum(n, x, m, [](double t) { return std::exp(t); });
 }
 void scale(int64_t n, double* x, double a) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;

@@ -16,6 +16,7 @@ Both files load with ``torch.load(weights_only=True)``: they hold only tensors a
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -29,6 +30,13 @@ __all__ = ["FORMAT", "rng_state", "restore_rng_state", "save", "load_last", "che
 
 FORMAT = "fastdl.train/1"
 
+
+
+def write_json(content: dict, path: Path) -> None:
+    """Write ``content`` to ``path`` through a temporary file, so a reader never sees half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(content, indent=1))
+    os.replace(partial, path)
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
     """Every random state a training epoch may draw from, as tensors and plain values."""

@@ -76,18 +76,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def run(args: argparse.Namespace, prog: str = "fastdl train") -> int:
-    """Train from parsed arguments; a bad setting prints ``prog: error: ...`` and returns 2."""
-    config = config_from_args(args)
-    try:
-        config.check()  # before importing torch: a typo fails at once
-        from .loop import fit
+def train_checked(config, module: str, fit: str, prog: str) -> int:
+    """Check ``config`` before torch is imported (a typo fails at once), then train with the function
+    ``fit`` of ``fastdl.train.<module>``. A bad setting prints ``prog: error: ...`` and returns 2."""
+    import importlib
 
-        fit(config)
+    try:
+        config.check()
+        getattr(importlib.import_module(f"{__package__}.{module}"), fit)(config)
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def run(args: argparse.Namespace, prog: str = "fastdl train") -> int:
+    """Train from parsed arguments; a bad setting prints ``prog: error: ...`` and returns 2."""
+    return train_checked(config_from_args(args), "loop", "fit", prog)
 
 
 def build_parser(prog: str = "python -m fastdl.train") -> argparse.ArgumentParser:

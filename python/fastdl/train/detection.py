@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import os
 import random
@@ -42,7 +41,7 @@ from . import checkpoint, distributed, plots
 from .config import ConfigError
 from .datasets import evenly_spaced
 from .detection_cli import DETECTION_RECIPE_FIELDS, MAY_CHANGE, DetectionDataSpec, DetectionTrainConfig
-from .loop import resolve_device
+from .loop import run_in_process_group
 from .model import wrap_model
 from .progress import format_duration, progress_bar
 
@@ -403,8 +402,6 @@ def _grid(pictures: list, columns: int = 4):
 
 def plot_detection_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     """The training losses (left) and the test mAP and AP50 (right) against the epoch."""
-    from matplotlib.ticker import MaxNLocator
-
     epochs = [entry["epoch"] for entry in history]
     figure = plots._figure(10, 4)
     loss_axes, map_axes = figure.subplots(1, 2)
@@ -414,12 +411,7 @@ def plot_detection_curves(history: Sequence[dict], path: str | os.PathLike) -> N
         map_axes.plot(epochs, [entry[key] for entry in history], "-s", label=label, markersize=3)
     loss_axes.set(xlabel="epoch", ylabel="training loss", title="loss")
     map_axes.set(xlabel="epoch", ylabel="COCO average precision", title="test AP", ylim=(0, 1))
-    for axes in (loss_axes, map_axes):
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.grid(alpha=0.3)
-        axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    plots.save_epoch_figure(figure, (loss_axes, map_axes), path)
 
 
 # ---- a trained detector ------------------------------------------------------------------------------
@@ -521,12 +513,6 @@ class _GlobalBatches:
         order = torch.randperm(self.size, generator=self.generator).tolist()
         for batch in range(len(self)):
             yield order[batch * self.batch_size : (batch + 1) * self.batch_size]
-
-
-def _write_json(content: dict, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(content, indent=1))
-    os.replace(partial, path)
 
 
 class _Run:
@@ -700,7 +686,7 @@ class _Run:
         checkpoint.save({**common, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                          "rng": checkpoint.rng_state(self.generators), "history": self.history, "best": self.best,
                          "world_size": self.context.world_size}, self.out / "last.pt")
-        _write_json({"config": self.config.to_dict(), "model_settings": self.settings, "classes": self.data.classes,
+        checkpoint.write_json({"config": self.config.to_dict(), "model_settings": self.settings, "classes": self.data.classes,
                      "world_size": self.context.world_size, "epochs": self.history, "best_epoch": self.best["epoch"],
                      "best_map": self.best["map"], "best_ap50": self.best["ap50"],
                      "per_class": self.best["per_class"]}, self.out / "metrics.json")
@@ -778,10 +764,4 @@ def fit_detector(config: DetectionTrainConfig | None = None, **overrides) -> Det
     """
     config = dataclasses.replace(config or DetectionTrainConfig(), **overrides)
     spec = config.check()
-    context = distributed.from_environment()
-    device = resolve_device(config.device, context)
-    context = distributed.start(device)
-    try:
-        return _Run(config, spec, device, context).run()
-    finally:
-        distributed.stop(context)
+    return run_in_process_group(config.device, lambda device, context: _Run(config, spec, device, context).run())

@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .cli import HelpFormatter
+from .cli import HelpFormatter, train_checked
 from .config import DEVICES, ConfigError
 
 __all__ = ["DetectionTrainConfig", "DetectionDataSpec", "parse_detection_data", "add_arguments", "config_from_args",
@@ -293,16 +293,7 @@ def config_from_args(args: argparse.Namespace) -> DetectionTrainConfig:
 
 def run(args: argparse.Namespace, prog: str = "fastdl train fast-rcnn") -> int:
     """Train from parsed arguments; a bad setting prints ``prog: error: ...`` and returns 2."""
-    config = config_from_args(args)
-    try:
-        config.check()  # before importing torch: a typo fails at once
-        from .detection import fit_detector
-
-        fit_detector(config)
-    except ConfigError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return train_checked(config_from_args(args), "detection", "fit_detector", prog)
 
 
 def build_parser(prog: str = "python -m fastdl.train fast-rcnn") -> argparse.ArgumentParser:

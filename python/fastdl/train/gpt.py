@@ -28,7 +28,7 @@ from ..data import text
 from . import checkpoint, distributed, plots
 from .config import ConfigError
 from .gpt_cli import DEFAULT_MAX_STEPS, RECIPE_FIELDS, TOKENIZERS, GPTTrainConfig
-from .loop import _write_json, resolve_device
+from .loop import run_in_process_group
 from .progress import format_duration, progress_bar
 
 __all__ = ["fit_gpt", "GPTTrainConfig", "GPTTrainResult", "learning_rate", "parameter_groups", "FORMAT"]
@@ -330,7 +330,7 @@ class _Run:
             "evals": self.evals, "samples": self.samples, "step_losses": self.step_losses, "step_lrs": self.step_lrs,
             "step_grad_norms": self.step_grad_norms, "best": self.best, "world_size": self.context.world_size,
         }, self.out / "last.pt")
-        _write_json({
+        checkpoint.write_json({
             "config": self.config.to_dict(), "model_config": dataclasses.asdict(self.net.config),
             "world_size": self.context.world_size, "max_steps": self.max_steps,
             "tokens_per_step": self.tokens_per_step, "best_step": self.best["step"],
@@ -419,10 +419,4 @@ def fit_gpt(config: GPTTrainConfig | None = None, **overrides) -> GPTTrainResult
     """
     config = dataclasses.replace(config or GPTTrainConfig(), **overrides)
     source = config.check()
-    context = distributed.from_environment()
-    device = resolve_device(config.device, context)
-    context = distributed.start(device)
-    try:
-        return _Run(config, source, device, context).run()
-    finally:
-        distributed.stop(context)
+    return run_in_process_group(config.device, lambda device, context: _Run(config, source, device, context).run())

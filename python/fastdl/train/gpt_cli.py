@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .cli import HelpFormatter
+from .cli import HelpFormatter, train_checked
 from .config import DEVICES, ConfigError
 
 __all__ = ["GPTTrainConfig", "TOKENIZERS", "RECIPE_FIELDS", "DEFAULT_MAX_STEPS", "add_arguments",
@@ -246,16 +246,7 @@ def config_from_args(args: argparse.Namespace) -> GPTTrainConfig:
 
 def run(args: argparse.Namespace, prog: str = "fastdl train gpt") -> int:
     """Train from parsed arguments; a bad setting prints ``prog: error: ...`` and returns 2."""
-    config = config_from_args(args)
-    try:
-        config.check()  # before importing torch
-        from .gpt import fit_gpt
-
-        fit_gpt(config)
-    except ConfigError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return train_checked(config_from_args(args), "gpt", "fit_gpt", prog)
 
 
 def build_parser(prog: str = "python -m fastdl.train gpt") -> argparse.ArgumentParser:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from .datasets import TrainData, describe, load_data
 from .model import build_model, wrap_model
 from .progress import format_duration, progress_bar
 
-__all__ = ["fit", "TrainResult", "resolve_device", "should_stop"]
+__all__ = ["fit", "TrainResult", "resolve_device", "run_in_process_group", "should_stop"]
 
 PREDICTION_IMAGES = 32  # test images drawn in predictions.png
 
@@ -79,6 +77,18 @@ def resolve_device(name: str, context: distributed.Context) -> torch.device:
     return torch.device(name)
 
 
+def run_in_process_group(device_name: str, run):
+    """``run(device, context)`` on the device ``device_name`` resolves to, inside torchrun's process
+    group when there is one (joined first, left however ``run`` ends); returns what it returns."""
+    context = distributed.from_environment()
+    device = resolve_device(device_name, context)
+    context = distributed.start(device)
+    try:
+        return run(device, context)
+    finally:
+        distributed.stop(context)
+
+
 def should_stop(history: list[dict], best_epoch: int, patience: int) -> bool:
     """Early stopping: ``patience`` epochs have passed since the best test accuracy (0: never)."""
     return patience > 0 and bool(history) and history[-1]["epoch"] - best_epoch >= patience
@@ -93,12 +103,6 @@ def _autocast(device: torch.device, enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
-
-
-def _write_json(content: dict, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(content, indent=1))
-    os.replace(partial, path)
 
 
 class _Run:
@@ -282,7 +286,7 @@ class _Run:
             plots.plot_curves(self.history, self.out / "curves.png")
 
     def _write_metrics(self) -> None:
-        _write_json({
+        checkpoint.write_json({
             "config": self.config.to_dict(), "classes": self.data.classes, "world_size": self.context.world_size,
             "epochs": self.history, "best_epoch": self.best["epoch"], "best_test_acc": self.best["test_acc"],
             "per_class_accuracy": self.best["per_class"], "stopped_early": self.stopped_early,
@@ -362,10 +366,4 @@ def fit(config: TrainConfig | None = None, **overrides) -> TrainResult:
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     spec = config.check()
-    context = distributed.from_environment()
-    device = resolve_device(config.device, context)
-    context = distributed.start(device)
-    try:
-        return _Run(config, spec, device, context).run()
-    finally:
-        distributed.stop(context)
+    return run_in_process_group(config.device, lambda device, context: _Run(config, spec, device, context).run())

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = ["have_matplotlib", "plot_curves", "plot_loss_curves", "plot_predictions"]
+__all__ = ["have_matplotlib", "plot_curves", "plot_loss_curves", "plot_predictions", "save_epoch_figure"]
 
 
 def have_matplotlib() -> bool:
@@ -43,9 +43,14 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     # running statistics lag the first epochs), which flattens a linear plot
     loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss", yscale="log")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    save_epoch_figure(figure, (loss_axes, accuracy_axes), path)
+
+
+def save_epoch_figure(figure, axes_list, path: str | os.PathLike) -> None:
+    """Whole epochs on every x axis, a light grid and a legend on each axes, then ``path``."""
     from matplotlib.ticker import MaxNLocator
 
-    for axes in (loss_axes, accuracy_axes):
+    for axes in axes_list:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
