@@ -43,6 +43,32 @@ def make_run(fn, args, mode: str, device: str, grad=None):
     return run
 
 
+def peak_mb(fn) -> float | None:
+    """Peak extra CPU memory of one call of ``fn``, in MB, from torch's memory profiler.
+
+    An op's ``cpu_memory_usage`` includes its children's, so only each op's own (``self``)
+    allocations count: placed at the op's start, and its own frees (the temporaries of its
+    children it lets go) at its end.
+    """
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        changes = []
+        for e in prof.profiler.function_events:
+            usage = e.self_cpu_memory_usage
+            if usage:
+                changes.append((e.time_range.start if usage > 0 else e.time_range.end, usage))
+        current = peak = 0
+        for _, usage in sorted(changes):
+            current += usage
+            peak = max(peak, current)
+        return peak / 2**20
+    except Exception:  # the profiler is optional: the table leaves the column empty
+        return None
+
+
 def torchvision_ops():
     """``torchvision.ops`` when torchvision imports and its compiled ops load (it needs the torch it
     was built for), else None: the benchmarks then add it as a named peer."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fastdl.ops
 
-from ._common import make_run, record
+from ._common import make_run, peak_mb, record
 
 # name: (B, H, N, D, causal, quick?)
 CASES = {
@@ -45,25 +45,6 @@ def make_inputs(case: str, device: str):
     b, h, n, d, _, _ = CASES[case]
     gen = torch.Generator().manual_seed(0)
     return [torch.randn(b, h, n, d, generator=gen).to(device) for _ in range(3)]
-
-
-def peak_mb(fn) -> float | None:
-    """Peak extra CPU memory of one call of ``fn``, in MB, from torch's memory profiler."""
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        current = peak = 0
-        events = sorted(
-            (e for e in prof.profiler.function_events if e.cpu_memory_usage), key=lambda e: e.time_range.start
-        )
-        for e in events:
-            current += e.cpu_memory_usage
-            peak = max(peak, current)
-        return peak / 2**20
-    except Exception:  # the profiler is optional: the table leaves the column empty
-        return None
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])

@@ -26,8 +26,10 @@ from torch import nn
 
 import fastdl.nn
 from fastdl import models
+from fastdl.models.gpt2 import GPT, GPTConfig, KVCache
 
-from ._common import record, sync
+from ._common import peak_mb, record, sync
+from ._reference_gpt import PlainGPT, transformers_gpt2
 
 # name: (builder, small_input, batch, size, quick?)
 INFERENCE_CASES = {
@@ -146,3 +148,124 @@ def test_training_step(benchmark, case, impl, device):
     first_loss = step(x, y)
     benchmark(step, x, y)
     record(benchmark, op="models", case=f"{case} training step", impl=impl, result=first_loss, reference=reference)
+
+
+# ---- GPT-2 --------------------------------------------------------------------------------------
+#
+# fastdl's GPT (fastdl attention, fused residual + LayerNorm, fused linear cross-entropy) against
+# the same weights in plain torch (``PlainGPT``: SDPA, F.layer_norm, full logits) and in
+# ``transformers.GPT2LMHeadModel`` (SDPA attention), dropout off, float32.
+
+# name: (preset, batch, tokens, quick?)
+GPT_TRAINING_CASES = {
+    "gpt2-b4-256": ("gpt2", 4, 256, False),
+    "gpt2-tiny-b4-64": ("gpt2-tiny", 4, 64, True),
+}
+# name: (preset, batch, prompt tokens, new tokens, quick?)
+GPT_GENERATION_CASES = {
+    "gpt2-b1-p128-n128": ("gpt2", 1, 128, 128, False),
+    "gpt2-b8-p128-n128": ("gpt2", 8, 128, 128, False),
+    "gpt2-tiny-b2-p16-n16": ("gpt2-tiny", 2, 16, 16, True),
+}
+
+
+def make_gpt(preset: str, device: str) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_name(preset, dropout=0.0)).to(device)
+
+
+def gpt_impl(model: GPT, impl: str) -> nn.Module | None:
+    """The implementation ``impl`` of ``model``'s network, same weights; None if unavailable."""
+    if impl == "fastdl":
+        return model
+    if impl == "eager":
+        plain = PlainGPT(model.config).to(next(model.parameters()).device)
+        plain.load_state_dict(model.state_dict())
+        return plain
+    return transformers_gpt2(model)
+
+
+def next_token_loss(net: nn.Module, impl: str, idx, targets):
+    if impl == "fastdl":
+        return net(idx, targets)[1]
+    if impl == "eager":
+        return net(idx, targets)
+    logits = net(input_ids=idx, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+@pytest.mark.parametrize("impl", ["fastdl", "eager", "transformers"])
+@pytest.mark.parametrize("case", params(GPT_TRAINING_CASES))
+def test_gpt_training_step(benchmark, case, impl, device):
+    """Forward, loss, backward and ``torch.optim.AdamW`` (its defaults, the same on every side)."""
+    preset, batch, tokens, _ = GPT_TRAINING_CASES[case]
+    model = make_gpt(preset, device)
+    text = torch.randint(0, model.config.vocab_size, (batch, tokens + 1), generator=torch.Generator().manual_seed(1))
+    idx, targets = text[:, :-1].to(device), text[:, 1:].to(device)
+    with torch.no_grad():
+        reference = gpt_impl(model, "eager").double()(idx, targets)
+    net = gpt_impl(model, impl)
+    if net is None:
+        pytest.skip("transformers is not installed")
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def step():
+        loss = next_token_loss(net, impl, idx, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync(device)
+        return loss.detach()
+
+    first_loss = step()
+    benchmark(step)
+    record(benchmark, op="models", case=f"{case} training step", impl=impl, result=first_loss, reference=reference)
+    if device == "cpu":
+        benchmark.extra_info["peak_mb"] = peak_mb(step)
+
+
+def greedy(net: nn.Module, impl: str, prompt, new_tokens: int):
+    """``new_tokens`` greedy tokens after ``prompt``, KV-cached, exactly ``new_tokens`` of them."""
+    if impl == "fastdl":
+        return net.generate(prompt, new_tokens, temperature=0.0)[:, prompt.size(1):]
+    with torch.inference_mode():
+        out = net.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    return out[:, prompt.size(1):]
+
+
+def prefill(net: nn.Module, impl: str, prompt):
+    """The prompt's forward pass that fills the KV cache, and the first token's logits."""
+    with torch.inference_mode():
+        if impl == "fastdl":
+            cache = KVCache(net.config.n_layer, prompt.size(1) + 1)
+            return net.lm_head(net.hidden_states(prompt, None, cache)[:, -1])
+        return net(input_ids=prompt, use_cache=True).logits[:, -1]
+
+
+@pytest.mark.parametrize("stage", ["generate", "prefill"])
+@pytest.mark.parametrize("impl", ["fastdl", "transformers"])
+@pytest.mark.parametrize("case", params(GPT_GENERATION_CASES))
+def test_gpt_generation(benchmark, case, impl, stage, device):
+    """Greedy generation with a KV cache (``generate``: prompt, then ``new`` tokens one by one),
+    and its prompt pass alone (``prefill``). ``max_abs_err`` is against transformers' tokens (0
+    when identical) or its logits."""
+    preset, batch, prompt_len, new_tokens, _ = GPT_GENERATION_CASES[case]
+    model = make_gpt(preset, device).eval()
+    hf = transformers_gpt2(model)
+    if hf is None:
+        pytest.skip("transformers is not installed")
+    hf.eval()
+    net = model if impl == "fastdl" else hf
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len),
+                           generator=torch.Generator().manual_seed(1)).to(device)
+    if stage == "generate":
+        reference = greedy(hf, "transformers", prompt, new_tokens)
+        run = lambda: greedy(net, impl, prompt, new_tokens)  # noqa: E731
+    else:
+        reference = prefill(hf, "transformers", prompt)
+        run = lambda: prefill(net, impl, prompt)  # noqa: E731
+    result = run()
+    benchmark(run)
+    record(benchmark, op="models", case=f"{case} {stage}", impl=impl, result=result, reference=reference)

@@ -17,6 +17,7 @@ from harness import fresh_seed
 from torch import nn
 
 from fastdl import generate as generate_cli
+from fastdl.benchmarks._reference_gpt import PlainGPT
 from fastdl.models.gpt2 import GPT, GPTClassifier, GPTConfig, sample_next_token
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -378,61 +379,10 @@ def test_classifier_uses_the_last_token_and_ignores_padding():
 # Training: the same steps as a plain-torch GPT-2
 
 
-class RefAttention(nn.Module):
-    def __init__(self, e, h):
-        super().__init__()
-        self.h = h
-        self.c_attn, self.c_proj = nn.Linear(e, 3 * e), nn.Linear(e, e)
-
-    def forward(self, x):
-        b, t, e = x.shape
-        q, k, v = self.c_attn(x).split(e, dim=2)
-        q, k, v = (z.view(b, t, self.h, e // self.h).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(b, t, e))
-
-
-class RefMLP(nn.Module):
-    def __init__(self, e):
-        super().__init__()
-        self.c_fc, self.c_proj = nn.Linear(e, 4 * e), nn.Linear(4 * e, e)
-
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-
-
-class RefBlock(nn.Module):
-    def __init__(self, e, h):
-        super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(e), RefAttention(e, h)
-        self.ln_2, self.mlp = nn.LayerNorm(e), RefMLP(e)
-
-    def forward(self, x):
-        x = x + self.attn(F.layer_norm(x, x.shape[-1:], self.ln_1.weight, self.ln_1.bias, 1e-5))
-        return x + self.mlp(F.layer_norm(x, x.shape[-1:], self.ln_2.weight, self.ln_2.bias, 1e-5))
-
-
-class RefGPT(nn.Module):
-    def __init__(self, v, n, e, layers, h):
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(v, e), wpe=nn.Embedding(n, e),
-                                              h=nn.ModuleList([RefBlock(e, h) for _ in range(layers)]),
-                                              ln_f=nn.LayerNorm(e)))
-        self.lm_head = nn.Linear(e, v, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
-
-    def forward(self, idx, targets):
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.size(1)))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-
 def test_training_steps_match_plain_torch():
     fresh_seed()
     model = tiny_model(seed=11).train()
-    reference = RefGPT(VOCAB, N_CTX, EMBD, LAYERS, HEADS)
+    reference = PlainGPT(model.config)
     reference.load_state_dict(model.state_dict())
     text = torch.randint(0, VOCAB, (4, N_CTX + 1))
     batches = [text[:, i:i + 33] for i in range(0, 16, 2)] + [text[:, :33]] * 4

@@ -50,12 +50,16 @@ using vec::f32x16;
 using vec::kLanes;
 
 FASTDL_SIMD_CLONES float row_max(int64_t n, const float* __restrict x) {
-  f32x16 mv = vec::splat(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) mv = vec::max_nan(mv, vec::load(x + i));
-  float m = vec::hmax(mv);
-  for (; i < n; ++i) m = vec::max_nan(m, x[i]);
-  return m;
+  // A plain max plus a NaN flag (a NaN anywhere must make the max NaN): GCC vectorises this
+  // reduction in every clone, where a NaN-keeping vector select is split into per-lane compares.
+  float m = -std::numeric_limits<float>::infinity();
+  bool has_nan = false;
+#pragma omp simd reduction(max : m) reduction(| : has_nan)
+  for (int64_t i = 0; i < n; ++i) {
+    m = x[i] > m ? x[i] : m;
+    has_nan |= x[i] != x[i];
+  }
+  return has_nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 FASTDL_SIMD_CLONES float exp2_shift_sum(int64_t n, float* __restrict x, float m) {

@@ -6,7 +6,10 @@
 #include <cstdint>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTDL_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+// Each string is one clone: "avx2,fma" would make two (one without FMA, one without AVX2), so
+// the AVX2 clone names the x86-64-v3 level (AVX2, FMA, BMI2, F16C).
+#define FASTDL_SIMD_CLONES \
+  __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define FASTDL_SIMD_CLONES
 #endif

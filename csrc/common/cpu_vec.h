@@ -69,16 +69,6 @@ FASTDL_VEC_INLINE f32x16 exp2_vec(f32x16 x) {
   return exp2_fraction(x - __builtin_convertvector(n, f32x16)) * reinterpret_cast<const f32x16&>(bits);
 }
 
-// Maxima that keep a NaN: a NaN anywhere makes the result NaN (a plain `a > b ? a : b` would
-// silently drop it, and a softmax over the rest would look valid).
-FASTDL_VEC_INLINE float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
-FASTDL_VEC_INLINE f32x16 max_nan(f32x16 a, f32x16 b) { return (b > a) | (b != b) ? b : a; }
-
-FASTDL_VEC_INLINE float hmax(f32x16 v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = max_nan(m, v[i]);
-  return m;
-}
 FASTDL_VEC_INLINE float hsum(f32x16 v) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += v[i];

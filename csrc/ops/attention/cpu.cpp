@@ -50,6 +50,9 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 256;
+// Packing K for the tiles costs a pass over K per call; fewer queries than this (decoding with a
+// KV cache: Nq = 1) do not repay it and take the BLAS path.
+constexpr int64_t kMinTiledQueries = 64;
 
 // ---- dropout: the counter hash of fastdl/ops/attention.py, bit for bit --------------------------
 
@@ -267,14 +270,14 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
   const int64_t D = sh.D;
   const int64_t q_blocks = (sh.Nq + kBlockQ - 1) / kBlockQ;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  // float32 with D a multiple of 16 on an AVX-512 CPU: register-blocked tiles on packed K;
-  // otherwise the BLAS path.
+  // float32 with D a multiple of 16 and at least kMinTiledQueries queries on an AVX-512 CPU:
+  // register-blocked tiles on packed K; otherwise the BLAS path.
   const bool fast_exp = tiles::available();  // AVX-512 exp2 rows (float32 only)
   bool tiled = false;
   at::Tensor k_strips;
   const float* kt_all = nullptr;
   if constexpr (std::is_same_v<T, float>) {
-    tiled = D % 16 == 0 && tiles::available();
+    tiled = D % 16 == 0 && tiles::available() && sh.Nq >= kMinTiledQueries;
     if (tiled) {
       k_strips = pack_k_strips(sh, k, sk);
       kt_all = k_strips.const_data_ptr<float>();

@@ -40,7 +40,9 @@ struct VectorMath {
                                        9.6181291e-03f, 5.5504109e-02f, 2.4022651e-01f,
                                        6.9314718e-01f, 1.0f};
     const f32x16 lo = f32x16{} - 87.0f, hi = f32x16{} + 88.0f;
-    x = x < lo ? lo : (x > hi ? hi : x);
+    // two selects, not a nested one: GCC splits a nested vector select into per-lane compares
+    x = x < lo ? lo : x;
+    x = x > hi ? hi : x;
     const f32x16 t = x * 1.44269504f;
     // round to nearest: adding 1.5 * 2^23 leaves no fraction bits
     const f32x16 n = (t + 12582912.0f) - 12582912.0f;
