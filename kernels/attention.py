@@ -188,7 +188,11 @@ def _scores(q, k_ptrs, kv_ok, mask_base, offs_m, offs_n, stride_mi, stride_mj, N
             s = tl.where(mv != 0, s, float("-inf"))
         else:
             mv = tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32)
-            s = s + mv * 1.4426950408889634
+            mv2 = mv * 1.4426950408889634
+            # finite masks saturate instead of overflowing to -inf (finfo.min is a value, not
+            # "hidden"), as additive_mask does on the CPU
+            big = 3.4028234663852886e38
+            s = s + tl.where(tl.abs(mv) <= big, tl.minimum(tl.maximum(mv2, -big), big), mv2)
     if CAUSAL_MASK:
         s = tl.where(offs_n[None, :] <= offs_m[:, None] + (Nk - Nq), s, float("-inf"))
     if BOUND_MASK:
@@ -280,7 +284,8 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK, SEEDS,
                                D, BN, HAS_MASK, MASK_BOOL, CAUSAL, True, DROPOUT, PREC)
 
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # rows with no visible key are 0 even where v holds NaN (their p is 0, and 0 * NaN is NaN)
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     o_base = O + bh.to(tl.int64) * Nq * D
     tl.store(o_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -524,7 +529,7 @@ def attention_forward_op(q, k, v, attn_mask, causal, scale, dropout_p, seed):
     """``fastdl::attention`` on Triton: returns (out, lse) with lse the natural-log log-sum-exp."""
     from fastdl.ops.attention import check_inputs
 
-    check_inputs(q, k, v, attn_mask, dropout_p)
+    check_inputs(q, k, v, attn_mask, scale, dropout_p)
     if q.dtype not in _DTYPES:  # float64: the plain-PyTorch composite
         return _composite("attention")(q, k, v, attn_mask, causal, scale, dropout_p, seed)
     b, h, nq, d = q.shape
@@ -550,7 +555,7 @@ def attention_backward_op(grad_out, q, k, v, attn_mask, out, lse, grad_lse, caus
     """``fastdl::_attention_backward`` on Triton: returns (dq, dk, dv)."""
     from fastdl.ops.attention import check_inputs
 
-    check_inputs(q, k, v, attn_mask, dropout_p)
+    check_inputs(q, k, v, attn_mask, scale, dropout_p)
     if q.dtype not in _DTYPES:
         return _composite("_attention_backward")(
             grad_out, q, k, v, attn_mask, out, lse, grad_lse, causal, scale, dropout_p, seed

@@ -11,6 +11,15 @@ namespace fastdl {
 
 inline std::string sizes_str(const at::Tensor& t) { return c10::str(t.sizes()); }
 
+// a * b + c for size arithmetic, or an error naming `what` when it leaves int64 (a huge
+// padding or dilation must give a message, not a wrapped negative size).
+inline int64_t checked_mul_add(const char* op, const char* what, int64_t a, int64_t b, int64_t c) {
+  int64_t product = 0, sum = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(a, b, &product) && !__builtin_add_overflow(product, c, &sum),
+              op, ": ", what, " overflows int64 (", a, " * ", b, " + ", c, ")");
+  return sum;
+}
+
 inline void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank,
                        const char* layout) {
   TORCH_CHECK(t.dim() == rank, op, ": expected ", name, " to be a ", rank, "-D tensor ", layout,

@@ -101,7 +101,7 @@ struct Shape {
 };
 
 Shape check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const std::optional<at::Tensor>& mask, double dropout_p) {
+                   const std::optional<at::Tensor>& mask, double scale, double dropout_p) {
   check_rank(op, "q", q, 4, "[B, H, Nq, D]");
   check_rank(op, "k", k, 4, "[B, Hkv, Nk, D]");
   check_rank(op, "v", v, 4, "[B, Hkv, Nk, D]");
@@ -128,6 +128,7 @@ Shape check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, con
               " on cpu; supported: float32, float64, bfloat16 (float16 only on CUDA)");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
               dropout_p);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   if (mask.has_value()) {
     const auto& m = *mask;
     TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), op,
@@ -153,7 +154,10 @@ at::Tensor prepare(const at::Tensor& t, at::ScalarType dtype) {
   return r;
 }
 
-// The mask as additive values of the compute dtype (-inf where hidden), broadcast to 4-D.
+// The mask as additive base-2 values of the compute dtype (-inf where hidden), broadcast to 4-D.
+// Finite values saturate at the dtype's range rather than overflowing to -inf when multiplied
+// by log2(e): a mask of finfo.min on every key is a value (the reference gives the mean of v),
+// not a hidden row. +-inf and NaN pass through as they are (NaN in, NaN out).
 at::Tensor additive_mask(const std::optional<at::Tensor>& mask, const Shape& s,
                          at::ScalarType dtype) {
   if (!mask.has_value()) return at::Tensor();
@@ -163,9 +167,18 @@ at::Tensor additive_mask(const std::optional<at::Tensor>& mask, const Shape& s,
     add = at::zeros(m.sizes(), m.options().dtype(dtype))
               .masked_fill_(m.logical_not(), -std::numeric_limits<double>::infinity());
   } else {
-    add = m.to(dtype);
+    const auto values = m.to(dtype);
+    const double limit = dtype == at::kDouble ? std::numeric_limits<double>::max()
+                                              : std::numeric_limits<float>::max();
+    add = at::where(at::isfinite(values), (values * kLog2e).clamp(-limit, limit), values * kLog2e);
   }
   return add.expand({s.B, s.H, s.Nq, s.Nk});
+}
+
+// max that keeps a NaN from either side (std::max drops a NaN second argument)
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (a != a || b > a) ? (a != a ? a : b) : (b != b ? b : a);
 }
 
 struct Strides {
@@ -180,18 +193,20 @@ template <typename T>
 struct MaskView {
   const T* data = nullptr;
   int64_t sb = 0, sh = 0, sq = 0, sk = 0;
-  explicit MaskView(const at::Tensor& m) {
+  bool boolean = false;  // from a bool mask: -inf hides a key even where its score is NaN
+  MaskView(const at::Tensor& m, bool from_bool) : boolean(from_bool) {
     if (!m.defined()) return;
     data = m.const_data_ptr<T>();
     sb = m.stride(0), sh = m.stride(1), sq = m.stride(2), sk = m.stride(3);
   }
-  // s[c] += mask[b, h, i, j0 + c] * factor
-  void add_row(T* s, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0, T factor) const {
+  // s[c] += mask[b, h, i, j0 + c]; a bool mask replaces hidden scores with -inf, as
+  // masked_fill does in the reference, while a float mask adds (NaN + -inf stays NaN)
+  void add_row(T* s, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0) const {
     const T* row = data + b * sb + h * sh + i * sq + j0 * sk;
-    if (sk == 1) {
-      for (int64_t c = 0; c < n; ++c) s[c] += row[c] * factor;
-    } else {
-      for (int64_t c = 0; c < n; ++c) s[c] += row[c * sk] * factor;
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    for (int64_t c = 0; c < n; ++c) {
+      const T value = row[c * sk];
+      s[c] = boolean && value == neg_inf ? neg_inf : s[c] + value;
     }
   }
 };
@@ -211,7 +226,7 @@ void mask_block(T* s2, int64_t lds, int64_t rows, int64_t cols, const Shape& sh,
   const int64_t offset = sh.Nk - sh.Nq;
   for (int64_t r = 0; r < rows; ++r) {
     T* s = s2 + r * lds;
-    if (mask.data) mask.add_row(s, cols, b, h, i0 + r, j0, static_cast<T>(kLog2e));
+    if (mask.data) mask.add_row(s, cols, b, h, i0 + r, j0);
     if (o.causal) {
       const int64_t first_hidden = std::max<int64_t>(0, i0 + r + offset + 1 - j0);
       for (int64_t c = first_hidden; c < cols; ++c) s[c] = -std::numeric_limits<T>::infinity();
@@ -325,7 +340,7 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
         }
         for (int64_t r = 0; r < rows; ++r) {
           T* s = s2.data() + r * lds;
-          const T m_new = std::max(m[r], fused_max ? bmax[r] : cpu::row_max(cols, s));
+          const T m_new = nan_max(m[r], fused_max ? bmax[r] : cpu::row_max(cols, s));
           if (m_new == neg_inf) {  // nothing visible yet in this row
             std::fill(s, s + cols, T(0));
             continue;
@@ -358,7 +373,7 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
       T* op = out + (bh * sh.Nq + i0) * D;
       T* lp = lse + bh * sh.Nq + i0;
       for (int64_t r = 0; r < rows; ++r) {
-        if (l[r] > T(0)) {
+        if (l[r] > T(0) || l[r] != l[r]) {  // a NaN sum (NaN scores or +inf mask) gives NaN
           const T inv = T(1) / l[r];
           for (int64_t d = 0; d < D; ++d) op[r * D + d] = acc[r * D + d] * inv;
           lp[r] = static_cast<T>((m[r] + std::log2(l[r])) * kLn2);
@@ -483,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& attn_mask,
                                                  bool causal, double scale, double dropout_p,
                                                  int64_t seed) {
-  const auto sh = check_inputs("attention", q, k, v, attn_mask, dropout_p);
+  const auto sh = check_inputs("attention", q, k, v, attn_mask, scale, dropout_p);
   const auto ct = compute_type(q.scalar_type());
   auto out = at::zeros({sh.B, sh.H, sh.Nq, sh.D}, q.options().dtype(ct));
   auto lse = at::full({sh.B, sh.H, sh.Nq}, -std::numeric_limits<double>::infinity(),
@@ -491,11 +506,12 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   if (out.numel() > 0 && sh.Nk > 0) {
     const auto qc = prepare(q, ct), kc = prepare(k, ct), vc = prepare(v, ct);
     const auto mask = additive_mask(attn_mask, sh, ct);
+    const bool bool_mask = attn_mask && attn_mask->scalar_type() == at::kBool;
     const Options o{causal, scale, Dropout(dropout_p, seed)};
     AT_DISPATCH_FLOATING_TYPES(ct, "attention_cpu", [&] {
       forward_kernel<scalar_t>(sh, o, qc.const_data_ptr<scalar_t>(), Strides(qc),
                                kc.const_data_ptr<scalar_t>(), Strides(kc),
-                               vc.const_data_ptr<scalar_t>(), Strides(vc), MaskView<scalar_t>(mask),
+                               vc.const_data_ptr<scalar_t>(), Strides(vc), MaskView<scalar_t>(mask, bool_mask),
                                out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
     });
   }
@@ -508,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const std::optional<at::Tensor>& grad_lse, bool causal, double scale, double dropout_p,
     int64_t seed) {
   const char* op = "attention_backward";
-  const auto sh = check_inputs(op, q, k, v, attn_mask, dropout_p);
+  const auto sh = check_inputs(op, q, k, v, attn_mask, scale, dropout_p);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
               ": expected grad_out and out of shape ", sizes_str(q), ", got ",
               sizes_str(grad_out), " and ", sizes_str(out));
@@ -527,11 +543,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     at::Tensor glse;
     if (grad_lse.has_value() && grad_lse->defined()) glse = grad_lse->to(ct).contiguous();
     const auto mask = additive_mask(attn_mask, sh, ct);
+    const bool bool_mask = attn_mask && attn_mask->scalar_type() == at::kBool;
     const Options o{causal, scale, Dropout(dropout_p, seed)};
     AT_DISPATCH_FLOATING_TYPES(ct, "attention_backward_cpu", [&] {
       backward_kernel<scalar_t>(
           sh, o, qc.const_data_ptr<scalar_t>(), Strides(qc), kc.const_data_ptr<scalar_t>(),
-          Strides(kc), vc.const_data_ptr<scalar_t>(), Strides(vc), MaskView<scalar_t>(mask),
+          Strides(kc), vc.const_data_ptr<scalar_t>(), Strides(vc), MaskView<scalar_t>(mask, bool_mask),
           doc.const_data_ptr<scalar_t>(), Strides(doc), oc.const_data_ptr<scalar_t>(),
           Strides(oc), lse_c.const_data_ptr<scalar_t>(),
           glse.defined() ? glse.const_data_ptr<scalar_t>() : nullptr, dq.data_ptr<scalar_t>(),

@@ -191,14 +191,15 @@ __attribute__((target("avx512f"))) inline void pv_block(int64_t rows, int64_t n,
   }
 }
 
-// x[i] = 2^(x[i] - m) for i < n, returns their sum; inputs below m - 125 (and -inf, NaN) give 0.
+// x[i] = 2^(x[i] - m) for i < n, returns their sum; inputs below m - 125 (and -inf) give 0,
+// NaN gives NaN (the unordered compare keeps it).
 __attribute__((target("avx512f"))) inline float exp2_shift_sum(int64_t n, float* x, float m) {
   const __m512 vm = _mm512_set1_ps(m), lo = _mm512_set1_ps(-125.0f);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 in = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
     const __m512 t = _mm512_sub_ps(_mm512_maskz_loadu_ps(in, x + i), vm);
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(in, t, lo, _CMP_GT_OQ);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(in, t, lo, _CMP_NLE_UQ);
     const __m512 e = _mm512_maskz_mov_ps(keep, cpu::avx512::exp2(t));
     _mm512_mask_storeu_ps(x + i, in, e);
     sum = _mm512_add_ps(sum, e);

@@ -105,13 +105,15 @@ Geometry check_args(const char* op, const at::Tensor& input, const at::Tensor& w
   g.pad_w = padding[1];
   g.dil_h = dilation[0];
   g.dil_w = dilation[1];
-  const int64_t span_h = g.dil_h * (g.kernel_h - 1) + 1, span_w = g.dil_w * (g.kernel_w - 1) + 1;
-  TORCH_CHECK(span_h <= g.height + 2 * g.pad_h && span_w <= g.width + 2 * g.pad_w, op,
-              ": kernel of size ", span_h, "x", span_w, " (dilated) is larger than the padded input ",
-              g.height + 2 * g.pad_h, "x", g.width + 2 * g.pad_w, " (input of shape ",
-              sizes_str(input), ", padding ", padding, ")");
-  g.out_h = (g.height + 2 * g.pad_h - span_h) / g.stride_h + 1;
-  g.out_w = (g.width + 2 * g.pad_w - span_w) / g.stride_w + 1;
+  const int64_t span_h = checked_mul_add(op, "the dilated kernel height", g.dil_h, g.kernel_h - 1, 1);
+  const int64_t span_w = checked_mul_add(op, "the dilated kernel width", g.dil_w, g.kernel_w - 1, 1);
+  const int64_t padded_h = checked_mul_add(op, "the padded input height", 2, g.pad_h, g.height);
+  const int64_t padded_w = checked_mul_add(op, "the padded input width", 2, g.pad_w, g.width);
+  TORCH_CHECK(span_h <= padded_h && span_w <= padded_w, op, ": kernel of size ", span_h, "x",
+              span_w, " (dilated) is larger than the padded input ", padded_h, "x", padded_w,
+              " (input of shape ", sizes_str(input), ", padding ", padding, ")");
+  g.out_h = (padded_h - span_h) / g.stride_h + 1;
+  g.out_w = (padded_w - span_w) / g.stride_w + 1;
   return g;
 }
 

@@ -117,9 +117,10 @@ inline Layout check_layer(const char* op, const at::Tensor& input,
   }
   int64_t rows = 0;
   for (int64_t t = 0; t < l.steps; ++t) {
-    TORCH_CHECK(l.size[t] > 0 && l.size[t] <= l.size[t > 0 ? t - 1 : 0], op,
-                ": batch_sizes must be positive and non-increasing, got ", l.size[t],
-                " at step ", t, t > 0 ? " after " : "", t > 0 ? l.size[t - 1] : 0);
+    // a padded batch of 0 sequences is valid (as in torch); packed steps must hold some
+    TORCH_CHECK(!batch_sizes.has_value() || (l.size[t] > 0 && l.size[t] <= l.size[t > 0 ? t - 1 : 0]),
+                op, ": batch_sizes must be positive and non-increasing, got ", l.size[t],
+                " at step ", t, t > 0 ? " after " + std::to_string(l.size[t - 1]) : std::string());
     l.offset.push_back(rows);
     rows += l.size[t];
   }

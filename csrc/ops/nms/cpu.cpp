@@ -64,11 +64,11 @@ at::Tensor score_order(const at::Tensor& scores) {
 }
 
 at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
-  check_inputs("nms", boxes, scores, iou_threshold, nullptr);
+  const double max_abs = check_inputs("nms", boxes, scores, iou_threshold, nullptr);
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   const auto order = score_order(scores).contiguous();
-  const auto boxes_c = boxes.contiguous();
+  const auto boxes_c = area_safe(boxes, max_abs).contiguous();
   auto keep = at::zeros({n}, boxes.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "nms_cpu", [&] {
     nms_sorted<scalar_t>(boxes_c.const_data_ptr<scalar_t>(), order.const_data_ptr<int64_t>(), n,
@@ -79,7 +79,7 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou
 
 at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                            double iou_threshold) {
-  check_inputs("batched_nms", boxes, scores, iou_threshold, &idxs);
+  const double max_abs = check_inputs("batched_nms", boxes, scores, iou_threshold, &idxs);
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   const auto order = score_order(scores);
@@ -94,7 +94,7 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, co
     if (cls[i] != cls[i - 1]) starts.push_back(i);
   }
   starts.push_back(n);
-  const auto boxes_c = boxes.contiguous();
+  const auto boxes_c = area_safe(boxes, max_abs).contiguous();
   std::vector<uint8_t> keep(n, 0);  // indexed by position in grouped_order
   AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "batched_nms_cpu", [&] {
     const int64_t groups = static_cast<int64_t>(starts.size()) - 1;

@@ -118,14 +118,14 @@ at::Tensor nms_with_classes(const at::Tensor& boxes, const at::Tensor& scores,
 }
 
 at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
-  check_inputs("nms", boxes, scores, iou_threshold, nullptr);
-  return nms_with_classes(boxes, scores, c10::nullopt, iou_threshold);
+  const double max_abs = check_inputs("nms", boxes, scores, iou_threshold, nullptr);
+  return nms_with_classes(area_safe(boxes, max_abs), scores, c10::nullopt, iou_threshold);
 }
 
 at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores,
                             const at::Tensor& idxs, double iou_threshold) {
-  check_inputs("batched_nms", boxes, scores, iou_threshold, &idxs);
-  return nms_with_classes(boxes, scores, idxs, iou_threshold);
+  const double max_abs = check_inputs("batched_nms", boxes, scores, iou_threshold, &idxs);
+  return nms_with_classes(area_safe(boxes, max_abs), scores, idxs, iou_threshold);
 }
 
 }  // namespace

@@ -32,9 +32,10 @@ void forward_nhwc(const T* input, const T* rois, T* output, bool output_channels
                                   sampling_ratio, aligned);
       const T* image = input + g.batch_index * height * width * channels;
       std::fill(acc.begin(), acc.end(), T(0));
-      for (int iy = 0; iy < g.grid_h; ++iy) {
+      const auto rows = sample_rows(g, py, height), cols = sample_cols(g, px, width);
+      for (int64_t iy = rows.begin; iy < rows.end; ++iy) {
         const T y = sample_y(g, py, iy);
-        for (int ix = 0; ix < g.grid_w; ++ix) {
+        for (int64_t ix = cols.begin; ix < cols.end; ++ix) {
           const auto t = bilinear_taps(y, sample_x(g, px, ix), height, width);
           if (!t.valid) continue;
           cpu::axpy4(channels, t.w00, image + (t.y0 * width + t.x0) * channels, t.w01,
@@ -73,9 +74,10 @@ void backward_nhwc(const T* grad_output, const T* rois, T* grad_input, int64_t n
       for (int64_t bin = 0; bin < bins; ++bin) {
         const int64_t py = bin / pooled_w, px = bin % pooled_w;
         const T* grad = grad_output + (k * bins + bin) * channels + c0;
-        for (int iy = 0; iy < g.grid_h; ++iy) {
+        const auto rows = sample_rows(g, py, height), cols = sample_cols(g, px, width);
+        for (int64_t iy = rows.begin; iy < rows.end; ++iy) {
           const T y = sample_y(g, py, iy);
-          for (int ix = 0; ix < g.grid_w; ++ix) {
+          for (int64_t ix = cols.begin; ix < cols.end; ++ix) {
             const auto t = bilinear_taps(y, sample_x(g, px, ix), height, width);
             if (!t.valid) continue;
             cpu::axpy(n, t.w00 * g.inv_count, grad, image + (t.y0 * width + t.x0) * channels);
@@ -94,7 +96,7 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
                          bool aligned) {
   check_rois("roi_align", input, rois);
   check_floating_dtype("roi_align", "input", input, /*allow_reduced_precision=*/false);
-  check_params(pooled_h, pooled_w, spatial_scale);
+  check_params(pooled_h, pooled_w, spatial_scale, sampling_ratio);
   const int64_t num_rois = rois.size(0), channels = input.size(1);
   const int64_t height = input.size(2), width = input.size(3);
   const auto format = input.suggest_memory_format();
@@ -119,7 +121,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                   int64_t batch_size, int64_t channels, int64_t height,
                                   int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_backward_args(grad, rois, spatial_scale, pooled_h, pooled_w, batch_size, channels, height, width);
+  check_backward_args(grad, rois, spatial_scale, pooled_h, pooled_w, batch_size, channels, height,
+                      width, sampling_ratio);
   auto grad_input_nhwc = at::zeros({batch_size, height, width, channels}, grad.options());
   if (grad.numel() > 0 && grad_input_nhwc.numel() > 0) {
     const auto grad_nhwc = grad.permute({0, 2, 3, 1}).contiguous();

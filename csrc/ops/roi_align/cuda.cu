@@ -38,9 +38,10 @@ __global__ void forward_kernel(int64_t total, const scalar_t* __restrict__ input
     const auto g = roi_geometry(roi, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
     const scalar_t* plane = input + (g.batch_index * channels + c) * height * width;
     acc_t sum = 0;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
+    const auto rows = sample_rows(g, py, height), cols = sample_cols(g, px, width);
+    for (int64_t iy = rows.begin; iy < rows.end; ++iy) {
       const acc_t y = sample_y(g, py, iy);
-      for (int ix = 0; ix < g.grid_w; ++ix) {
+      for (int64_t ix = cols.begin; ix < cols.end; ++ix) {
         const auto t = bilinear_taps(y, sample_x(g, px, ix), height, width);
         if (!t.valid) continue;
         sum += t.w00 * static_cast<acc_t>(plane[t.y0 * width + t.x0]) +
@@ -69,9 +70,10 @@ __global__ void backward_atomic_kernel(int64_t total, const scalar_t* __restrict
     const auto g = roi_geometry(roi, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
     acc_t* plane = grad_input + (g.batch_index * channels + c) * height * width;
     const acc_t gv = static_cast<acc_t>(grad[index]) * g.inv_count;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
+    const auto rows = sample_rows(g, py, height), cols = sample_cols(g, px, width);
+    for (int64_t iy = rows.begin; iy < rows.end; ++iy) {
       const acc_t y = sample_y(g, py, iy);
-      for (int ix = 0; ix < g.grid_w; ++ix) {
+      for (int64_t ix = cols.begin; ix < cols.end; ++ix) {
         const auto t = bilinear_taps(y, sample_x(g, px, ix), height, width);
         if (!t.valid) continue;
         gpuAtomicAdd(plane + t.y0 * width + t.x0, gv * t.w00);
@@ -109,11 +111,13 @@ __global__ void backward_gather_kernel(int64_t total, const scalar_t* __restrict
       if (y + 1 < y_lo || y - 1 > y_hi || x + 1 < x_lo || x - 1 > x_hi) continue;
       const scalar_t* box_grad = grad + (k * channels + c) * pooled_h * pooled_w;
       for (int64_t py = 0; py < pooled_h; ++py) {
-        for (int iy = 0; iy < g.grid_h; ++iy) {
+        const auto rows = sample_rows(g, py, height);
+        for (int64_t iy = rows.begin; iy < rows.end; ++iy) {
           const acc_t sy = sample_y(g, py, iy);
           for (int64_t px = 0; px < pooled_w; ++px) {
             const acc_t gv = static_cast<acc_t>(box_grad[py * pooled_w + px]) * g.inv_count;
-            for (int ix = 0; ix < g.grid_w; ++ix) {
+            const auto cols = sample_cols(g, px, width);
+            for (int64_t ix = cols.begin; ix < cols.end; ++ix) {
               const auto t = bilinear_taps(sy, sample_x(g, px, ix), height, width);
               if (!t.valid) continue;
               acc_t w = 0;
@@ -136,7 +140,7 @@ at::Tensor roi_align_cuda(const at::Tensor& input, const at::Tensor& rois, doubl
                           bool aligned) {
   check_rois("roi_align", input, rois);
   check_floating_dtype("roi_align", "input", input, /*allow_reduced_precision=*/true);
-  check_params(pooled_h, pooled_w, spatial_scale);
+  check_params(pooled_h, pooled_w, spatial_scale, sampling_ratio);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t num_rois = rois.size(0), channels = input.size(1);
   const int64_t height = input.size(2), width = input.size(3);
@@ -164,7 +168,8 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
                                    double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                    int64_t batch_size, int64_t channels, int64_t height,
                                    int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_backward_args(grad, rois, spatial_scale, pooled_h, pooled_w, batch_size, channels, height, width);
+  check_backward_args(grad, rois, spatial_scale, pooled_h, pooled_w, batch_size, channels, height,
+                      width, sampling_ratio);
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
   auto grad_input = at::zeros({batch_size, channels, height, width}, grad.options().dtype(acc_dtype));

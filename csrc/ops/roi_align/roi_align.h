@@ -10,15 +10,28 @@
 
 namespace fastdl::roi_align {
 
+// sampling_ratio above this is refused: the work per bin grows with its square.
+constexpr int64_t kMaxSamplingRatio = 256;
+// The adaptive grid of a bin is ceil(bin size); beyond this (boxes of 2^40 pixels, where float
+// sample positions no longer mean anything) it is clamped so that the count stays exact.
+constexpr int64_t kMaxAdaptiveGrid = int64_t(1) << 40;
+
 // Where one ROI's bins and sample points lie on the feature map, in feature-map pixels.
 template <typename T>
 struct RoiGeometry {
   int64_t batch_index;
-  T start_y, start_x;   // top-left corner of the ROI
-  T bin_h, bin_w;       // size of one output bin
-  int grid_h, grid_w;   // sample points per bin along y and x
-  T inv_count;          // 1 / (grid_h * grid_w): the bin value is the mean of its samples
+  T start_y, start_x;       // top-left corner of the ROI
+  T bin_h, bin_w;           // size of one output bin
+  int64_t grid_h, grid_w;   // sample points per bin along y and x
+  T inv_count;              // 1 / (grid_h * grid_w): the bin value is the mean of its samples
 };
+
+template <typename T>
+FASTDL_HOST_DEVICE int64_t adaptive_grid(T bin_size) {
+  const T n = ceil(bin_size);  // about one sample per feature-map pixel the bin covers
+  if (!(n >= T(1))) return 0;  // empty or inverted bins (and NaN) have no samples
+  return n < static_cast<T>(kMaxAdaptiveGrid) ? static_cast<int64_t>(n) : kMaxAdaptiveGrid;
+}
 
 template <typename T>
 FASTDL_HOST_DEVICE RoiGeometry<T> roi_geometry(const T* roi, T spatial_scale, int64_t pooled_h,
@@ -39,14 +52,43 @@ FASTDL_HOST_DEVICE RoiGeometry<T> roi_geometry(const T* roi, T spatial_scale, in
   }
   g.bin_h = roi_h / static_cast<T>(pooled_h);
   g.bin_w = roi_w / static_cast<T>(pooled_w);
-  // adaptive sampling: about one sample per feature-map pixel covered by a bin
-  g.grid_h = sampling_ratio > 0 ? static_cast<int>(sampling_ratio)
-                                : static_cast<int>(ceil(roi_h / static_cast<T>(pooled_h)));
-  g.grid_w = sampling_ratio > 0 ? static_cast<int>(sampling_ratio)
-                                : static_cast<int>(ceil(roi_w / static_cast<T>(pooled_w)));
-  const int count = g.grid_h * g.grid_w;
-  g.inv_count = count > 0 ? T(1) / static_cast<T>(count) : T(0);
+  g.grid_h = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(g.bin_h);
+  g.grid_w = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(g.bin_w);
+  const T count = static_cast<T>(g.grid_h) * static_cast<T>(g.grid_w);
+  g.inv_count = count > T(0) ? T(1) / count : T(0);
   return g;
+}
+
+// The sample indices [begin, end) of one bin along one axis that can land on the map. Sample i
+// sits at bin_start + (i + 0.5) * step and contributes only within [-1, size], so a huge box
+// costs what its samples on the map cost, not what its grid holds. The range is widened by two
+// samples against rounding; bilinear_taps still rejects every point off the map.
+struct SampleRange {
+  int64_t begin, end;
+};
+
+template <typename T>
+FASTDL_HOST_DEVICE SampleRange samples_on_map(T bin_start, T bin_size, int64_t grid, int64_t size) {
+  if (grid <= 0) return {0, 0};
+  const T step = bin_size / static_cast<T>(grid);
+  if (!(step > T(0))) return {0, grid};  // a zero or inverted bin: sampling_ratio bounds grid
+  if (!(step - step == T(0) && bin_start - bin_start == T(0))) return {0, 0};  // inf: T overflowed
+  const T first = (T(-1) - bin_start) / step - T(0.5);
+  const T last = (static_cast<T>(size) - bin_start) / step - T(0.5);
+  const T grid_t = static_cast<T>(grid);
+  const int64_t begin = first <= T(2) ? 0 : (first >= grid_t ? grid : static_cast<int64_t>(first) - 2);
+  const int64_t end = last >= grid_t - T(3) ? grid : (last < T(-2) ? 0 : static_cast<int64_t>(last) + 3);
+  return {begin, end > begin ? end : begin};
+}
+
+// Sample points of bin (py, px) that can land on a height x width map, along each axis.
+template <typename T>
+FASTDL_HOST_DEVICE SampleRange sample_rows(const RoiGeometry<T>& g, int64_t py, int64_t height) {
+  return samples_on_map(g.start_y + static_cast<T>(py) * g.bin_h, g.bin_h, g.grid_h, height);
+}
+template <typename T>
+FASTDL_HOST_DEVICE SampleRange sample_cols(const RoiGeometry<T>& g, int64_t px, int64_t width) {
+  return samples_on_map(g.start_x + static_cast<T>(px) * g.bin_w, g.bin_w, g.grid_w, width);
 }
 
 // The four pixels around a sample point and their bilinear weights. A point more than one
@@ -61,7 +103,8 @@ struct BilinearTaps {
 template <typename T>
 FASTDL_HOST_DEVICE BilinearTaps<T> bilinear_taps(T y, T x, int64_t height, int64_t width) {
   BilinearTaps<T> t{};
-  if (y < T(-1) || y > static_cast<T>(height) || x < T(-1) || x > static_cast<T>(width)) {
+  // written so that NaN coordinates (an overflowed box) are rejected too
+  if (!(y >= T(-1) && y <= static_cast<T>(height) && x >= T(-1) && x <= static_cast<T>(width))) {
     t.valid = false;
     return t;
   }
@@ -93,25 +136,29 @@ FASTDL_HOST_DEVICE BilinearTaps<T> bilinear_taps(T y, T x, int64_t height, int64
 
 // Sample point (iy, ix) of bin (py, px), in feature-map coordinates.
 template <typename T>
-FASTDL_HOST_DEVICE T sample_y(const RoiGeometry<T>& g, int64_t py, int iy) {
+FASTDL_HOST_DEVICE T sample_y(const RoiGeometry<T>& g, int64_t py, int64_t iy) {
   return g.start_y + static_cast<T>(py) * g.bin_h +
          (static_cast<T>(iy) + T(0.5)) * g.bin_h / static_cast<T>(g.grid_h);
 }
 template <typename T>
-FASTDL_HOST_DEVICE T sample_x(const RoiGeometry<T>& g, int64_t px, int ix) {
+FASTDL_HOST_DEVICE T sample_x(const RoiGeometry<T>& g, int64_t px, int64_t ix) {
   return g.start_x + static_cast<T>(px) * g.bin_w +
          (static_cast<T>(ix) + T(0.5)) * g.bin_w / static_cast<T>(g.grid_w);
 }
 
-inline void check_params(int64_t pooled_h, int64_t pooled_w, double spatial_scale) {
+inline void check_params(int64_t pooled_h, int64_t pooled_w, double spatial_scale,
+                         int64_t sampling_ratio) {
   check_pooled_size("roi_align", pooled_h, pooled_w);
   check_spatial_scale("roi_align", spatial_scale);
+  TORCH_CHECK(sampling_ratio <= kMaxSamplingRatio, "roi_align: sampling_ratio must be at most ",
+              kMaxSamplingRatio, " (or <= 0 for the adaptive grid), got ", sampling_ratio);
 }
 
 inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
                                 int64_t pooled_h, int64_t pooled_w, int64_t batch_size,
-                                int64_t channels, int64_t height, int64_t width) {
-  check_params(pooled_h, pooled_w, spatial_scale);
+                                int64_t channels, int64_t height, int64_t width,
+                                int64_t sampling_ratio) {
+  check_params(pooled_h, pooled_w, spatial_scale, sampling_ratio);
   check_same_device("roi_align_backward", "grad", grad, "rois", rois);
   check_same_dtype("roi_align_backward", "grad", grad, "rois", rois);
   check_backward_rois("roi_align_backward", rois, batch_size, channels, height, width);

@@ -35,7 +35,7 @@ void forward_nhwc(const T* input, const T* rois, T* output, int64_t* argmax, int
           const T* pixel = image + (y * width + x) * channels;
           const int64_t flat = y * width + x;
           for (int64_t c = 0; c < channels; ++c) {
-            const bool better = pixel[c] > best[c];
+            const bool better = beats(pixel[c], best[c]);
             best[c] = better ? pixel[c] : best[c];
             where[c] = better ? flat : where[c];
           }

@@ -41,7 +41,7 @@ __global__ void forward_kernel(int64_t total, const scalar_t* __restrict__ input
     for (int64_t y = w.y0; y < w.y1; ++y) {
       for (int64_t x = w.x0; x < w.x1; ++x) {
         const acc_t v = static_cast<acc_t>(plane[y * width + x]);
-        if (v > best) {
+        if (beats(v, best)) {
           best = v;
           where = y * width + x;
         }

@@ -18,15 +18,26 @@ struct RoiGeometry {
   T bin_h, bin_w;            // bin size in pixels (not rounded)
 };
 
+// Rounded corners are clamped to +-2^60 before the cast: a finite box of 1e19 or 1e30 pixels
+// must not leave int64 (undefined), and sums of two such corners stay in range. Bins are still
+// placed exactly as without the clamp wherever they meet the map.
+constexpr double kMaxCorner = static_cast<double>(int64_t(1) << 60);
+
+template <typename T>
+FASTDL_HOST_DEVICE int64_t rounded_corner(T coordinate) {
+  const double v = static_cast<double>(round(coordinate));
+  return static_cast<int64_t>(v < -kMaxCorner ? -kMaxCorner : (v > kMaxCorner ? kMaxCorner : v));
+}
+
 template <typename T>
 FASTDL_HOST_DEVICE RoiGeometry<T> roi_geometry(const T* roi, T spatial_scale, int64_t pooled_h,
                                                int64_t pooled_w) {
   RoiGeometry<T> g;
   g.batch_index = static_cast<int64_t>(roi[0]);
-  g.start_x = static_cast<int64_t>(round(roi[1] * spatial_scale));
-  g.start_y = static_cast<int64_t>(round(roi[2] * spatial_scale));
-  const int64_t end_x = static_cast<int64_t>(round(roi[3] * spatial_scale));
-  const int64_t end_y = static_cast<int64_t>(round(roi[4] * spatial_scale));
+  g.start_x = rounded_corner(roi[1] * spatial_scale);
+  g.start_y = rounded_corner(roi[2] * spatial_scale);
+  const int64_t end_x = rounded_corner(roi[3] * spatial_scale);
+  const int64_t end_y = rounded_corner(roi[4] * spatial_scale);
   // inclusive corners, and a malformed box still covers one pixel
   const int64_t roi_w = end_x - g.start_x + 1 > 1 ? end_x - g.start_x + 1 : 1;
   const int64_t roi_h = end_y - g.start_y + 1 > 1 ? end_y - g.start_y + 1 : 1;
@@ -43,6 +54,13 @@ struct Window {
 };
 
 FASTDL_HOST_DEVICE int64_t clip(int64_t v, int64_t hi) { return v < 0 ? 0 : (v > hi ? hi : v); }
+
+// Running max that lets NaN win and keep winning (NaN in, NaN out, as torch.max): `better`
+// is true for a first NaN, and for a value above the best so far.
+template <typename T>
+FASTDL_HOST_DEVICE bool beats(T value, T best) {
+  return value > best || (value != value && best == best);
+}
 
 template <typename T>
 FASTDL_HOST_DEVICE Window bin_window(const RoiGeometry<T>& g, int64_t py, int64_t px,

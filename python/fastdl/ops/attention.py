@@ -77,7 +77,7 @@ def _fail(msg: str):
     raise RuntimeError(f"attention: {msg}")
 
 
-def check_inputs(q, k, v, attn_mask, dropout_p, *, dtypes=None, device_name=None):
+def check_inputs(q, k, v, attn_mask, scale, dropout_p, *, dtypes=None, device_name=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             _fail(f"expected {name} to be a 4-D tensor [B, H, N, D], but got shape {list(t.shape)}")
@@ -104,6 +104,8 @@ def check_inputs(q, k, v, attn_mask, dropout_p, *, dtypes=None, device_name=None
         _fail(f"q has unsupported dtype {q.dtype} on {device_name or q.device.type}; supported: {names}")
     if not 0.0 <= dropout_p < 1.0:
         _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not math.isfinite(scale):
+        _fail(f"scale must be finite, got {scale}")
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             _fail(f"attn_mask must be boolean or floating, got dtype {attn_mask.dtype}")
@@ -125,7 +127,7 @@ def _lse_dtype(dtype):
 
 @torch.library.register_fake("fastdl::attention")
 def _attention_fake(q, k, v, attn_mask, causal, scale, dropout_p, seed):
-    check_inputs(q, k, v, attn_mask, dropout_p)
+    check_inputs(q, k, v, attn_mask, scale, dropout_p)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=_lse_dtype(q.dtype), device=q.device)
     return out, lse
@@ -133,7 +135,7 @@ def _attention_fake(q, k, v, attn_mask, causal, scale, dropout_p, seed):
 
 @torch.library.register_fake("fastdl::_attention_backward")
 def _attention_backward_fake(grad_out, q, k, v, attn_mask, out, lse, grad_lse, causal, scale, dropout_p, seed):
-    check_inputs(q, k, v, attn_mask, dropout_p)
+    check_inputs(q, k, v, attn_mask, scale, dropout_p)
     return (
         torch.empty(q.shape, dtype=q.dtype, device=q.device),
         torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -246,8 +248,9 @@ def _chunk_scores(qc, kt, mask_c, causal, i0, nq, nk, scale, cdt):
 
 
 def _probs(s, lse):
-    """exp(s - lse), zero in rows whose lse is -inf (no visible key)."""
-    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    """exp(s - lse), zero in rows whose lse is -inf (no visible key); NaN where lse is NaN or
+    +inf (a NaN score, or +inf in a float mask), as in the math reference."""
+    lse_safe = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
     return torch.exp(s - lse_safe[..., None])
 
 
@@ -262,7 +265,7 @@ def _chunk_dropout_scale(seed, dropout_p, b, h, hkv, nq, nk, i0, rows, device, c
 
 @register_composite(_OP, cuda_kernel="Triton")
 def attention_composite(q, k, v, attn_mask, causal, scale, dropout_p, seed):
-    check_inputs(q, k, v, attn_mask, dropout_p)
+    check_inputs(q, k, v, attn_mask, scale, dropout_p)
     b, h, nq, d = q.shape
     hkv, nk = k.size(1), k.size(2)
     cdt = _compute_dtype(q.dtype)
@@ -284,14 +287,15 @@ def attention_composite(q, k, v, attn_mask, causal, scale, dropout_p, seed):
         p = _probs(s, row_lse)
         if dropout_p > 0:
             p = p * _chunk_dropout_scale(seed, dropout_p, b, h, hkv, nq, nk, i0, i1 - i0, q.device, cdt)
-        og[:, :, :, i0:i1] = p @ vg
+        # rows with no visible key are 0 even where v holds NaN (0 * NaN would be NaN)
+        og[:, :, :, i0:i1] = torch.where((row_lse == float("-inf"))[..., None], 0.0, p @ vg)
         lg[:, :, :, i0:i1] = row_lse
     return out.to(q.dtype), lse.to(_lse_dtype(q.dtype))
 
 
 @register_composite("_attention_backward", cuda_kernel="Triton")
 def attention_backward_composite(grad_out, q, k, v, attn_mask, out, lse, grad_lse, causal, scale, dropout_p, seed):
-    check_inputs(q, k, v, attn_mask, dropout_p)
+    check_inputs(q, k, v, attn_mask, scale, dropout_p)
     b, h, nq, d = q.shape
     hkv, nk = k.size(1), k.size(2)
     g = h // hkv

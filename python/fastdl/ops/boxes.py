@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._utils import check_number
+
 __all__ = ["box_area", "box_iou", "box_convert", "clip_boxes_to_image", "remove_small_boxes", "BoxCoder"]
 
 
@@ -18,6 +20,8 @@ def _check_boxes(name: str, boxes: Tensor) -> None:
     if not isinstance(boxes, Tensor) or boxes.dim() < 1 or boxes.size(-1) != 4:
         shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
         raise ValueError(f"{name} must be a Tensor[..., 4], got {shape}")
+    if boxes.dtype == torch.bool or boxes.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {boxes.dtype}")
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -82,8 +86,8 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Clamp xyxy ``boxes`` into an image of ``size = (height, width)``."""
     _check_boxes("boxes", boxes)
     height, width = size
-    if height < 0 or width < 0:
-        raise ValueError(f"clip_boxes_to_image: size must be non-negative, got {size}")
+    check_number("clip_boxes_to_image", "size[0] (height)", height, minimum=0)
+    check_number("clip_boxes_to_image", "size[1] (width)", width, minimum=0)
     x = boxes[..., 0::2].clamp(0, width)
     y = boxes[..., 1::2].clamp(0, height)
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
@@ -92,8 +96,7 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices (``Tensor[M]``, int64) of the boxes whose width and height are both >= ``min_size``."""
     _check_boxes("boxes", boxes)
-    if min_size < 0:
-        raise ValueError(f"remove_small_boxes: min_size must be non-negative, got {min_size}")
+    check_number("remove_small_boxes", "min_size", min_size, minimum=0, allow_inf=True)
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     return torch.nonzero((w >= min_size) & (h >= min_size)).flatten()
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._library import register_composite, register_triton_kernels, triton_available
-from ._utils import pair, suggest_memory_format
+from ._utils import INT64_MAX, pair, suggest_memory_format
 
 __all__ = ["conv2d", "conv2d_winograd_weight", "ACTIVATIONS", "check_activation"]
 
@@ -163,6 +163,9 @@ def _output_size(op, input, weight, bias, stride, padding, dilation, groups):
         torch._check(bias.dim() == 1 and bias.size(0) == k, lambda: f"{op}: bias must be a Tensor[{k}], got shape {tuple(bias.shape)}")
         torch._check(bias.dtype == input.dtype, lambda: f"{op}: input has dtype {input.dtype} but bias has dtype {bias.dtype}")
     span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    for what, value in (("the dilated kernel height", span_h), ("the dilated kernel width", span_w),
+                        ("the padded input height", h + 2 * padding[0]), ("the padded input width", w + 2 * padding[1])):
+        torch._check(value <= INT64_MAX, lambda: f"{op}: {what} overflows int64 ({value})")
     torch._check(
         span_h <= h + 2 * padding[0] and span_w <= w + 2 * padding[1],
         lambda: f"{op}: kernel of size {span_h}x{span_w} (dilated) is larger than the padded input "

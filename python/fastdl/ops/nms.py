@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ._library import register_autocast, register_composite
+from ._utils import check_number
 
 __all__ = ["nms", "batched_nms"]
 
@@ -82,12 +85,13 @@ def batched_nms(
 def _above(scores: Tensor, score_threshold: float | None) -> Tensor | None:
     if score_threshold is None:
         return None
+    check_number("nms", "score_threshold", score_threshold, allow_inf=True)
     return torch.nonzero(scores >= score_threshold).flatten()
 
 
 def _check_max_output(max_output: int) -> int:
-    if max_output < 0:
-        raise ValueError(f"max_output must be non-negative, got {max_output}")
+    if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 0:
+        raise ValueError(f"max_output must be a non-negative int, got {max_output!r}")
     return max_output
 
 
@@ -145,10 +149,24 @@ def _check(op, boxes, scores, iou_threshold):
         torch._check(bool(ok.all()), lambda: f"{op}: every box must satisfy x1 <= x2 and y1 <= y2")
 
 
+def _area_safe(boxes: Tensor) -> Tensor:
+    """``area_safe`` of ``csrc/ops/nms/nms.h``: boxes past 2^60 (2^500 in float64) scaled by an
+    exact power of two, so that their areas do not overflow to inf."""
+    if boxes.numel() == 0:
+        return boxes
+    limit_exponent = 500 if boxes.dtype == torch.float64 else 60
+    largest = float(boxes.abs().max())
+    if not largest > 2.0**limit_exponent:
+        return boxes
+    exponent = math.frexp(largest)[1] - limit_exponent  # frexp's exponent is ilogb + 1
+    return boxes * 2.0**-exponent
+
+
 @register_composite("nms")
 def nms_composite(boxes, scores, iou_threshold):
     """Greedy NMS over a precomputed IoU matrix, one kept box per step."""
     _check("nms", boxes, scores, iou_threshold)
+    boxes = _area_safe(boxes)
     order = torch.sort(scores, descending=True, stable=True).indices
     if order.numel() == 0:
         return order

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._utils import BoxesLike, boxes_to_rois, pair
+from ._utils import BoxesLike, boxes_to_rois, check_rois, pair
 from .roi_align import roi_align
 
 __all__ = ["multiscale_roi_align", "pyramid_levels"]
@@ -60,6 +60,7 @@ def multiscale_roi_align(
         if s <= 0 or abs(math.log2(s) - round(math.log2(s))) > 1e-6:
             raise ValueError(f"multiscale_roi_align: spatial scales must be powers of two, got {list(spatial_scales)}")
     rois = boxes_to_rois(boxes, features[0])
+    check_rois("multiscale_roi_align", features[0], rois)  # NaN boxes would match no level
     pooled = pair(output_size, "output_size")
     if len(features) == 1:
         return roi_align(features[0], rois, pooled, spatial_scales[0], sampling_ratio, aligned)

@@ -6,9 +6,21 @@ import torch
 from torch import Tensor
 
 from ._library import register_autocast, register_composite
-from ._utils import BoxesLike, boxes_to_rois, check_output_size, check_rois, pair, suggest_memory_format
+from ._utils import (
+    BoxesLike,
+    boxes_to_rois,
+    check_backward_rois,
+    check_output_size,
+    check_rois,
+    check_spatial_scale,
+    pair,
+    suggest_memory_format,
+)
 
 __all__ = ["roi_align"]
+
+MAX_SAMPLING_RATIO = 256  # kMaxSamplingRatio in csrc/ops/roi_align/roi_align.h
+MAX_ADAPTIVE_GRID = 2**40  # kMaxAdaptiveGrid
 
 
 def roi_align(
@@ -28,8 +40,10 @@ def roi_align(
             pixels; ``spatial_scale`` maps them onto the feature map.
         output_size: ``(PH, PW)`` or an int for a square grid.
         spatial_scale: feature-map size over image size, e.g. ``1/16`` for a stride-16 map.
-        sampling_ratio: sample points per bin along each axis; ``<= 0`` picks
-            ``ceil(box_size / output_size)`` per box (about one point per feature pixel).
+        sampling_ratio: sample points per bin along each axis, at most 256; ``<= 0`` picks
+            ``ceil(box_size / output_size)`` per box (about one point per feature pixel; only
+            the points that can land on the map are visited, so huge boxes cost no more than
+            the map).
         aligned: shift boxes by half a pixel so that pixel centres are at ``i + 0.5``
             (``False`` keeps the legacy behaviour, which also forces boxes to at least 1x1).
 
@@ -49,13 +63,24 @@ def roi_align(
     )
 
 
+def _check_params(pooled_height, pooled_width, spatial_scale, sampling_ratio) -> None:
+    """``check_params`` of ``csrc/ops/roi_align/roi_align.h``."""
+    check_output_size("roi_align", pooled_height, pooled_width)
+    check_spatial_scale("roi_align", spatial_scale)
+    torch._check(
+        sampling_ratio <= MAX_SAMPLING_RATIO,
+        lambda: f"roi_align: sampling_ratio must be at most {MAX_SAMPLING_RATIO} (or <= 0 for the adaptive grid), "
+        f"got {sampling_ratio}",
+    )
+
+
 # ---- fake kernels (shapes only, for torch.compile and meta tensors) --------------------------
 
 
 @torch.library.register_fake("fastdl::roi_align")
 def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     check_rois("roi_align", input, rois, check_values=False)
-    check_output_size("roi_align", pooled_height, pooled_width)
+    _check_params(pooled_height, pooled_width, spatial_scale, sampling_ratio)
     shape = (rois.size(0), input.size(1), pooled_height, pooled_width)
     return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=suggest_memory_format(input))
 
@@ -64,8 +89,27 @@ def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sam
 def _roi_align_backward_fake(
     grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio, aligned
 ):
-    torch._check(grad.dim() == 4, lambda: f"roi_align_backward: expected a 4-D grad, got {tuple(grad.shape)}")
+    _check_backward_args(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
+                         sampling_ratio, check_values=False)
     return grad.new_empty((batch_size, channels, height, width))
+
+
+def _check_backward_args(
+    grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
+    *, check_values: bool = True,
+) -> None:
+    """``check_backward_args`` of ``csrc/ops/roi_align/roi_align.h``."""
+    op = "roi_align_backward"
+    _check_params(pooled_height, pooled_width, spatial_scale, sampling_ratio)
+    torch._check(grad.device == rois.device, lambda: f"{op}: grad is on {grad.device} but rois is on {rois.device}")
+    torch._check(grad.dtype == rois.dtype, lambda: f"{op}: grad has dtype {grad.dtype} but rois has dtype {rois.dtype}")
+    if check_values:
+        check_backward_rois(op, rois, batch_size, channels, height, width)
+    expected = (rois.size(0), channels, pooled_height, pooled_width)
+    torch._check(
+        tuple(grad.shape) == expected,
+        lambda: f"{op}: expected grad of shape {list(expected)}, got {list(grad.shape)}",
+    )
 
 
 # ---- autograd ----------------------------------------------------------------------------------
@@ -102,17 +146,37 @@ register_autocast("roi_align", "float32")
 # matrix products and nothing of size K x C x samples is ever materialised.
 
 
+def _samples_on_map(bin_start: Tensor, step: Tensor, grid: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Per box and bin, the sample indices [begin, end) that can land on the map: the twin of
+    ``samples_on_map`` in ``csrc/ops/roi_align/roi_align.h``, same formula and margins."""
+    grid = grid[:, None].expand_as(bin_start)
+    first = (-1 - bin_start) / step - 0.5
+    last = (size - bin_start) / step - 0.5
+    grid_f = grid.to(first.dtype)
+    begin = torch.where(first <= 2, 0.0, torch.where(first >= grid_f, grid_f, first.trunc() - 2))
+    end = torch.where(last >= grid_f - 3, grid_f, torch.where(last < -2, 0.0, last.trunc() + 3))
+    finite = torch.isfinite(step) & torch.isfinite(bin_start)
+    positive = step > 0
+    begin = torch.where(positive & finite, begin, 0.0)
+    end = torch.where(positive, torch.where(finite, end, 0.0), grid_f)  # zero bins: all samples
+    begin, end = begin.long(), end.long()
+    return begin, torch.maximum(begin, end)
+
+
 def _axis_weights(start, bin_size, grid, pooled: int, size: int) -> Tensor:
     """Tensor[K, pooled, size]: summed bilinear weights of each bin's sample points on one axis."""
     k = start.size(0)
-    max_grid = max(int(grid.max()), 1) if k else 1
-    steps = torch.arange(max_grid, device=start.device, dtype=start.dtype)
     bins = torch.arange(pooled, device=start.device, dtype=start.dtype)
-    g = grid.to(start.dtype).clamp(min=1)[:, None, None]
-    coord = start[:, None, None] + bins[None, :, None] * bin_size[:, None, None] + (steps + 0.5) * bin_size[:, None, None] / g
-    in_grid = steps[None, None, :] < grid[:, None, None]
-    valid = in_grid & (coord >= -1) & (coord <= size)
-    coord = coord.clamp(min=0)
+    bin_start = start[:, None] + bins[None, :] * bin_size[:, None]  # [K, P]
+    grid_f = grid.clamp(min=1).to(start.dtype)[:, None].expand_as(bin_start)
+    step = bin_size[:, None] / grid_f
+    begin, end = _samples_on_map(bin_start, step, grid, size)
+    span = int((end - begin).max()) if k else 0
+    index = begin[..., None] + torch.arange(max(span, 1), device=start.device)  # [K, P, S]
+    # the C++ expression, term for term, so that both round alike
+    coord = bin_start[..., None] + (index.to(start.dtype) + 0.5) * bin_size[:, None, None] / grid_f[..., None]
+    valid = (index < end[..., None]) & (coord >= -1) & (coord <= size)
+    coord = torch.where(valid, coord, 0.0).clamp(min=0)
     low = coord.floor().clamp(max=size - 1)
     at_edge = low >= size - 1
     coord = torch.where(at_edge, low, coord)
@@ -128,6 +192,11 @@ def _axis_weights(start, bin_size, grid, pooled: int, size: int) -> Tensor:
     return weights
 
 
+def _adaptive_grid(bin_size: Tensor) -> Tensor:
+    n = torch.ceil(bin_size)
+    return torch.where(n >= 1, n.clamp(max=MAX_ADAPTIVE_GRID), 0.0).long()  # NaN -> 0, as in C++
+
+
 def _box_weights(rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, height, width):
     """Per-box Wy ``[K, PH, H]`` and Wx ``[K, PW, W]`` with the 1/count of the mean folded in."""
     offset = 0.5 if aligned else 0.0
@@ -135,16 +204,16 @@ def _box_weights(rois, spatial_scale, pooled_height, pooled_width, sampling_rati
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:
         roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
+    bin_h, bin_w = roi_h / pooled_height, roi_w / pooled_width
     if sampling_ratio > 0:
         grid_h = torch.full_like(roi_h, sampling_ratio, dtype=torch.long)
         grid_w = torch.full_like(roi_w, sampling_ratio, dtype=torch.long)
     else:
-        grid_h = torch.ceil(roi_h / pooled_height).long()
-        grid_w = torch.ceil(roi_w / pooled_width).long()
-    count = (grid_h * grid_w).to(rois.dtype)
+        grid_h, grid_w = _adaptive_grid(bin_h), _adaptive_grid(bin_w)
+    count = grid_h.to(rois.dtype) * grid_w.to(rois.dtype)
     inv_count = torch.where(count > 0, 1 / count.clamp(min=1), torch.zeros_like(count))
-    wy = _axis_weights(y1, roi_h / pooled_height, grid_h, pooled_height, height) * inv_count[:, None, None]
-    wx = _axis_weights(x1, roi_w / pooled_width, grid_w, pooled_width, width)
+    wy = _axis_weights(y1, bin_h, grid_h, pooled_height, height) * inv_count[:, None, None]
+    wx = _axis_weights(x1, bin_w, grid_w, pooled_width, width)
     return wy, wx
 
 
@@ -154,7 +223,7 @@ _BOX_CHUNK = 64  # boxes per matrix product: bounds the [chunk, C, PH, W] interm
 @register_composite("roi_align")
 def roi_align_composite(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     check_rois("roi_align", input, rois)
-    check_output_size("roi_align", pooled_height, pooled_width)
+    _check_params(pooled_height, pooled_width, spatial_scale, sampling_ratio)
     n, c, h, w = input.shape
     out = input.new_zeros((rois.size(0), c, pooled_height, pooled_width))
     if out.numel() == 0 or h == 0 or w == 0:  # no pixels: every sample point contributes zero
@@ -172,6 +241,8 @@ def roi_align_composite(input, rois, spatial_scale, pooled_height, pooled_width,
 def roi_align_backward_composite(
     grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio, aligned
 ):
+    _check_backward_args(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
+                         sampling_ratio)
     grad_input = grad.new_zeros((batch_size, channels, height, width))
     if grad.numel() == 0 or grad_input.numel() == 0:
         return grad_input

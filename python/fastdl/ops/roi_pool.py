@@ -6,7 +6,15 @@ import torch
 from torch import Tensor
 
 from ._library import register_autocast, register_composite
-from ._utils import BoxesLike, boxes_to_rois, check_output_size, check_rois, pair
+from ._utils import (
+    BoxesLike,
+    boxes_to_rois,
+    check_backward_rois,
+    check_output_size,
+    check_rois,
+    check_spatial_scale,
+    pair,
+)
 
 __all__ = ["roi_pool"]
 
@@ -44,8 +52,33 @@ def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
 
 @torch.library.register_fake("fastdl::_roi_pool_backward")
 def _roi_pool_backward_fake(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width):
-    torch._check(grad.shape == argmax.shape, lambda: "roi_pool_backward: grad and argmax must have the same shape")
+    _check_backward_args(grad, rois, argmax, pooled_height, pooled_width, batch_size, channels, height, width,
+                         check_values=False)
     return grad.new_empty((batch_size, channels, height, width))
+
+
+def _check_backward_args(
+    grad, rois, argmax, pooled_height, pooled_width, batch_size, channels, height, width, *, check_values: bool = True
+) -> None:
+    """``check_backward_args`` of ``csrc/ops/roi_pool/roi_pool.h``, plus its argmax range check."""
+    op = "roi_pool_backward"
+    if check_values:
+        check_backward_rois(op, rois, batch_size, channels, height, width)
+    torch._check(argmax.dtype == torch.long, lambda: f"{op}: argmax must be int64, got {argmax.dtype}")
+    torch._check(
+        grad.shape == argmax.shape,
+        lambda: f"{op}: grad {list(grad.shape)} and argmax {list(argmax.shape)} must have the same shape",
+    )
+    torch._check(
+        grad.dim() == 4 and grad.size(0) == rois.size(0) and grad.size(1) == channels,
+        lambda: f"{op}: expected grad of shape [{rois.size(0)}, {channels}, {pooled_height}, {pooled_width}], "
+        f"got {list(grad.shape)}",
+    )
+    if check_values and argmax.numel() > 0:
+        torch._check(
+            int(argmax.max()) < height * width,
+            lambda: f"{op}: argmax holds an index beyond the {height}x{width} map",
+        )
 
 
 def _setup_context(ctx, inputs, output):
@@ -88,15 +121,16 @@ def roi_pool_composite(input, rois, spatial_scale, pooled_height, pooled_width):
     """Gathers every bin's pixel window, padded to the largest window, and takes a masked max."""
     check_rois("roi_pool", input, rois)
     check_output_size("roi_pool", pooled_height, pooled_width)
+    check_spatial_scale("roi_pool", spatial_scale)
     n, c, h, w = input.shape
     k = rois.size(0)
     output = input.new_zeros((k, c, pooled_height, pooled_width))
     argmax = torch.full((k, c, pooled_height, pooled_width), -1, dtype=torch.long, device=input.device)
-    if output.numel() == 0:
+    if output.numel() == 0 or h == 0 or w == 0:  # no pixels: every bin is empty
         return output, argmax
     # torch.round rounds half to even, C's round() half away from zero: use the latter
     corners = rois[:, 1:] * spatial_scale
-    corners = torch.sign(corners) * torch.floor(corners.abs() + 0.5)
+    corners = (torch.sign(corners) * torch.floor(corners.abs() + 0.5)).clamp(-(2**60), 2**60)  # kMaxCorner
     x1, y1, x2, y2 = corners.unbind(1)
     roi_w = (x2 - x1 + 1).clamp(min=1)
     roi_h = (y2 - y1 + 1).clamp(min=1)
@@ -128,6 +162,7 @@ def roi_pool_composite(input, rois, spatial_scale, pooled_height, pooled_width):
 
 @register_composite("_roi_pool_backward")
 def roi_pool_backward_composite(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width):
+    _check_backward_args(grad, rois, argmax, pooled_height, pooled_width, batch_size, channels, height, width)
     grad_input = grad.new_zeros((batch_size, channels, height * width))
     if grad.numel() == 0 or grad_input.numel() == 0:
         return grad_input.view(batch_size, channels, height, width)
