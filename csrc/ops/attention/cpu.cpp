@@ -170,7 +170,8 @@ at::Tensor additive_mask(const std::optional<at::Tensor>& mask, const Shape& s,
     const auto values = m.to(dtype);
     const double limit = dtype == at::kDouble ? std::numeric_limits<double>::max()
                                               : std::numeric_limits<float>::max();
-    add = at::where(at::isfinite(values), (values * kLog2e).clamp(-limit, limit), values * kLog2e);
+    const auto scaled = values * kLog2e;
+    add = at::where(at::isfinite(values), scaled.clamp(-limit, limit), scaled);
   }
   return add.expand({s.B, s.H, s.Nq, s.Nk});
 }
@@ -178,7 +179,9 @@ at::Tensor additive_mask(const std::optional<at::Tensor>& mask, const Shape& s,
 // max that keeps a NaN from either side (std::max drops a NaN second argument)
 template <typename T>
 inline T nan_max(T a, T b) {
-  return (a != a || b > a) ? (a != a ? a : b) : (b != b ? b : a);
+  if (a != a) return a;
+  if (b != b) return b;
+  return b > a ? b : a;
 }
 
 struct Strides {
@@ -203,10 +206,17 @@ struct MaskView {
   // masked_fill does in the reference, while a float mask adds (NaN + -inf stays NaN)
   void add_row(T* s, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0) const {
     const T* row = data + b * sb + h * sh + i * sq + j0 * sk;
-    const T neg_inf = -std::numeric_limits<T>::infinity();
-    for (int64_t c = 0; c < n; ++c) {
-      const T value = row[c * sk];
-      s[c] = boolean && value == neg_inf ? neg_inf : s[c] + value;
+    if (boolean) {
+      const T neg_inf = -std::numeric_limits<T>::infinity();
+      if (sk == 1) {
+        for (int64_t c = 0; c < n; ++c) s[c] = row[c] == neg_inf ? neg_inf : s[c];
+      } else {
+        for (int64_t c = 0; c < n; ++c) s[c] = row[c * sk] == neg_inf ? neg_inf : s[c];
+      }
+    } else if (sk == 1) {
+      for (int64_t c = 0; c < n; ++c) s[c] += row[c];
+    } else {
+      for (int64_t c = 0; c < n; ++c) s[c] += row[c * sk];
     }
   }
 };

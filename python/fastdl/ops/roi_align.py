@@ -146,13 +146,12 @@ register_autocast("roi_align", "float32")
 # matrix products and nothing of size K x C x samples is ever materialised.
 
 
-def _samples_on_map(bin_start: Tensor, step: Tensor, grid: Tensor, size: int) -> tuple[Tensor, Tensor]:
+def _samples_on_map(bin_start: Tensor, step: Tensor, grid_f: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Per box and bin, the sample indices [begin, end) that can land on the map: the twin of
-    ``samples_on_map`` in ``csrc/ops/roi_align/roi_align.h``, same formula and margins."""
-    grid = grid[:, None].expand_as(bin_start)
+    ``samples_on_map`` in ``csrc/ops/roi_align/roi_align.h``, same formula and margins.
+    ``grid_f`` is the sampling grid per bin as a float tensor shaped like ``bin_start``."""
     first = (-1 - bin_start) / step - 0.5
     last = (size - bin_start) / step - 0.5
-    grid_f = grid.to(first.dtype)
     begin = torch.where(first <= 2, 0.0, torch.where(first >= grid_f, grid_f, first.trunc() - 2))
     end = torch.where(last >= grid_f - 3, grid_f, torch.where(last < -2, 0.0, last.trunc() + 3))
     finite = torch.isfinite(step) & torch.isfinite(bin_start)
@@ -168,13 +167,14 @@ def _axis_weights(start, bin_size, grid, pooled: int, size: int) -> Tensor:
     k = start.size(0)
     bins = torch.arange(pooled, device=start.device, dtype=start.dtype)
     bin_start = start[:, None] + bins[None, :] * bin_size[:, None]  # [K, P]
-    grid_f = grid.clamp(min=1).to(start.dtype)[:, None].expand_as(bin_start)
-    step = bin_size[:, None] / grid_f
-    begin, end = _samples_on_map(bin_start, step, grid, size)
+    grid_f = grid.to(start.dtype)[:, None].expand_as(bin_start)
+    divisor = grid_f.clamp(min=1)
+    step = bin_size[:, None] / divisor
+    begin, end = _samples_on_map(bin_start, step, grid_f, size)
     span = int((end - begin).max()) if k else 0
     index = begin[..., None] + torch.arange(max(span, 1), device=start.device)  # [K, P, S]
     # the C++ expression, term for term, so that both round alike
-    coord = bin_start[..., None] + (index.to(start.dtype) + 0.5) * bin_size[:, None, None] / grid_f[..., None]
+    coord = bin_start[..., None] + (index.to(start.dtype) + 0.5) * bin_size[:, None, None] / divisor[..., None]
     valid = (index < end[..., None]) & (coord >= -1) & (coord <= size)
     coord = torch.where(valid, coord, 0.0).clamp(min=0)
     low = coord.floor().clamp(max=size - 1)
