@@ -50,12 +50,13 @@ class IsolatedRunner:
 
     def __call__(self, case) -> tuple[str, str]:
         self._connection.send(case)
+        hung = False
         try:
             if self._connection.poll(CASE_TIMEOUT_S):
                 return self._connection.recv()
-        except (EOFError, ConnectionResetError):
+            hung = True
+        except (EOFError, ConnectionResetError):  # the child died: its end of the pipe closed
             pass
-        hung = self._process.is_alive()
         self._process.kill()
         self._process.join()
         outcome = ("hang", f"no answer in {CASE_TIMEOUT_S:.0f} s") if hung else ("crash", f"exit code {self._process.exitcode}")

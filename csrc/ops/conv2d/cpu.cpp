@@ -972,6 +972,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     return {gi.to(dtype), gw.to(dtype), gb.to(dtype)};
   }
   const auto opts = input.options();
+  if (g.group_channels() == 0) {
+    // No input channels: the input and weight gradients are empty, and no kernel below may run
+    // on their empty (possibly null) buffers.
+    return {output_mask[0] ? at::zeros_like(input) : at::empty({0}, opts),
+            output_mask[1] ? at::zeros_like(weight) : at::empty({0}, opts),
+            output_mask[2] ? grad_output.sum({0, 2, 3}) : at::empty({0}, opts)};
+  }
   at::Tensor grad_input;
   const int64_t full_pad_h = g.dil_h * (g.kernel_h - 1), full_pad_w = g.dil_w * (g.kernel_w - 1);
   if (output_mask[0] && g.batch > 0 && input.scalar_type() == at::kFloat && g.groups == 1 &&
