@@ -112,6 +112,11 @@ ATTENTION_CASES = {
     "tiled_d64": (1, 2, 2, 70, 70, 64, False, False),
     "tiled_causal_gqa": (2, 4, 2, 65, 80, 32, True, False),
     "tiled_d32_masked": (1, 2, 2, 64, 50, 32, False, True),
+    # two query blocks (128 + 3 rows) and two key blocks (256 + 44 keys, a ragged strip): every
+    # row and column remainder of the S and O tiles, and 48 columns (3 AVX2 O tiles; 48 of 64 on AVX-512)
+    "tiled_ragged_causal": (1, 2, 1, 131, 300, 48, True, False),
+    "tiled_ragged_masked": (1, 1, 1, 133, 270, 16, False, True),
+    "tiled_causal_masked_nq_lt_nk": (1, 2, 2, 70, 97, 80, True, True),
     "blas_d24_masked": (1, 2, 2, 17, 29, 24, False, True),
     "one_query_causal": (2, 2, 1, 1, 37, 16, True, False),
 }
