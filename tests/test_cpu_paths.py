@@ -112,6 +112,11 @@ ATTENTION_CASES = {
     "tiled_d64": (1, 2, 2, 70, 70, 64, False, False),
     "tiled_causal_gqa": (2, 4, 2, 65, 80, 32, True, False),
     "tiled_d32_masked": (1, 2, 2, 64, 50, 32, False, True),
+    # two query blocks (128 + 3 rows) and two key blocks (256 + 44 keys, a ragged strip): every
+    # row and column remainder of the S and O tiles, and 48 columns (3 AVX2 O tiles; 48 of 64 on AVX-512)
+    "tiled_ragged_causal": (1, 2, 1, 131, 300, 48, True, False),
+    "tiled_ragged_masked": (1, 1, 1, 133, 270, 16, False, True),
+    "tiled_causal_masked_nq_lt_nk": (1, 2, 2, 70, 97, 80, True, True),
     "blas_d24_masked": (1, 2, 2, 17, 29, 24, False, True),
     "one_query_causal": (2, 2, 1, 1, 37, 16, True, False),
 }
@@ -146,6 +151,48 @@ def test_attention_forward_backward(name, contiguous, dtype):
         t.requires_grad_()
     expected = attention_reference(q64, k64, v64, causal, mask64, 1 / math.sqrt(d))
     check_forward_backward(out, expected, ((q, q64), (k, k64), (v, v64)), dtype)
+
+
+def poisoned_attention_inputs(poison):
+    """q, k, v and a float mask (or None) of a tiled shape with NaN, infinities or float32
+    extremes in one place: a query row, a key (every query's scores), a value column, or mask
+    entries of every special kind (a hidden row, saturating extremes, NaN and +inf scores)."""
+    b, h, nq, nk, d = 1, 2, 70, 90, 32
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for n in (nq, nk, nk))
+    mask = None
+    if poison == "mask":
+        mask = torch.randn(nq, nk, dtype=torch.float64)
+        mask[3, 5] = math.nan
+        mask[10] = -math.inf
+        mask[11, 7] = math.inf
+        mask[12] = torch.finfo(torch.float32).min
+        mask[13, 40] = torch.finfo(torch.float32).max
+        mask[14, 60:] = -math.inf
+    else:  # key and value 60: hidden from the first 40 queries when causal
+        {"q": q, "k": k, "v": v}[poison][0, 1, 17 if poison == "q" else 60, 3] = math.nan
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("poison", ["q", "k", "v", "mask"])
+def test_attention_nan_and_inf(poison, causal):
+    """NaN in, NaN out, at the reference's places and with its values elsewhere, on every path."""
+    fresh_seed()
+    q, k, v, mask = poisoned_attention_inputs(poison)
+    out = fastdl.ops.attention(q.float(), k.float(), v.float(), attn_mask=None if mask is None else mask.float(), causal=causal)
+    expected, _ = _library.composite("attention")(q, k, v, mask, causal, 1 / math.sqrt(q.size(-1)), 0.0, 0)
+    if poison == "mask":  # finfo.min on every key is a value: the mean of the visible v
+        # (float64 arithmetic loses the scores against it and sums v instead)
+        visible = 12 + k.size(2) - q.size(2) + 1 if causal else k.size(2)
+        expected[:, :, 12] = v[:, :, :visible].mean(2)
+    if poison == "v":
+        # 0 x NaN: rows that do not see the NaN value are NaN in the reference's matmul, and
+        # left alone by kernels that skip the keys a row cannot see; the rows that see it are NaN
+        sees = torch.arange(q.size(2)) + k.size(2) - q.size(2) >= 60 if causal else slice(None)
+        assert out[0, 1, sees, 3].isnan().all()
+        out, expected = out[..., 4:], expected[..., 4:]
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out.double(), expected, rtol=2e-4, atol=2e-4, equal_nan=True)
 
 
 # ---- LSTM -------------------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 // Forward: one work item is (batch, head, block of BQ queries). It walks the key blocks once,
 // keeping a running row max and row sum (online softmax, base 2 with log2(e) folded into the
 // scale) and a BQ x D output accumulator, so no score buffer larger than BQ x BK exists.
-// float32 with D a multiple of 16 on an AVX-512 CPU (the common case) computes the two block
-// products per step (S = Q K^T and O += P V) with the register-blocked tiles of cpu_tiles.h:
-// K is first repacked once per call into strips of 32 keys stored transposed (the same size as
-// K), the S tiles also produce the row maxima of blocks that need no masking, and the exp2 pass
-// uses AVX-512 scalef. Every other case (float64, other D, CPUs without AVX-512) runs the block
+// float32 with D a multiple of 16 on an AVX-512 or AVX2 + FMA CPU (the common case) computes the
+// two block products per step (S = Q K^T and O += P V) with the register-blocked tiles of
+// cpu_tiles.h, compiled for both sets from one template: K is first repacked once per call into
+// strips of 32 keys stored transposed (the same size as K), the S tiles also produce the row
+// maxima of blocks that need no masking, and the exp2 pass is the tiles' own. Every other case
+// (float64, other D, CPUs with neither set or FASTDL_CPU_CAPABILITY=default) runs the block
 // products through the BLAS libtorch links and the softmax part in loops compiled per
 // instruction set (target_clones). With causal=True key blocks entirely above the diagonal are
 // never visited, tiles above it inside a diagonal block are skipped, and only blocks that
@@ -295,14 +296,14 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
   const int64_t D = sh.D;
   const int64_t q_blocks = (sh.Nq + kBlockQ - 1) / kBlockQ;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  // float32 with D a multiple of 16 and at least kMinTiledQueries queries on an AVX-512 CPU:
+  // float32 with D a multiple of 16 and at least kMinTiledQueries queries on a CPU with tiles:
   // register-blocked tiles on packed K; otherwise the BLAS path.
-  const bool fast_exp = tiles::available();  // AVX-512 exp2 rows (float32 only)
+  const tiles::Kernels* const fast = tiles::select();  // also the exp2 rows (float32 only)
   bool tiled = false;
   at::Tensor k_strips;
   const float* kt_all = nullptr;
   if constexpr (std::is_same_v<T, float>) {
-    tiled = D % 16 == 0 && tiles::available() && sh.Nq >= kMinTiledQueries;
+    tiled = D % 16 == 0 && fast && sh.Nq >= kMinTiledQueries;
     if (tiled) {
       k_strips = pack_k_strips(sh, k, sk);
       kt_all = k_strips.const_data_ptr<float>();
@@ -312,7 +313,7 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
   at::parallel_for(0, sh.B * sh.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlas sequential_blas;
     std::vector<T> s2(kBlockQ * kBlockK), acc(kBlockQ * D), m(kBlockQ), l(kBlockQ);
-    std::vector<float> bmax(tiled ? kBlockQ : 0), vmax(tiled ? 16 * kBlockQ : 0);
+    std::vector<float> bmax(tiled ? kBlockQ : 0), vmax(tiled ? tiles::kMaxLanes * kBlockQ : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / q_blocks, i0 = (item % q_blocks) * kBlockQ;
       const int64_t b = bh / sh.H, h = bh % sh.H, hk = h / sh.G;
@@ -339,8 +340,8 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
             const bool masked =
                 mask.data || (o.causal && j0 + cols > i0 + sh.Nk - sh.Nq + 1);
             fused_max = !masked;
-            tiles::qk_block(rows, cols, D, static_cast<float>(o.scale * kLog2e), qp, sq.n, kt,
-                            s2.data(), lds, fused_max ? bmax.data() : nullptr, vmax.data(), diag);
+            fast->qk_block({rows, cols, D, static_cast<float>(o.scale * kLog2e), qp, sq.n, kt,
+                            s2.data(), lds, fused_max ? bmax.data() : nullptr, vmax.data(), diag});
             mask_block(s2.data(), lds, rows, cols, sh, o, mask, b, h, i0, j0);
           }
         }
@@ -358,8 +359,7 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
           T alpha, sum;
           if constexpr (std::is_same_v<T, float>) {
             alpha = m[r] == neg_inf ? 0.0f : cpu::vec::exp2_poly(m[r] - m_new);
-            sum = fast_exp ? tiles::exp2_shift_sum(cols, s, m_new)
-                           : cpu::exp2_shift_sum(cols, s, m_new);
+            sum = fast ? fast->exp2_shift_sum(cols, s, m_new) : cpu::exp2_shift_sum(cols, s, m_new);
           } else {
             alpha = m[r] == neg_inf ? T(0) : std::exp2(m[r] - m_new);
             sum = cpu::exp2_shift_sum(cols, s, m_new);
@@ -372,8 +372,8 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
           }
         }
         if constexpr (std::is_same_v<T, float>) {
-          if (tiled) tiles::pv_block(rows, cols, D, s2.data(), lds, vp + j0 * sv.n, sv.n,
-                                     acc.data(), D, diag);
+          if (tiled) fast->pv_block({rows, cols, D, s2.data(), lds, vp + j0 * sv.n, sv.n,
+                                     acc.data(), D, diag});
         }
         if (!tiled) {
           gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, rows, cols, T(1),
@@ -403,7 +403,7 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
                      T* dq, T* dk, T* dv) {
   const int64_t D = sh.D, G = sh.G;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const bool fast_exp = tiles::available();  // AVX-512 exp2 rows (float32 only)
+  const tiles::Kernels* const fast = tiles::select();  // the tiles' exp2 rows (float32 only)
   at::parallel_for(0, sh.B * sh.Hkv, 1, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlas sequential_blas;
     std::vector<T> p(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), dk_acc(kBlockK * D),
@@ -445,8 +445,8 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
                 std::fill(pr, pr + cols, T(0));
               } else {
                 if constexpr (std::is_same_v<T, float>) {
-                  if (fast_exp) {
-                    tiles::exp2_shift_sum(cols, pr, l2);
+                  if (fast) {
+                    fast->exp2_shift_sum(cols, pr, l2);
                     continue;
                   }
                 }

@@ -1,228 +1,264 @@
-// Register-blocked block products of the CPU attention forward (float32, AVX-512).
+// Register-blocked block products of the CPU attention forward (float32), one template over the
+// instruction-set traits of common/cpu_isa.h, compiled for AVX-512 and for AVX2 + FMA.
 //
 // S = alpha * Q K^T reads K from a packed copy: strips of kStrip keys, each stored as D rows of
-// kStrip floats (K transposed within the strip), so one strip is contiguous and a tile of
-// 8 queries x 32 keys keeps its 16 accumulators in registers for the whole D loop.
-// O += P V keeps up to 6 rows x 64 output columns (24 accumulators) in registers over the keys.
-// Both are compiled for AVX-512 only and called where the running CPU has it (checked once);
-// elsewhere the caller falls back to the BLAS path.
+// kStrip floats (K transposed within the strip), so one strip is contiguous and an S tile of
+// MR queries x 2 vectors of keys keeps its 2 MR accumulators in registers for the whole D loop.
+// O += P V keeps MR rows x NV vectors of output columns in registers over the keys.
+//
+// Tile shapes, from the register file (accumulators + the loads of one step + one broadcast):
+//   AVX-512 (32 zmm): S 8 x 32 keys, a whole strip (16 + 2 + 1); O 6 x 64 columns (24 + 4 + 1).
+//   AVX2 (16 ymm):    S 6 x 16 keys, each strip in two halves (12 + 2 + 1); O 6 x 16 columns
+//                     (12 + 2 + 1). A 32-key S tile would need 4 K loads beside 4 MR
+//                     accumulators, which leaves at most 2 rows: twice the broadcasts per FMA.
+// The packed layout is the same for both sets. Callers take the functions from select(), which
+// gives the best set the active CPU capability allows, or none (then the BLAS path).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
-
-#include <c10/util/Exception.h>
+#include <type_traits>
 
 #include "common/cpu_capability.h"
+#include "common/cpu_isa.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-
-#include "common/avx512_math.h"
-#define FASTDL_ATTENTION_TILES 1
-#else
-#define FASTDL_ATTENTION_TILES 0
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors stay inside the entry points (cpu_isa.h)
 #endif
 
 namespace fastdl::attention::tiles {
 
-constexpr int64_t kStrip = 32;  // keys per packed strip (two 16-lane vectors)
+constexpr int64_t kStrip = 32;     // keys per packed strip
+constexpr int64_t kMaxLanes = 16;  // floats per row of qk_block's vmax scratch (widest set)
 
-// Whether the tiles may run: compiled in (x86-64 with GCC or Clang) and AVX-512 in use. Every
-// call of a function below sits behind this check.
-inline bool available() { return FASTDL_ATTENTION_TILES && cpu::has(cpu::Capability::AVX512); }
-
-#if FASTDL_ATTENTION_TILES
-
-#define FASTDL_TILE_FN __attribute__((target("avx512f"), always_inline)) inline
-
-// s[r * lds + c] = alpha * sum_d q[r * ldq + d] * kt[d * kStrip + c] for r < MR, c < 32.
-// With vmax set, also vmax[16 r + e] = max(vmax[16 r + e], s[r][e], s[r][16 + e]) over the
-// lanes selected by v0 (columns 0..15) and v1 (columns 16..31).
-template <int MR>
-FASTDL_TILE_FN void qk_tile(int64_t D, float alpha, const float* q, int64_t ldq, const float* kt,
-                            float* s, int64_t lds, float* vmax, __mmask16 v0, __mmask16 v1) {
-  __m512 a0[MR], a1[MR];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const __m512 k0 = _mm512_loadu_ps(kt + d * kStrip);
-    const __m512 k1 = _mm512_loadu_ps(kt + d * kStrip + 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 x = _mm512_set1_ps(q[r * ldq + d]);
-      a0[r] = _mm512_fmadd_ps(x, k0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(x, k1, a1[r]);
-    }
-  }
-  const __m512 al = _mm512_set1_ps(alpha);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    a0[r] = _mm512_mul_ps(a0[r], al);
-    a1[r] = _mm512_mul_ps(a1[r], al);
-    _mm512_storeu_ps(s + r * lds, a0[r]);
-    _mm512_storeu_ps(s + r * lds + 16, a1[r]);
-  }
-  if (vmax) {  // lane-wise running maxima of the valid columns (masks v0, v1)
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      __m512 mv = _mm512_loadu_ps(vmax + 16 * r);
-      mv = _mm512_mask_max_ps(mv, v0, mv, a0[r]);
-      mv = _mm512_mask_max_ps(mv, v1, mv, a1[r]);
-      _mm512_storeu_ps(vmax + 16 * r, mv);
-    }
-  }
-}
-
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
-}
-
-// Scores of rows x cols (computed for whole strips; row stride lds >= cols rounded up to kStrip);
-// kt points at the first strip. With row_max set, row_max[r] = max of the first cols scores of
-// row r (vmax: scratch of 16 rows floats). Row r only needs columns below diag + r (causal):
+// S (row stride lds) = alpha * q (rows x D) K^T for `cols` keys from the strip at kt; lds >= cols
+// rounded up to kStrip. With row_max set, row_max[r] = max of the first cols scores of row r
+// (vmax: scratch of kMaxLanes * rows floats). Row r only needs columns below diag + r (causal):
 // tiles entirely at or beyond that are skipped and left unwritten.
-__attribute__((target("avx512f"))) inline void qk_block(int64_t rows, int64_t cols, int64_t D,
-                                                        float alpha, const float* q, int64_t ldq,
-                                                        const float* kt, float* s, int64_t lds,
-                                                        float* row_max, float* vmax,
-                                                        int64_t diag) {
-  float* vm = nullptr;
-  if (row_max) {
-    vm = vmax;
-    const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
-    for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(vm + 16 * r, ninf);
-  }
-  for (int64_t c0 = 0; c0 < cols; c0 += kStrip) {
-    const float* strip = kt + c0 * D;
-    float* sc = s + c0;
-    const __mmask16 v0 = lanes(cols - c0), v1 = lanes(cols - c0 - 16);
-    int64_t r = 0;
-    for (; r + 8 <= rows; r += 8) {
-      if (c0 >= diag + r + 7) continue;  // the whole tile is causally hidden
-      qk_tile<8>(D, alpha, q + r * ldq, ldq, strip, sc + r * lds, lds, vm ? vm + 16 * r : nullptr,
-                 v0, v1);
-    }
-    const float* qr = q + r * ldq;
-    float* sr = sc + r * lds;
-    float* vr = vm ? vm + 16 * r : nullptr;
-    if (c0 >= diag + rows - 1) continue;
-    switch (rows - r) {
-      case 7: qk_tile<7>(D, alpha, qr, ldq, strip, sr, lds, vr, v0, v1); break;
-      case 6: qk_tile<6>(D, alpha, qr, ldq, strip, sr, lds, vr, v0, v1); break;
-      case 5: qk_tile<5>(D, alpha, qr, ldq, strip, sr, lds, vr, v0, v1); break;
-      case 4: qk_tile<4>(D, alpha, qr, ldq, strip, sr, lds, vr, v0, v1); break;
-      case 3: qk_tile<3>(D, alpha, qr, ldq, strip, sr, lds, vr, v0, v1); break;
-      case 2: qk_tile<2>(D, alpha, qr, ldq, strip, sr, lds, vr, v0, v1); break;
-      case 1: qk_tile<1>(D, alpha, qr, ldq, strip, sr, lds, vr, v0, v1); break;
-      default: break;
-    }
-  }
-  if (row_max) {
-    for (int64_t r = 0; r < rows; ++r) row_max[r] = _mm512_reduce_max_ps(_mm512_loadu_ps(vm + 16 * r));
+struct QkArgs {
+  int64_t rows, cols, D;
+  float alpha;
+  const float* q;
+  int64_t ldq;
+  const float* kt;
+  float* s;
+  int64_t lds;
+  float* row_max;
+  float* vmax;
+  int64_t diag;
+};
+
+// o (rows x D, row stride ldo) += p (rows x n, row stride ldp) v (n x D, row stride ldv), D a
+// multiple of 16; p[r][c] = 0 for c >= diag + r (causal), where the tiles stop early.
+struct PvArgs {
+  int64_t rows, n, D;
+  const float* p;
+  int64_t ldp;
+  const float* v;
+  int64_t ldv;
+  float* o;
+  int64_t ldo;
+  int64_t diag;
+};
+
+struct Kernels {
+  void (*qk_block)(const QkArgs&);
+  void (*pv_block)(const PvArgs&);
+  // x[i] = 2^(x[i] - m) for i < n, returns their sum; inputs below m - 125 (and -inf) give 0,
+  // NaN gives NaN (the unordered compare keeps it).
+  float (*exp2_shift_sum)(int64_t n, float* x, float m);
+};
+
+#if FASTDL_X86_ISA
+
+// f(std::integral_constant<int, n>()) for 1 <= n <= N: a run-time row count as a template one.
+template <int N, class F>
+inline void with_rows(int64_t n, F&& f) {
+  if constexpr (N > 0) {
+    if (n == N) return f(std::integral_constant<int, N>());
+    with_rows<N - 1>(n, f);
   }
 }
 
-// o[r * ldo + 16 * c + e] += sum_j p[r * ldp + j] * v[j * ldv + 16 * c + e], r < MR, c < NV.
-template <int MR, int NV>
-FASTDL_TILE_FN void pv_tile(int64_t n, const float* p, int64_t ldp, const float* v, int64_t ldv,
-                            float* o, int64_t ldo) {
-  __m512 acc[MR][NV];
+template <class I>
+struct Tiles {
+  using V = typename I::V;
+  using Mask = typename I::Mask;
+  static constexpr int L = I::kLanes;
+  static constexpr int kQkRows = L == 16 ? 8 : 6;
+  static constexpr int64_t kQkCols = 2 * L;  // keys per S tile
+  static constexpr int kPvRows = 6;
+  static constexpr int kPvVectors = L == 16 ? 4 : 2;
+
+  // s[r * lds + c] = alpha * sum_d q[r * ldq + d] * kt[d * kStrip + c] for r < MR, c < 2 L
+  // (kt: the tile's first key within its strip). With vmax set, also
+  // vmax[L r + e] = max(vmax[L r + e], s[r][e], s[r][L + e]) over the lanes in v0 resp. v1.
+  template <int MR>
+  static void qk_tile(int64_t D, float alpha, const float* q, int64_t ldq, const float* kt,
+                      float* s, int64_t lds, float* vmax, Mask v0, Mask v1) {
+    V a0[MR], a1[MR];
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(o + r * ldo + 16 * c);
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 vj[NV];
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) vj[c] = _mm512_loadu_ps(v + j * ldv + 16 * c);
+    for (int r = 0; r < MR; ++r) a0[r] = a1[r] = I::zero();
+    for (int64_t d = 0; d < D; ++d) {
+      const V k0 = I::load(kt + d * kStrip);
+      const V k1 = I::load(kt + d * kStrip + L);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const V x = I::set1(q[r * ldq + d]);
+        a0[r] = I::fma(x, k0, a0[r]);
+        a1[r] = I::fma(x, k1, a1[r]);
+      }
+    }
+    const V al = I::set1(alpha);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 x = _mm512_set1_ps(p[r * ldp + j]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(x, vj[c], acc[r][c]);
+      a0[r] = I::mul(a0[r], al);
+      a1[r] = I::mul(a1[r], al);
+      I::store(s + r * lds, a0[r]);
+      I::store(s + r * lds + L, a1[r]);
     }
-  }
+    if (vmax) {  // lane-wise running maxima of the valid columns
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * ldo + 16 * c, acc[r][c]);
-  }
-}
-
-// Row r of p is zero from column diag + r on (causal): each tile stops at its last row's end.
-template <int NV>
-__attribute__((target("avx512f"))) inline void pv_rows(int64_t rows, int64_t n, const float* p,
-                                                       int64_t ldp, const float* v, int64_t ldv,
-                                                       float* o, int64_t ldo, int64_t diag) {
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) {
-    const int64_t nt = std::clamp<int64_t>(diag + r + 5, 0, n);
-    pv_tile<6, NV>(nt, p + r * ldp, ldp, v, ldv, o + r * ldo, ldo);
-  }
-  const float* pr = p + r * ldp;
-  float* orow = o + r * ldo;
-  const int64_t nt = std::clamp<int64_t>(diag + rows - 1, 0, n);
-  switch (rows - r) {
-    case 5: pv_tile<5, NV>(nt, pr, ldp, v, ldv, orow, ldo); break;
-    case 4: pv_tile<4, NV>(nt, pr, ldp, v, ldv, orow, ldo); break;
-    case 3: pv_tile<3, NV>(nt, pr, ldp, v, ldv, orow, ldo); break;
-    case 2: pv_tile<2, NV>(nt, pr, ldp, v, ldv, orow, ldo); break;
-    case 1: pv_tile<1, NV>(nt, pr, ldp, v, ldv, orow, ldo); break;
-    default: break;
-  }
-}
-
-// o (rows x D, row stride ldo) += p (rows x n) v (n x D); D a multiple of 16; p[r][c] = 0 for
-// c >= diag + r.
-__attribute__((target("avx512f"))) inline void pv_block(int64_t rows, int64_t n, int64_t D,
-                                                        const float* p, int64_t ldp,
-                                                        const float* v, int64_t ldv, float* o,
-                                                        int64_t ldo, int64_t diag) {
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    switch (std::min<int64_t>(4, (D - d0) / 16)) {
-      case 4: pv_rows<4>(rows, n, p, ldp, v + d0, ldv, o + d0, ldo, diag); break;
-      case 3: pv_rows<3>(rows, n, p, ldp, v + d0, ldv, o + d0, ldo, diag); break;
-      case 2: pv_rows<2>(rows, n, p, ldp, v + d0, ldv, o + d0, ldo, diag); break;
-      case 1: pv_rows<1>(rows, n, p, ldp, v + d0, ldv, o + d0, ldo, diag); break;
-      default: break;
+      for (int r = 0; r < MR; ++r) {
+        V mv = I::load(vmax + L * r);
+        mv = I::max(mv, a0[r], v0);
+        mv = I::max(mv, a1[r], v1);
+        I::store(vmax + L * r, mv);
+      }
     }
   }
-}
 
-// x[i] = 2^(x[i] - m) for i < n, returns their sum; inputs below m - 125 (and -inf) give 0,
-// NaN gives NaN (the unordered compare keeps it).
-__attribute__((target("avx512f"))) inline float exp2_shift_sum(int64_t n, float* x, float m) {
-  const __m512 vm = _mm512_set1_ps(m), lo = _mm512_set1_ps(-125.0f);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 in = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
-    const __m512 t = _mm512_sub_ps(_mm512_maskz_loadu_ps(in, x + i), vm);
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(in, t, lo, _CMP_NLE_UQ);
-    const __m512 e = _mm512_maskz_mov_ps(keep, cpu::avx512::exp2(t));
-    _mm512_mask_storeu_ps(x + i, in, e);
-    sum = _mm512_add_ps(sum, e);
+  static void qk_block(const QkArgs& a) {
+    float* vm = nullptr;
+    if (a.row_max) {
+      vm = a.vmax;
+      for (int64_t r = 0; r < a.rows; ++r) I::store(vm + L * r, I::set1(-__builtin_inff()));
+    }
+    for (int64_t c0 = 0; c0 < a.cols; c0 += kQkCols) {  // tile columns c0 .. c0 + 2 L - 1
+      const float* kt = a.kt + (c0 / kStrip) * kStrip * a.D + c0 % kStrip;
+      float* sc = a.s + c0;
+      const Mask v0 = I::lanes(a.cols - c0), v1 = I::lanes(a.cols - c0 - L);
+      int64_t r = 0;
+      for (; r + kQkRows <= a.rows; r += kQkRows) {
+        if (c0 >= a.diag + r + kQkRows - 1) continue;  // the whole tile is causally hidden
+        qk_tile<kQkRows>(a.D, a.alpha, a.q + r * a.ldq, a.ldq, kt, sc + r * a.lds, a.lds,
+                         vm ? vm + L * r : nullptr, v0, v1);
+      }
+      if (c0 >= a.diag + a.rows - 1) continue;
+      with_rows<kQkRows - 1>(a.rows - r, [&](auto mr) {
+        qk_tile<decltype(mr)::value>(a.D, a.alpha, a.q + r * a.ldq, a.ldq, kt, sc + r * a.lds,
+                                     a.lds, vm ? vm + L * r : nullptr, v0, v1);
+      });
+    }
+    if (a.row_max) {
+      for (int64_t r = 0; r < a.rows; ++r) a.row_max[r] = I::reduce_max(I::load(vm + L * r));
+    }
   }
-  return _mm512_reduce_add_ps(sum);
-}
 
-#undef FASTDL_TILE_FN
+  // o[r * ldo + L c + e] += sum_j p[r * ldp + j] * v[j * ldv + L c + e], r < MR, c < NV.
+  template <int MR, int NV>
+  static void pv_tile(int64_t n, const float* p, int64_t ldp, const float* v, int64_t ldv,
+                      float* o, int64_t ldo) {
+    V acc[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = I::load(o + r * ldo + L * c);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      V vj[NV];
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) vj[c] = I::load(v + j * ldv + L * c);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const V x = I::set1(p[r * ldp + j]);
+#pragma GCC unroll 4
+        for (int c = 0; c < NV; ++c) acc[r][c] = I::fma(x, vj[c], acc[r][c]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) I::store(o + r * ldo + L * c, acc[r][c]);
+    }
+  }
 
-#else
+  // Row r of p is zero from column diag + r on (causal): each tile stops at its last row's end.
+  template <int NV>
+  static void pv_rows(const PvArgs& a, const float* v, float* o) {
+    int64_t r = 0;
+    for (; r + kPvRows <= a.rows; r += kPvRows) {
+      const int64_t nt = std::clamp<int64_t>(a.diag + r + kPvRows - 1, 0, a.n);
+      pv_tile<kPvRows, NV>(nt, a.p + r * a.ldp, a.ldp, v, a.ldv, o + r * a.ldo, a.ldo);
+    }
+    const int64_t nt = std::clamp<int64_t>(a.diag + a.rows - 1, 0, a.n);
+    with_rows<kPvRows - 1>(a.rows - r, [&](auto mr) {
+      pv_tile<decltype(mr)::value, NV>(nt, a.p + r * a.ldp, a.ldp, v, a.ldv, o + r * a.ldo, a.ldo);
+    });
+  }
 
-// Never called: available() is false where the tiles are not compiled.
-[[noreturn]] inline void not_compiled() { TORCH_INTERNAL_ASSERT(false, "attention: the CPU tiles are not compiled in"); }
-inline void qk_block(int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, float*,
-                     int64_t, float*, float*, int64_t) {
-  not_compiled();
-}
-inline void pv_block(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-                     float*, int64_t, int64_t) {
-  not_compiled();
-}
-inline float exp2_shift_sum(int64_t, float*, float) { not_compiled(); }
+  static void pv_block(const PvArgs& a) {
+    for (int64_t d0 = 0; d0 < a.D; d0 += kPvVectors * L) {
+      with_rows<kPvVectors>(std::min<int64_t>(kPvVectors, (a.D - d0) / L), [&](auto nv) {
+        pv_rows<decltype(nv)::value>(a, a.v + d0, a.o + d0);
+      });
+    }
+  }
+
+  // 2^t in the lanes of `in` where t > -125 or t is NaN, else 0
+  static V exp2_above(V t, Mask in) {
+    return I::zero_outside(I::above_or_nan(t, -125.0f, in), I::exp2(t));
+  }
+
+  // Whole vectors unmasked, the tail masked: an AVX2 masked store costs several plain ones.
+  static float exp2_shift_sum(int64_t n, float* x, float m) {
+    const V vm = I::set1(m);
+    V sum = I::zero();
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      const V e = exp2_above(I::sub(I::load(x + i), vm), I::lanes(L));
+      I::store(x + i, e);
+      sum = I::add(sum, e);
+    }
+    if (i < n) {
+      const Mask in = I::lanes(n - i);
+      const V e = exp2_above(I::sub(I::load(x + i, in), vm), in);
+      I::store(x + i, e, in);
+      sum = I::add(sum, e);
+    }
+    return I::reduce_add(sum);
+  }
+};
+
+// The entry points of each set (cpu_isa.h: flatten compiles the whole template body for it).
+#define FASTDL_ATTENTION_TILE_ENTRIES(Isa, target)                                               \
+  struct Isa##Entries {                                                                          \
+    FASTDL_ISA_ENTRY(target) static void qk_block(const QkArgs& a) { Tiles<cpu::isa::Isa>::qk_block(a); } \
+    FASTDL_ISA_ENTRY(target) static void pv_block(const PvArgs& a) { Tiles<cpu::isa::Isa>::pv_block(a); } \
+    FASTDL_ISA_ENTRY(target) static float exp2_shift_sum(int64_t n, float* x, float m) {         \
+      return Tiles<cpu::isa::Isa>::exp2_shift_sum(n, x, m);                                      \
+    }                                                                                            \
+    static constexpr Kernels kernels{&qk_block, &pv_block, &exp2_shift_sum};                     \
+  };
+FASTDL_ATTENTION_TILE_ENTRIES(Avx512, "avx512f")
+FASTDL_ATTENTION_TILE_ENTRIES(Avx2, "arch=x86-64-v3")
+#undef FASTDL_ATTENTION_TILE_ENTRIES
 
 #endif
 
+// The tiles of the best instruction set the active capability allows (read it once per call of
+// the op, so that one call never mixes two), or nullptr where none is compiled in or allowed.
+inline const Kernels* select() {
+#if FASTDL_X86_ISA
+  if (cpu::has(cpu::Capability::AVX512)) return &Avx512Entries::kernels;
+  if (cpu::has(cpu::Capability::AVX2)) return &Avx2Entries::kernels;
+#endif
+  return nullptr;
+}
+
 }  // namespace fastdl::attention::tiles
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -17,7 +17,7 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
-#include "common/avx512_math.h"
+#include "common/cpu_isa.h"
 #define FASTDL_CONV2D_TILES 1
 #else
 #define FASTDL_CONV2D_TILES 0
@@ -66,7 +66,7 @@ FASTDL_TILE_FN __m512 activate(Activation act, __m512 x) {
     case Activation::ReLU6:
       return _mm512_min_ps(_mm512_max_ps(x, _mm512_setzero_ps()), _mm512_set1_ps(6.0f));
     case Activation::SiLU: {  // x / (1 + 2^(-x log2 e)); exp2 saturates to inf, giving -0
-      const __m512 e = cpu::avx512::exp2(_mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f)));
+      const __m512 e = cpu::isa::Avx512::exp2(_mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f)));
       return _mm512_div_ps(x, _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
     }
     case Activation::GELU: {
@@ -82,7 +82,7 @@ FASTDL_TILE_FN __m512 activate(Activation act, __m512 x) {
       poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
       poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
       const __m512 gauss =
-          cpu::avx512::exp2(_mm512_mul_ps(_mm512_mul_ps(az, az), _mm512_set1_ps(-1.4426950408889634f)));
+          cpu::isa::Avx512::exp2(_mm512_mul_ps(_mm512_mul_ps(az, az), _mm512_set1_ps(-1.4426950408889634f)));
       const __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(poly, t), gauss, _mm512_set1_ps(1.0f));
       const __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
       const __m512 erf = _mm512_mask_sub_ps(erf_abs, negative, _mm512_setzero_ps(), erf_abs);
