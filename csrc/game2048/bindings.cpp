@@ -281,21 +281,25 @@ PYBIND11_MODULE(_engine, m) {
         return symmetric_cell(cell, symmetry);
     }, py::arg("cell"), py::arg("symmetry"));
 
+    m.def("check_training_settings", [](py::handle threads, py::handle alpha) {
+        long long t = int_arg(threads, "threads", "an integer in [1, 256]");
+        checked([&] { check_training_threads(t); });
+        double a = float_arg(alpha, "alpha", "a number in (0, 1]");
+        checked([&] { check_alpha(a); });
+    }, py::arg("threads"), py::arg("alpha"), "Raises ValueError unless NTupleNetwork.train accepts them.");
+
     py::class_<NTupleNetwork, std::shared_ptr<NTupleNetwork>>(m, "NTupleNetwork",
                                                             "n-tuple network: tuples x 8 symmetries, 16^k float weights per tuple.")
         .def(py::init([](py::handle tuples) {
             if (!py::isinstance<py::sequence>(tuples) || py::isinstance<py::str>(tuples))
                 bad("tuples", "a list of lists of cell indices", tuples);
-            std::vector<std::vector<int>> cells;
+            std::vector<std::vector<long long>> cells;
             for (py::handle tuple : py::reinterpret_borrow<py::sequence>(tuples)) {
                 if (!py::isinstance<py::sequence>(tuple) || py::isinstance<py::str>(tuple))
                     bad("tuples", "a list of lists of cell indices", tuples);
-                std::vector<int> one;
-                for (py::handle cell : py::reinterpret_borrow<py::sequence>(tuple)) {
-                    long long c = int_arg(cell, "a tuple cell", "an integer in [0, 16)");
-                    if (c < 0 || c >= 16) bad("tuples", "lists of cells in [0, 16)", tuples);
-                    one.push_back(int(c));
-                }
+                std::vector<long long> one;
+                for (py::handle cell : py::reinterpret_borrow<py::sequence>(tuple))
+                    one.push_back(int_arg(cell, "a tuple cell", "an integer in [0, 16)"));
                 cells.push_back(std::move(one));
             }
             std::shared_ptr<NTupleNetwork> network;

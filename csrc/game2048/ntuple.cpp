@@ -1,7 +1,10 @@
 #include "ntuple.h"
 
+#include "search.h"  // the settings' checks
+
 #include <algorithm>
 #include <atomic>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -22,7 +25,7 @@ void add_to_weight(float& weight, float delta) {
     ref.store(ref.load(std::memory_order_relaxed) + delta, std::memory_order_relaxed);
 }
 
-std::string show_tuple(const std::vector<int>& tuple) {
+std::string show_tuple(const std::vector<long long>& tuple) {
     std::string text = "[";
     for (std::size_t j = 0; j < tuple.size(); ++j) {
         if (j) text += ", ";
@@ -41,7 +44,7 @@ int symmetric_cell(int cell, int symmetry) {
     return 4 * r + c;
 }
 
-NTupleNetwork::NTupleNetwork(const std::vector<std::vector<int>>& tuples) : tuples_(tuples) {
+NTupleNetwork::NTupleNetwork(const std::vector<std::vector<long long>>& tuples) {
     if (tuples.empty() || int(tuples.size()) > kMaxTuples)
         reject("tuples must be 1 to " + std::to_string(kMaxTuples) + " tuples, got " + std::to_string(tuples.size()));
     for (std::size_t t = 0; t < tuples.size(); ++t) {
@@ -50,24 +53,27 @@ NTupleNetwork::NTupleNetwork(const std::vector<std::vector<int>>& tuples) : tupl
         if (tuple.empty() || int(tuple.size()) > kMaxTupleCells)
             reject(where + " must have 1 to " + std::to_string(kMaxTupleCells) + " cells");
         std::uint32_t seen = 0;
-        for (int cell : tuple) {
+        for (long long cell : tuple) {
             if (cell < 0 || cell >= 16) reject(where + " has a cell outside [0, 16)");
             if (seen & (1u << cell)) reject(where + " repeats cell " + std::to_string(cell));
             seen |= 1u << cell;
         }
+        tuples_.emplace_back(tuple.begin(), tuple.end());
         for (int s = 0; s < kSymmetries; ++s) {
             std::array<std::uint8_t, kMaxTupleCells> cells{};
             for (std::size_t j = 0; j < tuple.size(); ++j) cells[j] = std::uint8_t(symmetric_cell(tuple[j], s));
             cells_.push_back(cells);
         }
-        weights_.emplace_back(std::size_t{1} << (4 * tuple.size()), 0.0f);
+        auto* table = static_cast<float*>(std::calloc(std::size_t{1} << (4 * tuple.size()), sizeof(float)));
+        if (!table) throw std::bad_alloc();
+        weights_.emplace_back(table);
     }
 }
 
 double NTupleNetwork::value(Board board) const {
     double total = 0.0;
     for (std::size_t t = 0; t < tuples_.size(); ++t) {
-        const float* table = weights_[t].data();
+        const float* table = weights_[t].get();
         int length = int(tuples_[t].size());
         for (int s = 0; s < kSymmetries; ++s) total += load_weight(table[index(board, cells_[t * kSymmetries + s], length)]);
     }
@@ -76,7 +82,7 @@ double NTupleNetwork::value(Board board) const {
 
 void NTupleNetwork::update(Board board, float delta) {
     for (std::size_t t = 0; t < tuples_.size(); ++t) {
-        float* table = weights_[t].data();
+        float* table = weights_[t].get();
         int length = int(tuples_[t].size());
         for (int s = 0; s < kSymmetries; ++s) add_to_weight(table[index(board, cells_[t * kSymmetries + s], length)], delta);
     }
@@ -120,15 +126,6 @@ TrainingGame NTupleNetwork::play_training_game(std::uint64_t seed, double step) 
     for (int cell = 0; cell < 16; ++cell) max_rank = std::max(max_rank, cell_rank(board, cell));
     game.max_tile = 1 << max_rank;
     return game;
-}
-
-void check_alpha(double alpha) {
-    if (!(alpha > 0.0 && alpha <= kMaxAlpha))
-        reject("alpha must be a number in (0, 1], got " + std::to_string(alpha));
-}
-
-void check_training_threads(long long threads) {
-    if (threads < 1 || threads > 256) reject("threads must be an integer in [1, 256], got " + std::to_string(threads));
 }
 
 std::vector<TrainingGame> NTupleNetwork::train(std::uint64_t seed, std::uint64_t games, int threads, double alpha) {

@@ -8,6 +8,8 @@
 
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "board.h"
@@ -32,14 +34,15 @@ class NTupleNetwork {
 public:
     // Throws std::invalid_argument (naming `tuples`) unless there are 1..kMaxTuples tuples of
     // 1..kMaxTupleCells distinct cells in [0, 16). The weights start at 0.
-    explicit NTupleNetwork(const std::vector<std::vector<int>>& tuples);
+    // (The cells are long long so that a caller's out-of-range value reaches the check intact.)
+    explicit NTupleNetwork(const std::vector<std::vector<long long>>& tuples);
     NTupleNetwork(const NTupleNetwork&) = delete;
     NTupleNetwork& operator=(const NTupleNetwork&) = delete;
 
     const std::vector<std::vector<int>>& tuples() const { return tuples_; }
     int features() const { return int(tuples_.size()) * kSymmetries; }
-    float* weights(int tuple) { return weights_[tuple].data(); }
-    std::size_t table_size(int tuple) const { return weights_[tuple].size(); }
+    float* weights(int tuple) { return weights_[tuple].get(); }
+    std::size_t table_size(int tuple) const { return std::size_t{1} << (4 * tuples_[tuple].size()); }
 
     // The sum, in double, of the features' weights in the order tuple 0 symmetry 0, tuple 0
     // symmetry 1, ... (the reference sums in the same order, so the values agree exactly).
@@ -67,12 +70,12 @@ private:
     std::vector<std::vector<int>> tuples_;
     // The cells of tuple t under symmetry s: cells_[t * kSymmetries + s].
     std::vector<std::array<std::uint8_t, kMaxTupleCells>> cells_;
-    std::vector<std::vector<float>> weights_;
+    // calloc'd: large tables come as untouched zero pages, so a fresh network costs no time and
+    // only the memory of the entries that training reaches (most 6-tuple entries never occur).
+    struct Free {
+        void operator()(float* p) const { std::free(p); }
+    };
+    std::vector<std::unique_ptr<float[], Free>> weights_;
 };
-
-// Range checks of the training settings; std::invalid_argument naming the setting.
-constexpr double kMaxAlpha = 1.0;
-void check_alpha(double alpha);          // in (0, kMaxAlpha]
-void check_training_threads(long long threads);  // in [1, 256]
 
 }  // namespace fastdl::game2048

@@ -217,6 +217,15 @@ void set_weight(HeuristicWeights& weights, const std::string& name, double value
     *weight_slot(weights, name) = value;
 }
 
+void check_alpha(double alpha) {
+    if (!(alpha > 0.0 && alpha <= 1.0)) reject("alpha must be a number in (0, 1], got " + show(alpha));
+}
+
+void check_training_threads(long long threads) {
+    if (threads < 1 || threads > kMaxThreads)
+        reject("threads must be an integer in [1, " + std::to_string(kMaxThreads) + "], got " + std::to_string(threads));
+}
+
 void check_max_nodes(long long max_nodes) {
     if (max_nodes < 1) reject("max_nodes must be None or a positive integer, got " + std::to_string(max_nodes));
 }

@@ -98,6 +98,10 @@ void check_time_limit(double seconds);       // in (0, kMaxTimeLimit]
 void validate(const SearchBudget& budget);   // time_limit finite, 0 or in (0, kMaxTimeLimit]
 void validate(const SearchConfig& config);   // all of the above, and a network iff ntuple; Engine's constructor calls it
 void set_weight(HeuristicWeights& weights, const std::string& name, double value);  // checked
+// n-tuple training (NTupleNetwork::train): alpha in (0, 1] (the step of the whole value; larger
+// steps diverge), threads in [1, kMaxThreads].
+void check_alpha(double alpha);
+void check_training_threads(long long threads);
 
 // Stops searches from outside. `flag` may be set from any thread. `poll`, if given, is called
 // only on the thread that called Engine::best_move or Engine::play_game, about every

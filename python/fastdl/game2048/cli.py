@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 
-from . import Board, Direction, Engine, IllegalMoveError, Rng, play_games
+from . import Board, Direction, Engine, IllegalMoveError, Rng, _engine, play_games
 
 MILESTONES = (2048, 4096, 8192, 16384, 32768)
 _CLEAR = "\x1b[H\x1b[J"  # ANSI: cursor home, clear to end of screen (redraw in place)
@@ -50,6 +50,8 @@ def register(subparsers) -> None:
     train.add_argument("--alpha", type=float, default=0.1, help="TD step of the value as a whole, in (0, 1]")
     train.add_argument("--seed", type=int, default=None, help="seed of the training games (default 0; "
                        "with --resume, the file's)")
+    train.add_argument("--tuples", default=None, metavar="SPEC", help="the network's tuples, e.g. "
+                       "'0,1,2,3,4,5 4,5,6,7,8,9' (cells 4*row+column; default: docs/game2048.md's four 6-tuples)")
     train.add_argument("--checkpoint-every", type=int, default=10000, metavar="GAMES",
                        help="save FILE and the learning curve every this many games")
     train.add_argument("--window", type=int, default=1000, metavar="GAMES",
@@ -264,17 +266,21 @@ def cmd_train(args) -> int:
             raise SystemExit(f"fastdl 2048: {name} must be at least {low}, got {value}")
     curve_path = _sibling(args.out, ".curve.json")
     try:
+        _engine.check_training_settings(args.threads, args.alpha)
+        tuples = _parse_tuples(args.tuples) if args.tuples is not None else None
         if args.resume:
             network = NTupleNetwork.load(args.out)
             if args.seed is not None and args.seed != network.seed:
                 raise ValueError(f"--seed {args.seed} differs from seed {network.seed} of the network in {args.out}")
+            if tuples is not None and tuples != network.tuples:
+                raise ValueError(f"--tuples differ from the tuples {network.tuples} of the network in {args.out}")
             curve = _read_curve(curve_path) if os.path.exists(curve_path) else []
         else:
             if os.path.exists(args.out):
                 raise ValueError(f"{args.out} exists: pass --resume to continue training it, or remove it")
-            network = NTupleNetwork(seed=0 if args.seed is None else args.seed)
+            seed = 0 if args.seed is None else args.seed
+            network = NTupleNetwork(seed=seed) if tuples is None else NTupleNetwork(tuples, seed=seed)
             curve = []
-        network.train(0, threads=args.threads, alpha=args.alpha)  # checks the settings before any work
     except (ValueError, OSError) as error:
         raise SystemExit(f"fastdl 2048: {error}") from None
 
@@ -324,6 +330,13 @@ def cmd_train(args) -> int:
     print(f"wrote {args.out} ({network.games_trained} games trained, "
           f"{(network.games_trained - start_games) / (time.perf_counter() - start):.0f} games/s)")
     return 0
+
+
+def _parse_tuples(spec: str) -> list[list[int]]:
+    try:
+        return [[int(cell) for cell in item.split(",")] for item in spec.split()]
+    except ValueError:
+        raise ValueError(f"--tuples must be tuples of cells separated by spaces, cells by commas, got {spec!r}") from None
 
 
 def _sibling(path: str, suffix: str) -> str:
