@@ -1,19 +1,22 @@
 """fastdl.game2048 n-tuple networks: the C++ value and TD training against the pure-Python
 reference, symmetries, the search with a network, weights files and their errors, bad settings
-and ``fastdl 2048 train``. Small tuples keep it fast; everything is seeded."""
+and ``fastdl 2048 train``; and ``fastdl 2048 bench --results`` with its external engines. Small
+tuples keep it fast; everything is seeded."""
 
 import argparse
 import json
 import math
 import random
 import struct
+import sys
 import zlib
 
 import numpy as np
 import pytest
 
-from fastdl.game2048 import Board, Engine, NTupleNetwork, Rng, _engine, cli, play_games
+from fastdl.game2048 import Board, Engine, NTupleNetwork, Rng, _engine, cli, game_seeds, play_games
 from fastdl.game2048 import reference
+from fastdl.game2048.bench import ExternalEngineError, play_external, read_records, wilson_interval
 from fastdl.game2048.ntuple import DEFAULT_TUPLES, MAGIC
 
 SMALL_TUPLES = [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 4, 5], [1, 2, 5]]
@@ -394,3 +397,79 @@ def test_cli_bench_and_watch_with_a_network(tmp_path, capsys):
         run_cli("watch", "--weights", str(path))
     with pytest.raises(SystemExit, match="weights must name the network"):
         run_cli("watch", "--heuristic", "ntuple")
+
+
+# ---- bench records and external engines ----------------------------------------------------
+
+# A tiny external engine: the first of left, up, right, down that moves a tile.
+EXTERNAL_ENGINE = '''
+import sys
+
+def slides(line):
+    tiles = [t for t in line if t]
+    merged = any(a == b for a, b in zip(tiles, tiles[1:]))
+    return merged or tiles != line[:len(tiles)]
+
+for text in sys.stdin:
+    cells = [int(v) for v in text.split()]
+    rows = [cells[4 * r:4 * r + 4] for r in range(4)]
+    columns = [cells[c::4] for c in range(4)]
+    options = {"left": rows, "up": columns, "right": [r[::-1] for r in rows], "down": [c[::-1] for c in columns]}
+    print(next(name for name, lines in options.items() if any(slides(line) for line in lines)), flush=True)
+'''
+
+
+def external(tmp_path, body=EXTERNAL_ENGINE):
+    script = tmp_path / "engine.py"
+    script.write_text(body)
+    return f"{sys.executable} {script}"
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_cli_bench_records_games_and_plays_an_external_engine(tmp_path, capsys):
+    results = tmp_path / "games.jsonl"
+    argv = ["bench", "--games", "2", "--jobs", "2", "--preset", "fast", "--results", str(results)]
+    assert run_cli(*argv, "--versus", external(tmp_path)) == 0
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(records) == 4
+    ours = [r for r in records if r["settings"]["engine"] == "fastdl"]
+    theirs = [r for r in records if r["settings"]["engine"] == "external"]
+    assert sorted(r["seed"] for r in ours) == sorted(r["seed"] for r in theirs) == sorted(game_seeds(2))
+    assert all({"seed", "settings", "max_tile", "score", "moves", "seconds"} <= set(r) for r in records)
+    assert ours[0]["settings"]["depth"] == 2
+    assert run_cli(*argv) == 0  # appends: the report covers all 4 fastdl games
+    assert len(results.read_text().splitlines()) == 6
+    out = capsys.readouterr().out
+    assert '"engine": "fastdl"' in out and ": 4 games" in out and "95% CI" in out
+    with pytest.raises(SystemExit, match="answered 'sideways'"):
+        run_cli("bench", "--games", "1", "--jobs", "1", "--depth", "1", "--versus",
+                external(tmp_path, "print('sideways', flush=True)"))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("print('sideways', flush=True)", "answered 'sideways' to .*: expected up, down, left or right"),
+    ("pass", "exited"),
+    ("import sys\nfor _ in sys.stdin: print('down', flush=True)", "played the illegal move down"),
+])
+def test_a_broken_external_engine_is_reported(tmp_path, body, message):
+    with pytest.raises(ExternalEngineError, match=message):
+        play_external(external(tmp_path, body), seed=0, timeout=10.0)
+
+
+def test_bench_settings_and_corrupt_records(tmp_path):
+    with pytest.raises(SystemExit, match=r"--jobs must be in \[1, 256\], got 0"):
+        run_cli("bench", "--games", "1", "--jobs", "0")
+    with pytest.raises(SystemExit, match="--out writes the summary of one run"):
+        run_cli("bench", "--games", "1", "--jobs", "1", "--out", str(tmp_path))
+    with pytest.raises(SystemExit, match="depth must be 0"):
+        run_cli("bench", "--games", "1", "--jobs", "1", "--depth", "99")
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"settings": {}, "max_tile": 2, "score": 0}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON line"):
+        read_records(str(path))

@@ -40,6 +40,12 @@ def register(subparsers) -> None:
     bench.add_argument("--seed", type=int, default=0, help="seed of the game seeds")
     bench.add_argument("--parallel", type=int, default=None, help="games played at once (default: all cores)")
     bench.add_argument("--out", default=None, help="directory for bench_2048.json and bench_2048_max_tiles.png")
+    bench.add_argument("--jobs", type=int, default=None, help="play the games in this many processes")
+    bench.add_argument("--results", default=None, metavar="FILE",
+                       help="append each finished game to FILE as a JSON line and report every game recorded there "
+                            "with 95%% confidence intervals")
+    bench.add_argument("--versus", default=None, metavar="COMMAND",
+                       help="also play the same seeds with an external engine (the line protocol of docs/game2048.md)")
     bench.set_defaults(func=cmd_bench)
 
     train = commands.add_parser("train", help="train an n-tuple network by TD(0) afterstate learning")
@@ -66,7 +72,7 @@ def _add_engine_arguments(parser) -> None:
     parser.add_argument("--heuristic", choices=("default", "snake", "notes", "ntuple"), default="default")
     parser.add_argument("--weights", default=None, metavar="FILE", help="the ntuple heuristic's network")
     parser.add_argument("--threads", type=int, default=None, help="search threads (default: all cores)")
-    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--time-limit", "--move-time", type=float, default=None, metavar="SECONDS",
                         help="time budget per move: deepen iteratively, keep the deepest completed depth")
     parser.add_argument("--max-nodes", type=int, default=None, metavar="N", help="node budget per move")
 
@@ -168,6 +174,8 @@ def _progress_bar(done: int, total: int, width: int = 30) -> str:
 def cmd_bench(args) -> int:
     if args.games < 1:
         raise SystemExit("--games must be at least 1")
+    if args.jobs is not None or args.results is not None or args.versus is not None:
+        return _bench_records(args)
     engine = _engine_from(args)
     done = 0
 
@@ -198,6 +206,58 @@ def cmd_bench(args) -> int:
         print(f"wrote {args.out}/bench_2048.json")
         if _plot_max_tiles(results, os.path.join(args.out, "bench_2048_max_tiles.png")):
             print(f"wrote {args.out}/bench_2048_max_tiles.png")
+    return 0
+
+
+EXTERNAL_MOVE_TIMEOUT = 60.0  # seconds an external engine may take per move
+
+
+def _bench_records(args) -> int:
+    from . import bench, game_seeds
+
+    if args.jobs is not None and not 1 <= args.jobs <= 256:
+        raise SystemExit(f"fastdl 2048: --jobs must be in [1, 256], got {args.jobs}")
+    if args.out is not None:
+        raise SystemExit("fastdl 2048: --out writes the summary of one run; with --jobs, --results or --versus "
+                         "the games go to --results FILE")
+    jobs = args.jobs or bench.default_jobs()
+    _engine_from(args)  # every setting is checked before a game starts
+    depth = args.depth if args.depth is not None else (2 if args.preset == "fast" else None)
+    engine_kwargs = {"depth": depth, "threads": 1 if args.threads is None else args.threads,
+                     "heuristic": args.heuristic, "time_limit": args.time_limit, "max_nodes": args.max_nodes}
+    if args.heuristic == "ntuple":
+        engine_kwargs["weights"] = os.path.abspath(args.weights) if args.weights else None
+    settings = {"engine": "fastdl", **engine_kwargs}
+    seeds = game_seeds(args.games, args.seed)
+    records, total = [], args.games * (2 if args.versus else 1)
+
+    def on_game(label_settings):
+        def record_game(game):
+            record = {**game, "settings": label_settings}
+            records.append(record)
+            if args.results:
+                bench.append_record(args.results, record)
+            sys.stderr.write(f"\r{_progress_bar(len(records), total)} last: max tile {game['max_tile']}, "
+                             f"score {game['score']}  ")
+            sys.stderr.flush()
+        return record_game
+
+    try:
+        bench.play_in_processes(engine_kwargs, seeds, jobs, on_game(settings))
+        if args.versus:
+            bench.play_external_games(args.versus, seeds, jobs, EXTERNAL_MOVE_TIMEOUT,
+                                      on_game({"engine": "external", "command": args.versus}))
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\ninterrupted after {len(records)} of {total} games\n")
+        return 130
+    except (ValueError, bench.ExternalEngineError) as error:
+        raise SystemExit(f"fastdl 2048: {error}") from None
+    sys.stderr.write("\n")
+    if args.results:
+        print(f"{args.results}: every recorded game")
+        print(bench.format_distribution(bench.read_records(args.results)))
+    else:
+        print(bench.format_distribution(records))
     return 0
 
 
