@@ -473,3 +473,11 @@ def test_bench_settings_and_corrupt_records(tmp_path):
     path.write_text('{"settings": {}, "max_tile": 2, "score": 0}\nnot json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON line"):
         read_records(str(path))
+
+
+def test_cli_train_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert run_cli("train", "--games", "20", "--out", str(tmp_path / "net.bin"), "--tuples", "0,1 2,3",
+                   "--window", "10") == 0
+    assert "matplotlib not installed: no learning-curve PNG" in capsys.readouterr().out
+    assert not (tmp_path / "net.png").exists() and (tmp_path / "net.curve.json").exists()
