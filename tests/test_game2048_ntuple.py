@@ -16,7 +16,8 @@ import pytest
 
 from fastdl.game2048 import Board, Engine, NTupleNetwork, Rng, _engine, cli, game_seeds, play_games
 from fastdl.game2048 import reference
-from fastdl.game2048.bench import ExternalEngineError, play_external, read_records, wilson_interval
+from fastdl.game2048.bench import (ExternalEngineError, play_external, play_external_games, read_records,
+                                   wilson_interval)
 from fastdl.game2048.ntuple import DEFAULT_TUPLES, MAGIC
 
 SMALL_TUPLES = [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 4, 5], [1, 2, 5]]
@@ -460,6 +461,16 @@ def test_cli_bench_records_games_and_plays_an_external_engine(tmp_path, capsys):
 def test_a_broken_external_engine_is_reported(tmp_path, body, message):
     with pytest.raises(ExternalEngineError, match=message):
         play_external(external(tmp_path, body), seed=0, timeout=10.0)
+
+
+def test_external_engine_command_errors(tmp_path):
+    with pytest.raises(ExternalEngineError, match="cannot start external engine '/nonexistent/engine'"):
+        play_external("/nonexistent/engine", seed=0, timeout=10.0)
+    with pytest.raises(ExternalEngineError, match="did not answer within 0.2 s"):
+        play_external(external(tmp_path, "import time\ntime.sleep(5)"), seed=0, timeout=0.2)
+    for command, message in (("", "got an empty one"), ("engine 'unclosed", "No closing quotation")):
+        with pytest.raises(ValueError, match=f"--versus must be a command line, .*{message}"):
+            play_external_games(command, [0], 1, 10.0, print)
 
 
 def test_bench_settings_and_corrupt_records(tmp_path):

@@ -144,8 +144,11 @@ def _ask(process, board: Board, command: str, timeout: float) -> Direction:
 def play_external(command: str, seed: int, timeout: float) -> dict:
     """One game of the external engine: the tiles of play_game(seed), one process per game."""
     start = time.perf_counter()
-    process = subprocess.Popen(shlex.split(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               bufsize=1)
+    try:
+        process = subprocess.Popen(shlex.split(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                   bufsize=1)
+    except OSError as error:
+        raise ExternalEngineError(f"cannot start external engine {command!r}: {error}") from None
     try:
         rng = Rng(seed)
         board, moves = Board.new_game(rng), 0
@@ -159,8 +162,14 @@ def play_external(command: str, seed: int, timeout: float) -> dict:
             except OverflowError:
                 break  # only a 65536 merge is left: the game ends as fastdl's does
             moves += 1
+    except BaseException:
+        process.kill()  # a broken engine gets no grace period
+        raise
     finally:
-        process.stdin.close()
+        try:
+            process.stdin.close()  # the end of the game: a well-behaved engine exits now
+        except BrokenPipeError:
+            pass
         try:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -172,7 +181,11 @@ def play_external(command: str, seed: int, timeout: float) -> dict:
 
 def play_external_games(command: str, seeds: list[int], jobs: int, timeout: float, on_game) -> None:
     """Every seed with the external engine, ``jobs`` games (processes) at a time."""
-    if not shlex.split(command):
+    try:
+        words = shlex.split(command)
+    except ValueError as error:
+        raise ValueError(f"--versus must be a command line, got {command!r} ({error})") from None
+    if not words:
         raise ValueError("--versus must be a command line, got an empty one")
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
