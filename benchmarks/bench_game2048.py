@@ -5,6 +5,8 @@
 * default heuristic: search nodes per second on one thread.
 * small decisions: the time of one shallow decision (fast preset, snake depth 3) on a few boards
   with one thread and with all threads; equal when small trees stay on the calling thread.
+* n-tuple network (the default four 6-tuples, briefly trained): TD training moves and games per
+  second on one thread, and evaluations per second of a depth-2 search.
 
     pytest benchmarks/bench_game2048.py --benchmark-only
 """
@@ -13,7 +15,7 @@ import time
 
 import pytest
 
-from fastdl.game2048 import Board, Engine, Rng, play_game
+from fastdl.game2048 import Board, Engine, NTupleNetwork, Rng, play_game
 from fastdl.game2048 import reference
 
 
@@ -92,3 +94,26 @@ def test_small_decisions(benchmark, settings, threads):
     per_decision = benchmark.stats.stats.median / len(boards)
     benchmark.extra_info["seconds_per_decision"] = per_decision
     print(f"\n{settings}, threads={threads}: {per_decision * 1e6:.1f} us per decision (median)")
+
+
+def test_ntuple_training_and_search_speed(benchmark):
+    network = NTupleNetwork(seed=0)
+    network.train(500)  # past the first, very short games
+    totals = {}
+
+    def train():
+        games = network.train(100)
+        totals["moves"], totals["games"] = sum(g.moves for g in games), len(games)
+
+    benchmark.pedantic(train, rounds=3, iterations=1)
+    seconds = benchmark.stats.stats.mean
+    engine = Engine(heuristic="ntuple", weights=network, depth=2, threads=1)
+    positions = positions_from_a_game(count=8, min_empty=2, max_empty=8, seed=5)
+    start = time.perf_counter()
+    evaluations = sum(engine.best_move(board).evaluations for board in positions)
+    search_seconds = time.perf_counter() - start
+    benchmark.extra_info.update(training_moves_per_second=totals["moves"] / seconds,
+                                training_games_per_second=totals["games"] / seconds,
+                                search_evaluations_per_second=evaluations / search_seconds)
+    print(f"\nntuple: training {totals['moves'] / seconds / 1e3:.0f} k moves/s, {totals['games'] / seconds:.0f} games/s; "
+          f"depth-2 search {evaluations / search_seconds / 1e6:.2f} M evaluations/s (one thread)")

@@ -179,7 +179,7 @@ def test_bad_directions_and_settings():
 # Each bad setting and (a regular expression for) its message, which names the setting and the value.
 BAD_SETTINGS = [
     ({"heuristic": "greedy"}, r"unknown heuristic 'greedy'"),
-    ({"heuristic": 3}, r"heuristic must be 'default', 'snake' or 'notes', got 3"),
+    ({"heuristic": 3}, r"heuristic must be 'default', 'snake', 'notes' or 'ntuple', got 3"),
     ({"depth": 30}, r"depth must be 0 \(adaptive\) or in \[1, 16\] for the default heuristic, got 30"),
     ({"depth": 17}, r"depth must be .* got 17"),
     ({"depth": -1}, r"depth must be .* got -1"),

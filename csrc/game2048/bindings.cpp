@@ -3,6 +3,7 @@
 // raises ValueError naming the argument and the value. Searches release the GIL and stay
 // interruptible: the calling thread, if it is Python's main thread, runs the signal handlers
 // every 20 ms (Cancellation::kPollSeconds), so Ctrl-C raises KeyboardInterrupt promptly.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -12,12 +13,15 @@
 #include <stdexcept>
 
 #include "board.h"
+#include "ntuple.h"
 #include "search.h"
 
 namespace py = pybind11;
 using namespace fastdl::game2048;
 
 namespace {
+
+const char* const kHeuristics = "'default', 'snake', 'notes' or 'ntuple'";
 
 std::string shown(py::handle value) { return py::repr(value).cast<std::string>(); }
 
@@ -111,7 +115,7 @@ std::shared_ptr<Engine> make_engine(py::handle heuristic, py::handle depth, py::
                                     py::handle threads, py::handle weights, py::handle max_nodes,
                                     py::handle time_limit) {
     SearchConfig config;
-    if (!py::isinstance<py::str>(heuristic)) bad("heuristic", "'default', 'snake' or 'notes'", heuristic);
+    if (!py::isinstance<py::str>(heuristic)) bad("heuristic", kHeuristics, heuristic);
     checked([&] { config.heuristic = parse_heuristic(heuristic.cast<std::string>()); });
 
     long long d = int_arg(depth, "depth",
@@ -129,7 +133,11 @@ std::shared_ptr<Engine> make_engine(py::handle heuristic, py::handle depth, py::
     checked([&] { check_threads(t); });
     config.threads = int(t);
 
-    if (!weights.is_none()) {
+    if (config.heuristic == Heuristic::kNTuple) {
+        if (!py::isinstance<NTupleNetwork>(weights))
+            bad("weights", "an NTupleNetwork for the ntuple heuristic", weights);
+        config.network = weights.cast<std::shared_ptr<NTupleNetwork>>();
+    } else if (!weights.is_none()) {
         if (!py::isinstance<py::dict>(weights)) bad("weights", "a dict of weight names to numbers", weights);
         auto dict = py::reinterpret_borrow<py::dict>(weights);
         if (dict.size() > 0 && config.heuristic != Heuristic::kDefault)
@@ -224,7 +232,7 @@ PYBIND11_MODULE(_engine, m) {
     m.attr("MIN_PROB_CUTOFF") = kMinProbCutoff;
     m.attr("MAX_TIME_LIMIT") = kMaxTimeLimit;
     m.def("max_depth", [](py::handle heuristic) {
-        if (!py::isinstance<py::str>(heuristic)) bad("heuristic", "'default', 'snake' or 'notes'", heuristic);
+        if (!py::isinstance<py::str>(heuristic)) bad("heuristic", kHeuristics, heuristic);
         Heuristic h;
         checked([&] { h = parse_heuristic(heuristic.cast<std::string>()); });
         return max_depth(h);
@@ -263,6 +271,74 @@ PYBIND11_MODULE(_engine, m) {
         .def(py::init<>())
         .def("cancel", [](CancelToken& token) { token.flag.store(true); })
         .def_property_readonly("cancelled", [](const CancelToken& token) { return token.flag.load(); });
+
+    m.attr("MAX_TUPLES") = kMaxTuples;
+    m.attr("MAX_TUPLE_CELLS") = kMaxTupleCells;
+    m.def("symmetric_cell", [](int cell, int symmetry) {
+        if (cell < 0 || cell >= 16) throw py::value_error("cell must be in [0, 16), got " + std::to_string(cell));
+        if (symmetry < 0 || symmetry >= kSymmetries)
+            throw py::value_error("symmetry must be in [0, 8), got " + std::to_string(symmetry));
+        return symmetric_cell(cell, symmetry);
+    }, py::arg("cell"), py::arg("symmetry"));
+
+    m.def("check_training_settings", [](py::handle threads, py::handle alpha) {
+        long long t = int_arg(threads, "threads", "an integer in [1, 256]");
+        checked([&] { check_training_threads(t); });
+        double a = float_arg(alpha, "alpha", "a number in (0, 1]");
+        checked([&] { check_alpha(a); });
+    }, py::arg("threads"), py::arg("alpha"), "Raises ValueError unless NTupleNetwork.train accepts them.");
+
+    py::class_<NTupleNetwork, std::shared_ptr<NTupleNetwork>>(m, "NTupleNetwork",
+                                                            "n-tuple network: tuples x 8 symmetries, 16^k float weights per tuple.")
+        .def(py::init([](py::handle tuples) {
+            if (!py::isinstance<py::sequence>(tuples) || py::isinstance<py::str>(tuples))
+                bad("tuples", "a list of lists of cell indices", tuples);
+            std::vector<std::vector<long long>> cells;
+            for (py::handle tuple : py::reinterpret_borrow<py::sequence>(tuples)) {
+                if (!py::isinstance<py::sequence>(tuple) || py::isinstance<py::str>(tuple))
+                    bad("tuples", "a list of lists of cell indices", tuples);
+                std::vector<long long> one;
+                for (py::handle cell : py::reinterpret_borrow<py::sequence>(tuple))
+                    one.push_back(int_arg(cell, "a tuple cell", "an integer in [0, 16)"));
+                cells.push_back(std::move(one));
+            }
+            std::shared_ptr<NTupleNetwork> network;
+            checked([&] { network = std::make_shared<NTupleNetwork>(cells); });
+            return network;
+        }), py::arg("tuples"))
+        .def_property_readonly("tuples", &NTupleNetwork::tuples)
+        // A writable float32 view of tuple i's table (it keeps the network alive).
+        .def("weights", [](py::object self, int tuple) {
+            auto& network = self.cast<NTupleNetwork&>();
+            if (tuple < 0 || tuple >= int(network.tuples().size()))
+                throw py::value_error("tuple must be in [0, " + std::to_string(network.tuples().size()) + "), got " +
+                                      std::to_string(tuple));
+            return py::array_t<float>({py::ssize_t(network.table_size(tuple))}, {py::ssize_t(sizeof(float))},
+                                      network.weights(tuple), self);
+        }, py::arg("tuple"))
+        .def("value", [](const NTupleNetwork& network, py::handle board) { return network.value(board_arg(board)); },
+             py::arg("board"), "The network's value of a board (an afterstate).")
+        // Releases the GIL; returns (score, max_tile, moves) per game, in game order.
+        .def_property("games_trained", [](const NTupleNetwork& network) { return network.games_trained; },
+                      [](NTupleNetwork& network, py::handle games) { network.games_trained = uint64_arg(games, "games_trained"); })
+        .def("train", [](NTupleNetwork& network, py::handle seed, py::handle games, py::handle threads,
+                         py::handle alpha) {
+            std::uint64_t s = uint64_arg(seed, "seed");
+            std::uint64_t n = uint64_arg(games, "games");
+            if (n > (std::uint64_t{1} << 32)) bad("games", "an integer in [0, 2**32]", games);
+            long long t = int_arg(threads, "threads", "an integer in [1, 256]");
+            checked([&] { check_training_threads(t); });
+            double a = float_arg(alpha, "alpha", "a number in (0, 1]");
+            checked([&] { check_alpha(a); });
+            std::vector<TrainingGame> results;
+            {
+                py::gil_scoped_release release;
+                results = network.train(s, n, int(t), a);
+            }
+            py::list out;
+            for (const auto& game : results) out.append(py::make_tuple(game.score, game.max_tile, game.moves));
+            return out;
+        }, py::arg("seed"), py::arg("games"), py::arg("threads") = 1, py::arg("alpha") = 0.1);
 
     py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
         .def(py::init(&make_engine), py::arg("heuristic") = "default", py::arg("depth") = 0,

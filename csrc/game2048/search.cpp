@@ -126,7 +126,8 @@ Heuristic parse_heuristic(const std::string& name) {
     if (name == "default") return Heuristic::kDefault;
     if (name == "snake") return Heuristic::kSnake;
     if (name == "notes") return Heuristic::kNotes;
-    throw std::invalid_argument("unknown heuristic '" + name + "' (expected default, snake or notes)");
+    if (name == "ntuple") return Heuristic::kNTuple;
+    throw std::invalid_argument("unknown heuristic '" + name + "' (expected default, snake, notes or ntuple)");
 }
 
 // ---- settings ---------------------------------------------------------------------------------
@@ -138,6 +139,7 @@ const char* heuristic_name(Heuristic heuristic) {
         case Heuristic::kDefault: return "default";
         case Heuristic::kSnake: return "snake";
         case Heuristic::kNotes: return "notes";
+        case Heuristic::kNTuple: return "ntuple";
     }
     return "?";
 }
@@ -158,6 +160,7 @@ int max_depth(Heuristic heuristic) {
         case Heuristic::kDefault: return 16;
         case Heuristic::kSnake: return 6;
         case Heuristic::kNotes: return 12;  // both plies consume depth: the tree of snake depth 6
+        case Heuristic::kNTuple: return 8;  // the default search's tree, with 8T random reads per evaluation
     }
     return 1;
 }
@@ -214,6 +217,15 @@ void set_weight(HeuristicWeights& weights, const std::string& name, double value
     *weight_slot(weights, name) = value;
 }
 
+void check_alpha(double alpha) {
+    if (!(alpha > 0.0 && alpha <= 1.0)) reject("alpha must be a number in (0, 1], got " + show(alpha));
+}
+
+void check_training_threads(long long threads) {
+    if (threads < 1 || threads > kMaxThreads)
+        reject("threads must be an integer in [1, " + std::to_string(kMaxThreads) + "], got " + std::to_string(threads));
+}
+
 void check_max_nodes(long long max_nodes) {
     if (max_nodes < 1) reject("max_nodes must be None or a positive integer, got " + std::to_string(max_nodes));
 }
@@ -239,10 +251,16 @@ void validate(const SearchConfig& config) {
         {"monotonicity", w.monotonicity}, {"monotonicity_power", w.monotonicity_power}, {"sum", w.sum},
         {"sum_power", w.sum_power}};
     for (const auto& [name, value] : weights) check_weight(name, value);
+    if (config.heuristic == Heuristic::kNTuple && !config.network) reject("the ntuple heuristic needs a network");
+    if (config.heuristic != Heuristic::kNTuple && config.network)
+        reject(std::string("a network applies to the ntuple heuristic only, got one for the ") +
+               heuristic_name(config.heuristic) + " heuristic");
     validate(config.budget);
 }
 
-Evaluator::Evaluator(Heuristic heuristic, const HeuristicWeights& weights) {
+Evaluator::Evaluator(Heuristic heuristic, const HeuristicWeights& weights, std::shared_ptr<const NTupleNetwork> network)
+    : network_(std::move(network)) {
+    if (heuristic == Heuristic::kNTuple) return;
     constexpr std::size_t kSize = 65536;
     auto fill = [&](std::size_t table, auto&& line_value) {
         for (std::uint32_t line = 0; line < kSize; ++line) storage_[table * kSize + line] = line_value(unpack_line(line));
@@ -557,7 +575,7 @@ double Searcher::root_move_value(Board after_move, int depth, SearchControl* con
     control_ = control;
     calling_thread_ = calling_thread;
     table_.new_search();
-    return chance_node(after_move, depth - (engine_.max_ply_costs_depth ? 1 : 0), 1.0);
+    return chance_node(after_move, depth - (engine_.root_ply_costs_depth ? 1 : 0), 1.0);
 }
 
 double Searcher::max_node(Board board, int depth, double probability) {
@@ -571,7 +589,8 @@ double Searcher::max_node(Board board, int depth, double probability) {
         Board moved = move_board(board, direction, &overflow);
         if (moved == board || overflow) continue;  // illegal, or beyond the 32768 cell limit
         any_move = true;
-        best = std::max(best, chance_node(moved, child_depth, probability));
+        double reward = engine_.rewards_in_value ? engine_.move_reward(board, direction) : 0.0;
+        best = std::max(best, reward + chance_node(moved, child_depth, probability));
     }
     if (any_move) return best;
     return engine_.lost_is_zero ? 0.0 : evaluate(board);
@@ -615,7 +634,7 @@ const SearchConfig& validated(const SearchConfig& config) {
 }  // namespace
 
 Engine::Engine(const SearchConfig& config)
-    : config_(validated(config)), evaluator_(config.heuristic, config.weights) {
+    : config_(validated(config)), evaluator_(config.heuristic, config.weights, config.network) {
     switch (config.heuristic) {
         case Heuristic::kDefault:
             lost_is_zero = true;
@@ -627,10 +646,19 @@ Engine::Engine(const SearchConfig& config)
         case Heuristic::kNotes:
             leaf_at_max_nodes = true;
             max_ply_costs_depth = true;
+            root_ply_costs_depth = true;
+            break;
+        case Heuristic::kNTuple:
+            // The network values the position after a move (an afterstate) by the score still to
+            // come, so a lost position is worth 0 and a move earns its merge score on top.
+            lost_is_zero = true;
+            reuse_deeper_entries = true;
+            root_ply_costs_depth = true;
+            rewards_in_value = true;
             break;
     }
     // The snake/notes searches are the plain expectimax of the notes: nothing is cut off.
-    if (config.heuristic != Heuristic::kDefault) config_.prob_cutoff = 0.0;
+    if (config.heuristic == Heuristic::kSnake || config.heuristic == Heuristic::kNotes) config_.prob_cutoff = 0.0;
 }
 
 int Engine::root_depth(Board board) const {
@@ -648,6 +676,8 @@ int Engine::root_depth(Board board) const {
             int empty = count_empty(board);
             return empty >= 6 ? 4 : empty >= 3 ? 5 : 6;
         }
+        // One move and one spawn ahead of the greedy policy the network was trained with.
+        case Heuristic::kNTuple: return 2;
     }
     return 3;
 }
@@ -706,7 +736,9 @@ Decision Engine::decide(Board board, Workers& workers, const SearchBudget& budge
                 decision.budget_exhausted = true;
                 break;
             }
-            for (int direction : tasks) decision.values[direction] = phase.values[direction];
+            for (int direction : tasks)
+                decision.values[direction] =
+                    phase.values[direction] + (rewards_in_value ? move_reward(board, direction) : 0.0);
             decision.depth = depth;
         }
     }

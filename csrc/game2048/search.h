@@ -11,10 +11,11 @@
 #include <vector>
 
 #include "board.h"
+#include "ntuple.h"
 
 namespace fastdl::game2048 {
 
-enum class Heuristic { kDefault, kSnake, kNotes };
+enum class Heuristic { kDefault, kSnake, kNotes, kNTuple };
 
 // Weights of the default heuristic (per-line terms, summed over the 4 rows and 4 columns).
 struct HeuristicWeights {
@@ -27,16 +28,17 @@ struct HeuristicWeights {
     double sum_power = 3.5;
 };
 
-// A board evaluation is a sum of per-line table lookups:
+// A board evaluation is either an n-tuple network's value or a sum of per-line table lookups:
 //   sum_r row_tables[r][row r] + sum_c column_table[column c].
 // Rows get one table per row index because the snake/notes weight matrices differ per row.
 class Evaluator {
 public:
-    Evaluator(Heuristic heuristic, const HeuristicWeights& weights);
+    Evaluator(Heuristic heuristic, const HeuristicWeights& weights, std::shared_ptr<const NTupleNetwork> network);
     Evaluator(const Evaluator&) = delete;
     Evaluator& operator=(const Evaluator&) = delete;
 
     double operator()(Board board) const {
+        if (network_) return network_->value(board);
         Board columns = transpose(board);
         double value = 0.0;
         for (int i = 0; i < 4; ++i) {
@@ -49,7 +51,8 @@ public:
 private:
     std::vector<double> storage_;  // the distinct 65536-entry tables, back to back
     const double* row_tables_[4];  // point into storage_ (the default heuristic shares one table)
-    const double* column_table_;
+    const double* column_table_ = nullptr;
+    std::shared_ptr<const NTupleNetwork> network_;  // the ntuple heuristic's network, else null
 };
 
 // A search budget, per decision. When either limit is set the search deepens iteratively
@@ -68,6 +71,7 @@ struct SearchConfig {
     bool cache = true;          // transposition table at chance nodes
     int threads = 0;            // 0: all hardware threads, else 1..kMaxThreads
     HeuristicWeights weights;
+    std::shared_ptr<const NTupleNetwork> network;  // the ntuple heuristic's (required), else null
     SearchBudget budget;        // the default budget of every decision (none by default)
 };
 
@@ -75,7 +79,7 @@ struct SearchConfig {
 // Every check throws std::invalid_argument with a message that names the setting and the value.
 
 // The deepest explicit depth per heuristic. The adaptive policies stay below: default at most 13,
-// snake 3, notes 6. Past these the search takes minutes per decision even on easy boards.
+// snake 3, notes 6, ntuple 2. Past these the search takes minutes per decision even on easy boards.
 int max_depth(Heuristic heuristic);
 // prob_cutoff lies in [kMinProbCutoff, 1): below 1e-6 the default search is close to a full
 // expectimax, whose cost grows by a factor ~100 per depth.
@@ -92,8 +96,12 @@ void check_weight(const std::string& name, double value);  // also rejects unkno
 void check_max_nodes(long long max_nodes);   // >= 1 (SearchBudget uses 0 for "no limit")
 void check_time_limit(double seconds);       // in (0, kMaxTimeLimit]
 void validate(const SearchBudget& budget);   // time_limit finite, 0 or in (0, kMaxTimeLimit]
-void validate(const SearchConfig& config);   // all of the above; Engine's constructor calls it
+void validate(const SearchConfig& config);   // all of the above, and a network iff ntuple; Engine's constructor calls it
 void set_weight(HeuristicWeights& weights, const std::string& name, double value);  // checked
+// n-tuple training (NTupleNetwork::train): alpha in (0, 1] (the step of the whole value; larger
+// steps diverge), threads in [1, kMaxThreads].
+void check_alpha(double alpha);
+void check_training_threads(long long threads);
 
 // Stops searches from outside. `flag` may be set from any thread. `poll`, if given, is called
 // only on the thread that called Engine::best_move or Engine::play_game, about every
@@ -221,6 +229,8 @@ public:
     const SearchConfig& config() const { return config_; }
     double evaluate(Board board) const { return evaluator_(board); }
     int root_depth(Board board) const;
+    // The merge score of a legal move: what rewards_in_value adds to a move's value.
+    static double move_reward(Board board, int direction) { return double(apply_move(board, direction).gain); }
 
     // Thread-safe: concurrent callers take turns on the engine's own workers. The first form
     // uses the configured budget. Throws SearchCancelled when `cancel` stops it.
@@ -233,8 +243,11 @@ public:
     // Search policy, derived from the heuristic (see docs/game2048.md).
     bool max_ply_costs_depth = false;  // notes: both plies consume depth
     bool leaf_at_max_nodes = false;    // snake/notes: evaluate after the spawn at depth 0
-    bool lost_is_zero = false;         // default: a position with no legal move is worth 0
-    bool reuse_deeper_entries = false; // default: a deeper cached value answers a shallower query
+    bool lost_is_zero = false;         // default, ntuple: a position with no legal move is worth 0
+    bool reuse_deeper_entries = false; // default, ntuple: a deeper cached value answers a shallower query
+    bool root_ply_costs_depth = false; // notes, ntuple: the root move consumes depth (ntuple depth 1 = greedy)
+    bool rewards_in_value = false;     // ntuple: a move's value adds its merge score (the network
+                                       // values afterstates by their expected future score)
 
     // The searchers of one caller (the engine's, or one game's) and the size of its last
     // decision: a caller whose trees are large gets its helper threads at once.

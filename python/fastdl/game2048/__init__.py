@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from . import _engine
 from ._engine import Rng, SearchCancelled
+from .ntuple import NTupleNetwork
 
-__all__ = ["Board", "Direction", "Engine", "GameResult", "IllegalMoveError", "Rng", "SearchCancelled",
+__all__ = ["Board", "Direction", "Engine", "GameResult", "IllegalMoveError", "NTupleNetwork", "Rng", "SearchCancelled",
            "SearchResult", "play_game", "play_games"]
 
 MAX_TILE = 1 << _engine.MAX_RANK  # 32768: the largest tile one 4-bit cell can hold
@@ -226,18 +227,20 @@ class Engine:
     ValueError naming it (ranges in docs/game2048.md).
 
     heuristic: "default" (strong, per-line tables, probability cutoff, transposition table),
-        "snake" or "notes" (the course notes' evaluations and plain searches, see the docs).
-    depth: root depth, 1..max_depth(heuristic) (default 16, snake 6, notes 12); None or 0 = the
-        heuristic's policy (default: max(3, distinct tiles - 2); snake: 3; notes: 4/5/6 by the
-        number of empty cells).
+        "snake" or "notes" (the course notes' evaluations and plain searches, see the docs), or
+        "ntuple" (a trained n-tuple network, given as ``weights``; depth 1 = the greedy policy).
+    depth: root depth, 1..max_depth(heuristic) (default 16, snake 6, notes 12, ntuple 8); None or
+        0 = the heuristic's policy (default: max(3, distinct tiles - 2); snake: 3; notes: 4/5/6 by
+        the number of empty cells; ntuple: 2).
     threads: search threads, 1..256 (None or 0 = all cores); a decision uses at most 4 (one per
         root move), and small trees stay on the calling thread (see the docs). Results do not
         depend on it.
-    prob_cutoff: default heuristic only (checked but unused otherwise), in [1e-6, 1): chance nodes
+    prob_cutoff: default and ntuple heuristics (checked but unused otherwise), in [1e-6, 1): chance nodes
         reached with a lower probability are evaluated instead of expanded.
     cache: use the transposition table.
     weights: default-heuristic weights to override (see DEFAULT_WEIGHTS): coefficients finite in
-        [-1e9, 1e9], the two powers in [0, 8].
+        [-1e9, 1e9], the two powers in [0, 8]. For "ntuple": the network, a path to a weights file
+        (see NTupleNetwork.load) or an NTupleNetwork.
     max_nodes, time_limit: the default budget of every decision (None = no limit): at most
         max_nodes search nodes (a positive integer) and time_limit seconds (in (0, 86400]). With a
         budget the search deepens iteratively and returns the deepest completed depth.
@@ -249,16 +252,21 @@ class Engine:
     def __init__(self, depth: int | None = None, threads: int | None = None, heuristic: str = "default",
                  prob_cutoff: float = 1e-4, cache: bool = True, weights: dict | None = None,
                  max_nodes: int | None = None, time_limit: float | None = None):
-        if weights is not None and not isinstance(weights, dict):
+        if heuristic == "ntuple":
+            weights = _network_from(weights)
+        elif weights is not None and not isinstance(weights, dict):
             raise ValueError(f"weights must be None or a dict, got {weights!r}")
+        else:
+            weights = dict(weights or {})
         self.depth, self.threads, self.heuristic = depth, threads, heuristic
-        self.prob_cutoff, self.cache, self.weights = prob_cutoff, cache, dict(weights or {})
+        self.prob_cutoff, self.cache, self.weights = prob_cutoff, cache, weights
         self.max_nodes, self.time_limit = max_nodes, time_limit
         self._core = self._make_core(threads)
 
     def _make_core(self, threads):
+        weights = self.weights._core if isinstance(self.weights, NTupleNetwork) else self.weights
         return _engine.Engine(self.heuristic, 0 if self.depth is None else self.depth, self.prob_cutoff, self.cache,
-                              0 if threads is None else threads, self.weights, self.max_nodes, self.time_limit)
+                              0 if threads is None else threads, weights, self.max_nodes, self.time_limit)
 
     @staticmethod
     def max_depth(heuristic: str = "default") -> int:
@@ -297,6 +305,18 @@ class Engine:
                           score=raw["score"]), hit_65536_limit=raw["hit_65536_limit"],
                           move_log=[Direction(m) for m in raw["move_log"]] if record_moves else None,
                           budget_stops=raw["budget_stops"])
+
+
+def _network_from(weights) -> NTupleNetwork:
+    if isinstance(weights, NTupleNetwork):
+        return weights
+    if isinstance(weights, (str, os.PathLike)):
+        return NTupleNetwork.load(weights)
+    if weights is None:
+        raise ValueError("weights must name the network of the ntuple heuristic (a weights file or an "
+                         "NTupleNetwork); none ships with fastdl: train one with `fastdl 2048 train`")
+    raise ValueError(f"weights must be a weights file path or an NTupleNetwork for the ntuple heuristic, "
+                     f"got {weights!r}")
 
 
 def _search_result(raw) -> SearchResult:

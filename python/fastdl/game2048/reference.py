@@ -114,3 +114,84 @@ def notes_root_depth(grid):
 
 def notes_best_move(grid, depth=None):
     return best_move(grid, depth or notes_root_depth(grid), notes_eval, 1)
+
+
+# ---- n-tuple networks -----------------------------------------------------------------------
+# The network of fastdl.game2048.ntuple written out plainly: cells are 4 * row + column, a
+# tuple's index puts the rank (log2 of the tile, 0 = empty) of its j-th cell in bits 4j..4j+3,
+# weights are per-tuple float32 arrays (numpy), and the value sums them in double, tuple by
+# tuple, symmetry by symmetry, as the engine does.
+
+def symmetric_cell(cell, symmetry):
+    """Symmetry s: transpose when s & 4, then flip the rows when s & 1, then the columns when s & 2."""
+    r, c = divmod(cell, 4)
+    if symmetry & 4:
+        r, c = c, r
+    if symmetry & 1:
+        r = 3 - r
+    if symmetry & 2:
+        c = 3 - c
+    return 4 * r + c
+
+
+def ntuple_features(grid, tuples):
+    """(tuple number, table index) of every feature, tuple-major, symmetry-minor."""
+    ranks = [tile.bit_length() - 1 if tile else 0 for row in grid for tile in row]
+    for t, cells in enumerate(tuples):
+        for symmetry in range(8):
+            yield t, sum(ranks[symmetric_cell(cell, symmetry)] << (4 * j) for j, cell in enumerate(cells))
+
+
+def ntuple_value(grid, tuples, weights):
+    total = 0.0
+    for t, index in ntuple_features(grid, tuples):
+        total += float(weights[t][index])
+    return total
+
+
+def ntuple_update(grid, tuples, weights, delta):
+    """Adds the float32 ``delta`` to every feature's weight, one feature after the other."""
+    for t, index in ntuple_features(grid, tuples):
+        weights[t][index] = weights[t][index] + delta
+
+
+def spawn(grid, rng):
+    """The engine's spawn rule with its random numbers: the rng.below(empty)-th empty cell in
+    row-major order gets a 4 when rng.uniform() < 0.1, else a 2."""
+    empty = [(i, j) for i in range(4) for j in range(4) if grid[i][j] == 0]
+    i, j = empty[rng.below(len(empty))]
+    child = [row[:] for row in grid]
+    child[i][j] = 4 if rng.uniform() < 0.1 else 2
+    return child
+
+
+def td_training_game(tuples, weights, rng, alpha):
+    """One greedy game with TD(0) afterstate updates, as NTupleNetwork.train plays it: the move
+    maximises merge score + V(afterstate) (ties: first of up, down, left, right; a move creating
+    65536 is not available); once the next move is chosen (score r, afterstate value v), the
+    previous afterstate s learns V(s) += alpha / features * (r + v - V(s)), and the last one learns
+    towards 0. ``weights`` (float32 numpy arrays) change in place; returns (score, max tile, moves)."""
+    import numpy as np
+
+    step = alpha / (8 * len(tuples))
+    grid = spawn(spawn([[0] * 4 for _ in range(4)], rng), rng)
+    previous, score, moves = None, 0, 0
+    while True:
+        best = None
+        for direction, moved in legal_children(grid):
+            if any(tile > 32768 for row in moved for tile in row):
+                continue
+            gained = move(grid, direction)[1]
+            value = gained + ntuple_value(moved, tuples, weights)
+            if best is None or value > best[0]:
+                best = (value, moved, gained)
+        target = 0.0 if best is None else best[0]
+        if previous is not None:
+            ntuple_update(previous, tuples, weights,
+                          np.float32(step * (target - ntuple_value(previous, tuples, weights))))
+        if best is None:
+            return score, max(max(row) for row in grid), moves
+        _, previous, gained = best
+        score += gained
+        moves += 1
+        grid = spawn(previous, rng)
