@@ -111,6 +111,15 @@ py::dict stats_dict(const SearchStats& stats) {
     return d;
 }
 
+// NTupleNetwork.train's threads and alpha, checked as the trainer checks them.
+std::pair<int, double> training_settings(py::handle threads, py::handle alpha) {
+    long long t = int_arg(threads, "threads", "an integer in [1, 256]");
+    checked([&] { check_training_threads(t); });
+    double a = float_arg(alpha, "alpha", "a number in (0, 1]");
+    checked([&] { check_alpha(a); });
+    return {int(t), a};
+}
+
 std::shared_ptr<Engine> make_engine(py::handle heuristic, py::handle depth, py::handle prob_cutoff, py::handle cache,
                                     py::handle threads, py::handle weights, py::handle max_nodes,
                                     py::handle time_limit) {
@@ -281,12 +290,8 @@ PYBIND11_MODULE(_engine, m) {
         return symmetric_cell(cell, symmetry);
     }, py::arg("cell"), py::arg("symmetry"));
 
-    m.def("check_training_settings", [](py::handle threads, py::handle alpha) {
-        long long t = int_arg(threads, "threads", "an integer in [1, 256]");
-        checked([&] { check_training_threads(t); });
-        double a = float_arg(alpha, "alpha", "a number in (0, 1]");
-        checked([&] { check_alpha(a); });
-    }, py::arg("threads"), py::arg("alpha"), "Raises ValueError unless NTupleNetwork.train accepts them.");
+    m.def("check_training_settings", [](py::handle threads, py::handle alpha) { training_settings(threads, alpha); },
+          py::arg("threads"), py::arg("alpha"), "Raises ValueError unless NTupleNetwork.train accepts them.");
 
     py::class_<NTupleNetwork, std::shared_ptr<NTupleNetwork>>(m, "NTupleNetwork",
                                                             "n-tuple network: tuples x 8 symmetries, 16^k float weights per tuple.")
@@ -326,14 +331,11 @@ PYBIND11_MODULE(_engine, m) {
             std::uint64_t s = uint64_arg(seed, "seed");
             std::uint64_t n = uint64_arg(games, "games");
             if (n > (std::uint64_t{1} << 32)) bad("games", "an integer in [0, 2**32]", games);
-            long long t = int_arg(threads, "threads", "an integer in [1, 256]");
-            checked([&] { check_training_threads(t); });
-            double a = float_arg(alpha, "alpha", "a number in (0, 1]");
-            checked([&] { check_alpha(a); });
+            const auto [t, a] = training_settings(threads, alpha);
             std::vector<TrainingGame> results;
             {
                 py::gil_scoped_release release;
-                results = network.train(s, n, int(t), a);
+                results = network.train(s, n, t, a);
             }
             py::list out;
             for (const auto& game : results) out.append(py::make_tuple(game.score, game.max_tile, game.moves));

@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import Board, Direction, Engine, IllegalMoveError, Rng, _engine, play_games
+from .ntuple import NTupleNetwork, rates
 
 MILESTONES = (2048, 4096, 8192, 16384, 32768)
 _CLEAR = "\x1b[H\x1b[J"  # ANSI: cursor home, clear to end of screen (redraw in place)
@@ -266,7 +267,7 @@ def summarize(results, wall_seconds: float) -> dict:
     game_seconds = sum(r.seconds for r in results)
     moves = sum(r.moves for r in results)
     return {
-        "reached": {str(tile): sum(r.max_tile >= tile for r in results) / len(results) for tile in MILESTONES},
+        "reached": {str(tile): rate for tile, rate in rates(results, MILESTONES).items()},
         "max_tiles": sorted(r.max_tile for r in results),
         "score": {"min": min(scores), "median": statistics.median(scores), "max": max(scores)},
         "moves": moves,
@@ -318,8 +319,6 @@ def _plot_max_tiles(results, path: str) -> bool:
 # ---- train ------------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
-    from .ntuple import NTupleNetwork, rates
-
     for name, value, low in (("--games", args.games, 1), ("--checkpoint-every", args.checkpoint_every, 1),
                              ("--window", args.window, 1)):
         if value < low:
