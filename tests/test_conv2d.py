@@ -237,6 +237,21 @@ def test_fused_activation(name, activation, layout):
     assert_conv_close(out, ACTIVATIONS[activation](pre), pre_activation=pre)
 
 
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("name", ["wide_channels", "3x3_winograd"])
+def test_fused_activation_of_non_finite_sums(name, activation):
+    """A bias of +inf, -inf and NaN makes those channels' sums non-finite: the activation sees
+    them after the kernels' vector exp2, which must saturate (silu(inf) = inf, gelu(-inf) = -0),
+    not turn them into NaN."""
+    fresh_seed()
+    x, w, b, args = make_case(CASES[name], layout="channels_last")
+    b = b.clone()
+    b[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    out = fastdl.ops.conv2d(x, w, b, activation=activation, **args)
+    expected = ACTIVATIONS[activation](reference(x, w, b, **args))
+    torch.testing.assert_close(out[:, :3], expected[:, :3].float(), equal_nan=True)
+
+
 # ---- the residual epilogue: act(conv + bias + residual) ------------------------------------------
 
 # One case per CPU algorithm: direct tiles (full and partial channel blocks), row tiles, Winograd

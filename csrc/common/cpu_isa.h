@@ -69,8 +69,11 @@ struct Avx512 {
   FASTDL_AVX512_FN float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
 
   // 2^t = 2^round(t) * 2^f, |f| <= 1/2, scaled by scalef, which saturates cleanly (very negative
-  // t gives 0, very large t inf) and keeps NaN.
+  // t gives 0, very large t inf) and keeps NaN. t is first clamped to [-160, 160], past both ends
+  // of the float range, because an infinite t would make f = inf - inf = NaN (max and min pass a
+  // NaN t through: they return their second operand when one is NaN).
   FASTDL_AVX512_FN V exp2(V t) {
+    t = _mm512_min_ps(_mm512_set1_ps(160.0f), _mm512_max_ps(_mm512_set1_ps(-160.0f), t));
     const V r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = _mm512_sub_ps(t, r);
     V p = _mm512_set1_ps(kExp2Poly[0]);

@@ -62,9 +62,10 @@ inline bool available() { return FASTDL_CONV2D_TILES && cpu::has(cpu::Capability
 FASTDL_TILE_FN __m512 activate(Activation act, __m512 x) {
   switch (act) {
     case Activation::None: return x;
-    case Activation::ReLU: return _mm512_max_ps(x, _mm512_setzero_ps());
+    // x86 max and min return their second operand when one is NaN: x goes second so NaN passes.
+    case Activation::ReLU: return _mm512_max_ps(_mm512_setzero_ps(), x);
     case Activation::ReLU6:
-      return _mm512_min_ps(_mm512_max_ps(x, _mm512_setzero_ps()), _mm512_set1_ps(6.0f));
+      return _mm512_min_ps(_mm512_set1_ps(6.0f), _mm512_max_ps(_mm512_setzero_ps(), x));
     case Activation::SiLU: {  // x / (1 + 2^(-x log2 e)); exp2 saturates to inf, giving -0
       const __m512 e = cpu::isa::Avx512::exp2(_mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f)));
       return _mm512_div_ps(x, _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
