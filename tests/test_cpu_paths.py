@@ -2,8 +2,8 @@
 
 Each case is chosen to reach one path of the C++ kernels (conv2d's row tiles, direct tiles,
 Winograd, strided 1x1, grouped GEMM and the weight gradients for few channels and large maps;
-attention's tiled and BLAS paths; the LSTM's pointwise loops; the detection ops' SIMD loops) and
-is compared with a float64 reference. The ``every_cpu_capability`` fixture (conftest.py) runs
+attention's tiled and BLAS paths; the vector loops of the LSTM, layer norm, linear
+cross-entropy and the detection ops) and is compared with a float64 reference. The ``every_cpu_capability`` fixture (conftest.py) runs
 each under ``avx512``, ``avx2`` and ``default`` as far as the CPU supports them.
 
 The module is small on purpose: CI also runs it under ``qemu-x86_64 -cpu Haswell`` (AVX2, no
@@ -219,7 +219,41 @@ def test_lstm_forward_backward(bidirectional, dtype):
         assert_close_to(p.grad, p64.grad, dtype)
 
 
-# ---- detection ops (their loops are SIMD clones) -----------------------------------------------
+# ---- layer norm and linear cross-entropy (vector loops built per capability) -----------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_layer_norm_forward_backward(with_residual, dtype):
+    fresh_seed()
+    x64 = torch.randn(5, 3, 37, dtype=torch.float64)  # 37: two full vectors and a tail
+    w64, b64, r64 = torch.randn(37, dtype=torch.float64), torch.randn(37, dtype=torch.float64), torch.randn_like(x64)
+    leaves = [t.to(dtype).requires_grad_() for t in (x64, w64, b64, r64)]
+    references = [t.requires_grad_() for t in (x64, w64, b64, r64)]
+    x, w, b, r = leaves
+    out = fastdl.ops.layer_norm(x, 37, w, b, residual=r if with_residual else None)
+    out = out[0] if with_residual else out
+    xs64 = references[0] + references[3] if with_residual else references[0]
+    expected = F.layer_norm(xs64, (37,), references[1], references[2])
+    pairs = list(zip(leaves, references))
+    check_forward_backward(out, expected, pairs if with_residual else pairs[:3], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_cross_entropy_forward_backward(dtype):
+    fresh_seed()
+    hidden64 = torch.randn(13, 24, dtype=torch.float64)
+    weight64 = torch.randn(71, 24, dtype=torch.float64)  # 71 classes: vector rows and a tail
+    target = torch.randint(0, 71, (13,))
+    target[4] = -100
+    hidden, weight = (t.to(dtype).requires_grad_() for t in (hidden64, weight64))
+    hidden64.requires_grad_(), weight64.requires_grad_()
+    out = fastdl.ops.linear_cross_entropy(hidden, weight, target)
+    expected = F.cross_entropy(hidden64 @ weight64.T, target)
+    check_forward_backward(out, expected, ((hidden, hidden64), (weight, weight64)), dtype)
+
+
+# ---- detection ops (their loops are built per capability) --------------------------------------
 
 
 def random_rois(count: int, batch: int, size: float, dtype) -> torch.Tensor:

@@ -1,20 +1,51 @@
-// Runtime CPU dispatch without -march=native: GCC/Clang compile a function marked
-// FASTDL_SIMD_CLONES once per listed target and pick the best clone for the running CPU when
-// the library is loaded (an ifunc resolver), so one portable wheel still uses AVX2/AVX-512.
+// Runtime CPU dispatch without -march=native for loops written once in portable C++ (plain
+// loops the compiler vectorises, or cpu_vec.h's vector types): simd_dispatch(body) runs `body`, a
+// lambda, compiled for the best instruction set the active capability allows (cpu_capability.h),
+// so one portable wheel uses AVX-512 or AVX2 where the CPU has them, and FASTDL_CPU_CAPABILITY
+// and the tests' capability switch reach these loops as they reach the hand-written tiles.
+//
+// Each per-set function below carries the target of its set and `flatten`, which inlines the
+// lambda and everything it calls into it: the same source becomes zmm, ymm or xmm code there.
+// What the lambda calls must therefore be visible inline (templates, inline functions). The
+// lambda is taken by value and should capture by value ([=]): the loop then reads its own copy
+// of each captured size and pointer, which no store through a pointer can alias.
 #pragma once
 
 #include <cstdint>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// Each string is one clone: "avx2,fma" would make two (one without FMA, one without AVX2), so
-// the AVX2 clone names the x86-64-v3 level (AVX2, FMA, BMI2, F16C).
-#define FASTDL_SIMD_CLONES \
-  __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
-#else
-#define FASTDL_SIMD_CLONES
-#endif
+#include "common/cpu_capability.h"
 
 namespace fastdl::cpu {
+
+namespace simd_detail {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The AVX2 build names the x86-64-v3 level (AVX2, FMA, BMI2, F16C): "avx2" alone would leave FMA out.
+template <class Body>
+__attribute__((target("avx512f"), flatten)) auto run_avx512(Body body) {
+  return body();
+}
+template <class Body>
+__attribute__((target("arch=x86-64-v3"), flatten)) auto run_avx2(Body body) {
+  return body();
+}
+#endif
+template <class Body>
+__attribute__((flatten)) auto run_baseline(Body body) {
+  return body();
+}
+}  // namespace simd_detail
+
+template <class Body>
+inline auto simd_dispatch(Body body) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  switch (active()) {
+    case Capability::AVX512: return simd_detail::run_avx512(body);
+    case Capability::AVX2: return simd_detail::run_avx2(body);
+    case Capability::Default: break;
+  }
+#endif
+  return simd_detail::run_baseline(body);
+}
 
 // acc[c] += w0 * a0[c] + w1 * a1[c] + w2 * a2[c] + w3 * a3[c]: the four bilinear taps of one
 // sample point applied to a channel vector in a single pass over acc.

@@ -1,8 +1,8 @@
 // Sixteen-lane float vectors as GCC vector types, for loops compiled once per instruction set
-// (FASTDL_SIMD_CLONES, cpu_simd.h): one f32x16 is one zmm register in the AVX-512 clone, two ymm
-// in the AVX2 one and four xmm in the baseline one, so a single source serves every CPU.
+// (simd_dispatch, cpu_simd.h): one f32x16 is one zmm register in the AVX-512 build, two ymm in
+// the AVX2 one and four xmm in the baseline one, so a single source serves every CPU.
 //
-// Vector values must stay inside always-inlined helpers and the clones of one file (nothing with
+// Vector values must stay inside always-inlined helpers and the builds of one file (nothing with
 // a vector in its signature crosses a file), which is why including files silence -Wpsabi: GCC's
 // note that such signatures change with AVX-512 does not apply to them.
 #pragma once

@@ -10,7 +10,7 @@
 // maxima of blocks that need no masking, and the exp2 pass is the tiles' own. Every other case
 // (float64, other D, CPUs with neither set or FASTDL_CPU_CAPABILITY=default) runs the block
 // products through the BLAS libtorch links and the softmax part in loops compiled per
-// instruction set (target_clones). With causal=True key blocks entirely above the diagonal are
+// instruction set (cpu_simd.h). With causal=True key blocks entirely above the diagonal are
 // never visited, tiles above it inside a diagonal block are skipped, and only blocks that
 // straddle it are masked element by element.
 //

@@ -4,11 +4,11 @@
 // dx from two passes over the row; the weight and bias gradients are summed per fixed block of
 // rows and the blocks added in order, so the result does not depend on the thread count.
 //
-// float32 rows run on 16-lane vectors compiled per instruction set (target_clones); float64
+// float32 rows run on 16-lane vectors compiled per instruction set (simd_dispatch); float64
 // runs scalar code; bfloat16 and float16 rows are converted to float32 row buffers and back
 // (statistics in float32, as torch's kernel).
 
-// Vector values stay inside this file's always-inlined helpers and clones (cpu_vec.h).
+// Vector values stay inside this file's always-inlined helpers and simd_dispatch builds (cpu_vec.h).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -134,15 +134,17 @@ FASTDL_VEC_INLINE void backward_row(int64_t n, const T* x, const T* dy, const T*
   }
 }
 
-FASTDL_SIMD_CLONES void forward_row_f32(int64_t n, const float* x, const float* r, float* sum,
-                                        const float* w, const float* b, float* y, float eps,
-                                        float* mean, float* rstd) {
-  forward_row<float>(n, x, r, sum, w, b, y, eps, *mean, *rstd);
+void forward_row_f32(int64_t n, const float* x, const float* r, float* sum, const float* w,
+                     const float* b, float* y, float eps, float* mean, float* rstd) {
+  cpu::simd_dispatch([=] {
+    forward_row<float>(n, x, r, sum, w, b, y, eps, *mean, *rstd);
+  });
 }
-FASTDL_SIMD_CLONES void backward_row_f32(int64_t n, const float* x, const float* dy,
-                                         const float* w, float mean, float rstd, float* dx,
-                                         float* dw, float* db) {
-  backward_row<float>(n, x, dy, w, mean, rstd, dx, dw, db);
+void backward_row_f32(int64_t n, const float* x, const float* dy, const float* w, float mean,
+                      float rstd, float* dx, float* dw, float* db) {
+  cpu::simd_dispatch([=] {
+    backward_row<float>(n, x, dy, w, mean, rstd, dx, dw, db);
+  });
 }
 void forward_row_impl(int64_t n, const float* x, const float* r, float* sum, const float* w,
                       const float* b, float* y, float eps, float* mean, float* rstd) {

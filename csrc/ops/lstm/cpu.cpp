@@ -1,13 +1,13 @@
 // The LSTM layer on the CPU: the time loop of lstm.h with GEMMs through MKL and a fused
 // pointwise step per time step. The pointwise step reads the four gate pre-activations of a row
 // once and writes the activations, c_t and h_t in the same pass (no temporaries), vectorised over
-// hidden units (target_clones: AVX-512, AVX2, baseline) and parallel over rows.
+// hidden units (simd_dispatch: AVX-512, AVX2, baseline) and parallel over rows.
 //
 // float32 uses fastdl's own exp (range reduction to 2^n * 2^f and a degree-7 polynomial for 2^f);
 // sigmoid and tanh built on it are within 2e-7 (absolute) of the exact functions. float64 calls
 // the exact library functions (it is the checking path, not the fast one).
 
-// Vector values stay inside this file's always-inlined helpers and clones (cpu_vec.h).
+// Vector values stay inside this file's always-inlined helpers and simd_dispatch builds (cpu_vec.h).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -33,12 +33,10 @@ using cpu::vec::load;
 using cpu::vec::store;
 
 struct VectorMath {
-  // e^x: x = n ln2 + f ln2 with n integer, |f| <= 1/2; 2^f by Horner, 2^n in the exponent bits.
-  // Arguments are clamped to [-87, 88], where e^x neither overflows nor becomes subnormal.
+  // e^x: x = n ln2 + f ln2 with n integer, |f| <= 1/2; 2^f by cpu_vec.h's polynomial, 2^n in the
+  // exponent bits. Arguments are clamped to [-87, 88], where e^x neither overflows nor becomes
+  // subnormal; both signs are needed here, which cpu_vec.h's exp2_vec (x <= 0.5) does not cover.
   static FASTDL_VEC_INLINE f32x16 exp(f32x16 x) {
-    constexpr float kCoefficients[] = {1.5252734e-05f, 1.5403530e-04f, 1.3333558e-03f,
-                                       9.6181291e-03f, 5.5504109e-02f, 2.4022651e-01f,
-                                       6.9314718e-01f, 1.0f};
     const f32x16 lo = f32x16{} - 87.0f, hi = f32x16{} + 88.0f;
     // two selects, not a nested one: GCC splits a nested vector select into per-lane compares
     x = x < lo ? lo : x;
@@ -47,10 +45,8 @@ struct VectorMath {
     // round to nearest: adding 1.5 * 2^23 leaves no fraction bits
     const f32x16 n = (t + 12582912.0f) - 12582912.0f;
     const f32x16 f = t - n;
-    f32x16 p = f32x16{} + kCoefficients[0];
-    for (int i = 1; i < 8; ++i) p = p * f + kCoefficients[i];
     const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
-    return p * reinterpret_cast<const f32x16&>(bits);
+    return cpu::vec::exp2_fraction(f) * reinterpret_cast<const f32x16&>(bits);
   }
   static FASTDL_VEC_INLINE f32x16 sigmoid(f32x16 x) { return 1.0f / (1.0f + exp(-x)); }
   // 1 - 2 / (e^{2x} + 1): exact at both ends (e^{2x} clamps to e^{-87} or e^{88}).
@@ -104,12 +100,14 @@ FASTDL_VEC_INLINE void backward_row(int64_t hidden, const T* gates, const T* c, 
   }
 }
 
-FASTDL_SIMD_CLONES void forward_rows(int64_t rows, int64_t hidden, float* gates,
-                                     const float* bias, float* c, float* c_saved, float* h) {
-  for (int64_t r = 0; r < rows; ++r) {
-    forward_row<f32x16, VectorMath>(hidden, gates + 4 * hidden * r, bias, c + hidden * r,
-                                    c_saved ? c_saved + hidden * r : nullptr, h + hidden * r);
-  }
+void forward_rows(int64_t rows, int64_t hidden, float* gates, const float* bias, float* c,
+                  float* c_saved, float* h) {
+  cpu::simd_dispatch([=] {
+    for (int64_t r = 0; r < rows; ++r) {
+      forward_row<f32x16, VectorMath>(hidden, gates + 4 * hidden * r, bias, c + hidden * r,
+                                      c_saved ? c_saved + hidden * r : nullptr, h + hidden * r);
+    }
+  });
 }
 void forward_rows(int64_t rows, int64_t hidden, double* gates, const double* bias, double* c,
                   double* c_saved, double* h) {
@@ -119,14 +117,15 @@ void forward_rows(int64_t rows, int64_t hidden, double* gates, const double* bia
   }
 }
 
-FASTDL_SIMD_CLONES void backward_rows(int64_t rows, int64_t hidden, const float* gates,
-                                      const float* c, const float* c_prev, const float* dh,
-                                      float* dc, float* dgates, float* h) {
-  for (int64_t r = 0; r < rows; ++r) {
-    backward_row<f32x16, VectorMath>(hidden, gates + 4 * hidden * r, c + hidden * r,
-                                     c_prev + hidden * r, dh + hidden * r, dc + hidden * r,
-                                     dgates + 4 * hidden * r, h ? h + hidden * r : nullptr);
-  }
+void backward_rows(int64_t rows, int64_t hidden, const float* gates, const float* c,
+                   const float* c_prev, const float* dh, float* dc, float* dgates, float* h) {
+  cpu::simd_dispatch([=] {
+    for (int64_t r = 0; r < rows; ++r) {
+      backward_row<f32x16, VectorMath>(hidden, gates + 4 * hidden * r, c + hidden * r,
+                                       c_prev + hidden * r, dh + hidden * r, dc + hidden * r,
+                                       dgates + 4 * hidden * r, h ? h + hidden * r : nullptr);
+    }
+  });
 }
 void backward_rows(int64_t rows, int64_t hidden, const double* gates, const double* c,
                    const double* c_prev, const double* dh, double* dc, double* dgates, double* h) {

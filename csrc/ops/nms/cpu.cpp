@@ -24,17 +24,19 @@ inline void suppress_impl(int64_t count, T bx1, T by1, T bx2, T by2, T barea, co
   }
 }
 
-FASTDL_SIMD_CLONES void suppress(int64_t count, float bx1, float by1, float bx2, float by2,
-                                 float barea, const float* x1, const float* y1, const float* x2,
-                                 const float* y2, const float* area, float threshold,
-                                 uint8_t* removed) {
-  suppress_impl(count, bx1, by1, bx2, by2, barea, x1, y1, x2, y2, area, threshold, removed);
+void suppress(int64_t count, float bx1, float by1, float bx2, float by2, float barea,
+              const float* x1, const float* y1, const float* x2, const float* y2,
+              const float* area, float threshold, uint8_t* removed) {
+  cpu::simd_dispatch([=] {
+    suppress_impl(count, bx1, by1, bx2, by2, barea, x1, y1, x2, y2, area, threshold, removed);
+  });
 }
-FASTDL_SIMD_CLONES void suppress(int64_t count, double bx1, double by1, double bx2, double by2,
-                                 double barea, const double* x1, const double* y1,
-                                 const double* x2, const double* y2, const double* area,
-                                 double threshold, uint8_t* removed) {
-  suppress_impl(count, bx1, by1, bx2, by2, barea, x1, y1, x2, y2, area, threshold, removed);
+void suppress(int64_t count, double bx1, double by1, double bx2, double by2, double barea,
+              const double* x1, const double* y1, const double* x2, const double* y2,
+              const double* area, double threshold, uint8_t* removed) {
+  cpu::simd_dispatch([=] {
+    suppress_impl(count, bx1, by1, bx2, by2, barea, x1, y1, x2, y2, area, threshold, removed);
+  });
 }
 
 namespace {
