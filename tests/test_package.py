@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastdl
+import fastdl.backends.cpu
 import fastdl.ops
 from fastdl import bench
 from fastdl.ops import _library
@@ -59,9 +60,25 @@ def test_info_command_lists_every_op():
     assert "CUDA kernels built:" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["op", "CPU", "CUDA", "MPS"])
-    served = {line.split()[0]: line.split()[1] for line in lines[header + 1 :] if line.strip()}
+    end = lines.index("", header)
+    served = {line.split()[0]: line.split()[1] for line in lines[header + 1 : end]}
     for name in _library.public_ops():
         assert served.get(name) == "C++", out
+    capability = fastdl.backends.cpu.get_cpu_capability()
+    assert f"CPU path of each op at {capability} (float32):" in out
+    for name, path in fastdl.backends.cpu.kernel_paths().items():
+        assert f"{name}  " in out and path in out
+
+
+def test_kernel_paths_cover_every_public_op_at_every_capability():
+    public = {name for name in _library.public_ops() if not name.startswith("_")}
+    for capability in fastdl.backends.cpu.CAPABILITIES:
+        paths = fastdl.backends.cpu.kernel_paths(capability)
+        assert set(paths) == public
+        tiled = [name for name, path in paths.items() if "tiles" in path]
+        assert tiled == ([] if capability == "default" else ["attention", "conv2d"])
+    with pytest.raises(ValueError, match="capability must be one of"):
+        fastdl.backends.cpu.kernel_paths("sse4")
 
 
 def test_bench_summary_pairs_each_baseline_with_fastdl(tmp_path):

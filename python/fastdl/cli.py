@@ -34,6 +34,13 @@ def cmd_info(args) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    capability = fastdl.backends.cpu.get_cpu_capability()
+    paths = fastdl.backends.cpu.kernel_paths(capability)
+    width = max(map(len, paths))
+    print()
+    print(f"CPU path of each op at {capability} (float32):")
+    for name, path in paths.items():
+        print(f"  {name.ljust(width)}  {path}")
     return 0
 
 

@@ -45,3 +45,30 @@ def cpu_capability(name: str) -> Iterator[None]:
         yield
     finally:
         set_cpu_capability(previous)
+
+
+def kernel_paths(capability: str | None = None) -> dict[str, str]:
+    """What computes each public op's float32 CPU kernel at ``capability`` (default: the one in
+    use), as ``fastdl info`` prints it. float64 always takes the portable loops (the checking
+    path); the C++ sources and docs/architecture.md have the details."""
+    cap = get_cpu_capability() if capability is None else capability
+    if cap not in CAPABILITIES:
+        raise ValueError(f"kernel_paths: capability must be one of {CAPABILITIES}, got {capability!r}")
+    loops = f"{cap} vector loops"
+    if cap == "default":
+        attention = "BLAS block products, default vector softmax rows"
+        conv2d = "im2col / Winograd products through BLAS, default loops"
+    else:
+        attention = f"{cap} register tiles (D a multiple of 16, >= 64 queries); BLAS otherwise"
+        conv2d = f"{cap} direct, row and Winograd tiles; BLAS for grouped convolutions"
+    return {
+        "attention": attention,
+        "conv2d": conv2d,
+        "layer_norm": loops,
+        "linear_cross_entropy": f"BLAS chunks of logits, {loops}",
+        "lstm_layer": f"MKL GEMMs (w_hh packed once), {loops}",
+        "nms": loops,
+        "batched_nms": loops,
+        "roi_align": loops,
+        "roi_pool": "baseline loops over channels-last windows",
+    }
