@@ -2,9 +2,10 @@
 
 Each case is chosen to reach one path of the C++ kernels (conv2d's row tiles, direct tiles,
 Winograd, strided 1x1, grouped GEMM and the weight gradients for few channels and large maps;
-attention's tiled and BLAS paths; the vector loops of the LSTM, layer norm, linear
-cross-entropy and the detection ops) and is compared with a float64 reference. The ``every_cpu_capability`` fixture (conftest.py) runs
-each under ``avx512``, ``avx2`` and ``default`` as far as the CPU supports them.
+attention's tiled and BLAS paths; linear's weight-streaming tiles; the vector loops of the LSTM,
+layer norm, linear cross-entropy and the detection ops) and is compared with a float64
+reference. The ``every_cpu_capability`` fixture (conftest.py) runs each under ``avx512``,
+``avx2`` and ``default`` as far as the CPU supports them.
 
 The module is small on purpose: CI also runs it under ``qemu-x86_64 -cpu Haswell`` (AVX2, no
 AVX-512) and ``-cpu Nehalem`` (neither), where an instruction the CPU lacks is a crash.
@@ -251,6 +252,16 @@ def test_linear_cross_entropy_forward_backward(dtype):
     out = fastdl.ops.linear_cross_entropy(hidden, weight, target)
     expected = F.cross_entropy(hidden64 @ weight64.T, target)
     check_forward_backward(out, expected, ((hidden, hidden64), (weight, weight64)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 9], ids=["one_row", "two_passes"])
+def test_linear_forward_backward(rows, dtype):
+    fresh_seed()
+    x64, w64, b64 = torch.randn(rows, 37, dtype=torch.float64), torch.randn(23, 37, dtype=torch.float64), torch.randn(23, dtype=torch.float64)
+    leaves = [t.to(dtype).requires_grad_() for t in (x64, w64, b64)]
+    references = [t.requires_grad_() for t in (x64, w64, b64)]
+    check_forward_backward(fastdl.ops.linear(*leaves), F.linear(*references), list(zip(leaves, references)), dtype)
 
 
 # ---- detection ops (their loops are built per capability) --------------------------------------

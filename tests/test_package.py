@@ -32,7 +32,9 @@ def test_triton_kernels_and_benchmarks_ship_in_the_package():
     import fastdl.benchmarks
     import fastdl.kernels
 
-    assert Path(fastdl.kernels.__file__).parent.name == "kernels"
+    # a namespace package (see the test below): it has a path, no __file__
+    assert [Path(p).name for p in fastdl.kernels.__path__] == ["kernels"]
+    assert (Path(next(iter(fastdl.kernels.__path__))) / "layer_norm.py").exists()
     assert (bench.benchmark_dir() / "bench_roi_align.py").exists()
 
 
@@ -76,7 +78,7 @@ def test_kernel_paths_cover_every_public_op_at_every_capability():
         paths = fastdl.backends.cpu.kernel_paths(capability)
         assert set(paths) == public
         tiled = [name for name, path in paths.items() if "tiles" in path]
-        assert tiled == ([] if capability == "default" else ["attention", "conv2d"])
+        assert tiled == ([] if capability == "default" else ["attention", "conv2d", "linear"])
     with pytest.raises(ValueError, match="capability must be one of"):
         fastdl.backends.cpu.kernel_paths("sse4")
 
@@ -115,3 +117,15 @@ def test_torch_version_guard():
     assert _loader._release(_build_info.TORCH_VERSION) == _loader._release(torch.__version__)
     hint = _loader._rebuild_hint()
     assert _build_info.TORCH_VERSION in hint and "--no-build-isolation" in hint
+
+
+def test_the_triton_kernels_folder_does_not_shadow_a_kernels_package(monkeypatch):
+    """``kernels/`` is ``fastdl.kernels`` in the wheel. Run from the repository root (``python -m
+    pytest``, a script there), it is also on ``sys.path`` as a top-level ``kernels``: with an
+    ``__init__.py`` it would hide Hugging Face's ``kernels`` package, which transformers imports."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root))
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or spec.origin is None or not Path(spec.origin).is_relative_to(root / "kernels"), spec.origin

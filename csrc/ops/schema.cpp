@@ -38,6 +38,7 @@ TORCH_LIBRARY(fastdl, m) {
       "Tensor out, Tensor lse, Tensor? grad_lse, bool causal, float scale, float dropout_p, "
       "int seed) -> (Tensor, Tensor, Tensor)");
   // ---- transformer blocks ---------------------------------------------------------------
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   // residual_out is input + residual (empty without a residual); mean and rstd are per row.
   m.def(
       "layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, "

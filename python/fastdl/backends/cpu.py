@@ -58,13 +58,16 @@ def kernel_paths(capability: str | None = None) -> dict[str, str]:
     if cap == "default":
         attention = "BLAS block products, default vector softmax rows"
         conv2d = "im2col / Winograd products through BLAS, default loops"
+        linear = "BLAS"
     else:
         attention = f"{cap} register tiles (D a multiple of 16, >= 64 queries); BLAS otherwise"
         conv2d = f"{cap} direct, row and Winograd tiles; BLAS for grouped convolutions"
+        linear = f"{cap} weight-streaming tiles for 1-16 rows; BLAS otherwise"
     return {
         "attention": attention,
         "conv2d": conv2d,
         "layer_norm": loops,
+        "linear": linear,
         "linear_cross_entropy": f"BLAS chunks of logits, {loops}",
         "lstm_layer": f"MKL GEMMs (w_hh packed once), {loops}",
         "nms": loops,

@@ -9,6 +9,8 @@ and a sequence-classification head.
   residual stream (:class:`fastdl.nn.LayerNorm` with ``residual=``), one pass instead of two.
 - The loss is :func:`fastdl.ops.linear_cross_entropy` on the last hidden states and the tied
   embedding, so training never holds the ``[B, T, vocab]`` logits.
+- The projections are :class:`fastdl.nn.Linear`: a decoding step's few rows (one per sequence)
+  take its weight-streaming CPU kernel, which reads each weight once per step.
 - The state_dict keys are Hugging Face's ``GPT2LMHeadModel`` keys (``transformer.h.0.attn.c_attn
   .weight``, ...); only the four projections that Hugging Face stores as ``Conv1D``
   (``in x out``) are ``nn.Linear`` here (``out x in``). :meth:`GPT.from_pretrained` and
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn import LayerNorm
+from ..nn import LayerNorm, Linear
 from ..ops.attention import SUPPORTED_HEAD_DIMS
 
 __all__ = ["GPTConfig", "GPT", "GPTClassifier", "KVCache", "sample_next_token"]
@@ -188,8 +190,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
         self.n_head, self.head_dim, self.layer_index = config.n_head, config.head_dim, layer_index
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -212,9 +214,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, config.mlp_width, bias=config.bias)
         self.act = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
-        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -260,7 +262,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         self._init_weights()
 

@@ -4,6 +4,7 @@ from . import functional
 from .attention import MultiheadAttention
 from .conv import Conv2d, Conv2dNormActivation, fuse_conv_bn
 from .detection import MultiScaleRoIAlign, RoIAlign, RoIPool
+from .linear import Linear
 from .normalization import LayerNorm
 from .recurrent import LSTM, LSTMCell
 from .replace import replace_modules
@@ -13,6 +14,7 @@ __all__ = [
     "Conv2dNormActivation",
     "LSTM",
     "LayerNorm",
+    "Linear",
     "LSTMCell",
     "MultiScaleRoIAlign",
     "MultiheadAttention",

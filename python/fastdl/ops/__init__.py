@@ -7,6 +7,7 @@ from .attention import attention
 from .boxes import BoxCoder, box_area, box_convert, box_iou, clip_boxes_to_image, remove_small_boxes
 from .conv2d import conv2d, conv2d_winograd_weight
 from .layer_norm import layer_norm
+from .linear import linear
 from .linear_cross_entropy import linear_cross_entropy
 from .lstm import lstm, lstm_cell
 from .nms import batched_nms, nms
@@ -25,6 +26,7 @@ __all__ = [
     "conv2d",
     "conv2d_winograd_weight",
     "layer_norm",
+    "linear",
     "linear_cross_entropy",
     "lstm",
     "lstm_cell",
