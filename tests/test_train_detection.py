@@ -330,16 +330,16 @@ def test_voc_data_splits_follow_the_folder(tmp_path):
 # Convergence
 
 
-@pytest.mark.skip(reason="open: the settings that reach AP50 0.8 inside the CI budget are still being searched")
 def test_resnet18_fast_rcnn_reaches_ap50_of_0_8_on_shapes(tmp_path):
-    """The issue's bar: on 64-pixel shapes, a ResNet-18 Fast R-CNN (two stages: stride 8) with
-    sliding windows and jittered ground-truth proposals reaches AP50 >= 0.8 within CI's budget."""
+    """On 64-pixel shapes, a ResNet-18 Fast R-CNN (two stages: stride 8) with sliding windows and
+    jittered ground-truth proposals reaches AP50 >= 0.8 in 10 epochs of 400 images (one to two
+    minutes on 2 cores). Seeded: this run reached 0.94 at its last epoch, 0.79 at its fifth."""
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     try:
         start = time.perf_counter()
         result = fit_detector(DetectionTrainConfig(
-            data="shapes", stages=2, min_size=64, epochs=6, batch_size=8, limit_train=400, limit_test=100,
+            data="shapes", stages=2, min_size=64, epochs=10, batch_size=8, limit_train=400, limit_test=100,
             optimizer="adamw", lr=2e-3, warmup_steps=30, head_size=256, roi_size=4, proposals=64,
             window_sizes=(0.2, 0.3, 0.45), window_stride=8, workers=0, out=str(tmp_path), progress=False))
         seconds = time.perf_counter() - start
