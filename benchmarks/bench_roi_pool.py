@@ -4,7 +4,6 @@ when it imports."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import fastdl.ops
 from fastdl.ops._library import composite

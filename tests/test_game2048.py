@@ -6,7 +6,6 @@ import _thread
 import argparse
 import json
 import math
-import os
 import random
 import signal
 import subprocess

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import fresh_seed
-from torch import nn
 
 from fastdl import generate as generate_cli
 from fastdl.benchmarks._reference_gpt import PlainGPT

@@ -7,7 +7,7 @@ import torch
 
 import fastdl.ops
 from fastdl.ops import _library
-from harness import DEVICES, check_compiled, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck
+from harness import DEVICES, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck
 
 
 def iou(a, b) -> float:

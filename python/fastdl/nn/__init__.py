@@ -20,6 +20,7 @@ __all__ = [
     "MultiheadAttention",
     "RoIAlign",
     "RoIPool",
+    "functional",
     "fuse_conv_bn",
     "replace_modules",
 ]
