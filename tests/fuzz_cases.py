@@ -197,6 +197,18 @@ def run_layer_norm(case):
     return _same(out, reference, rtol * 10, atol * 10, "layer_norm")
 
 
+def run_linear(case):
+    dtype = case["dtype"]
+    gen = _generator(case)
+    x = _randn(gen, (case["rows"], case["features"]), dtype)
+    weight = _randn(gen, (case["outputs"], case["weight_features"]), dtype)
+    bias = _randn(gen, (case["bias_size"],), dtype) if case["bias_size"] is not None else None
+    out = fastdl.ops.linear(x, weight, bias)
+    reference = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    rtol, atol = _tolerance(dtype)
+    return _same(out, reference, rtol * 10, atol * 10, "linear")
+
+
 def run_linear_cross_entropy(case):
     gen = _generator(case)
     n, e, v = case["rows"], case["width"], case["vocab"]
@@ -238,6 +250,7 @@ RUNNERS = {
     "attention": run_attention,
     "lstm": run_lstm,
     "layer_norm": run_layer_norm,
+    "linear": run_linear,
     "linear_cross_entropy": run_linear_cross_entropy,
     "boxes": run_boxes,
 }

@@ -222,6 +222,15 @@ def layer_norm_cases(draw):
 
 
 @st.composite
+def linear_cases(draw):
+    features, outputs = draw(st.integers(0, 40)), draw(st.integers(0, 40))
+    return dict(
+        op="linear", seed=draw(seeds), dtype=draw(float_dtypes), rows=draw(st.integers(0, 20)), features=features,
+        outputs=outputs, weight_features=features, bias_size=draw(st.sampled_from([None, outputs])), expect=None,
+    )
+
+
+@st.composite
 def lce_cases(draw):
     vocab = draw(st.integers(1, 40))
     return dict(
@@ -247,6 +256,7 @@ CASES = {
     "attention": (attention_cases(), ATTENTION_MUTATIONS),
     "lstm": (lstm_cases(), [(dict(feature_size=99), "input")]),
     "layer_norm": (layer_norm_cases(), [(dict(eps=NAN), "eps"), (dict(eps=-1.0), "eps"), (dict(weight_size=99), "weight")]),
+    "linear": (linear_cases(), [(dict(weight_features=99), "features"), (dict(bias_size=99), "bias")]),
     "linear_cross_entropy": (
         lce_cases(),
         [(dict(poison_target=[(0, 10**6)]), "target"), (dict(poison_target=[(0, -5)]), "target"), (dict(reduction="avg"), "reduction")],
