@@ -474,8 +474,16 @@ def detector_impl(detector: nn.Module, builder: str, impl: str):
 
 
 def detections_tensor(detections) -> torch.Tensor:
-    """Every image's detections as rows (score, x1, y1, x2, y2)."""
-    return torch.cat([torch.cat([d["scores"][:, None], d["boxes"]], 1) for d in detections])
+    """Every image's detections as rows (label, x1, y1, x2, y2, score), sorted by label, then box:
+    the random detectors' scores saturate at 1.0, and each implementation orders equal scores its
+    own way."""
+    rows = []
+    for d in detections:
+        image_rows = torch.cat([d["labels"][:, None].to(d["boxes"].dtype), d["boxes"], d["scores"][:, None]], 1)
+        for column in reversed(range(5)):  # stable sorts, last key first: a lexicographic order
+            image_rows = image_rows[torch.sort(image_rows[:, column], stable=True).indices]
+        rows.append(image_rows)
+    return torch.cat(rows)
 
 
 @functools.cache
