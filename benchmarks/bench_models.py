@@ -13,6 +13,8 @@ Implementations (same weights, same input):
 
 ``max_abs_err`` is against ``eager`` in float64: the logits for inference, the first step's loss
 for a training step.
+
+The GPT-2 and Fast R-CNN cases are described in their own sections below.
 """
 
 from __future__ import annotations
@@ -299,18 +301,20 @@ def test_gpt_generation(benchmark, case, impl, stage, device):
 #   alone, each RoI pooled and through the head alone, each image post-processed alone
 #   (inference, and only on cases with few proposals).
 #
-# ``max_abs_err`` is against ``plain``: the scores and boxes of the detections, or the first step's
-# loss. ``stages_ms`` (extra_info) splits the pass into its stages, medians over the rounds.
+# ``max_abs_err`` is against ``plain``: the labels, boxes and scores of the detections, or the
+# first step's loss. ``stages_ms`` (extra_info) splits the pass into its stages, medians over the rounds.
 
-# name: (detector builder, image (height, width) sizes, proposals per image, loop?, quick?)
+IMAGES_384_TO_512 = ((384, 512), (512, 384), (384, 384), (448, 384))  # (height, width) of a batch of 4
+
+# name: (detector builder, image sizes, proposals per image, loop?, quick?)
 DETECTION_INFERENCE_CASES = {
-    "fastrcnn-r50-b4-p2000": ("fastrcnn_resnet50", ((384, 512), (512, 384), (384, 384), (448, 384)), 2000, False, False),
-    "fastrcnn-r50-b4-p100": ("fastrcnn_resnet50", ((384, 512), (512, 384), (384, 384), (448, 384)), 100, True, False),
+    "fastrcnn-r50-b4-p2000": ("fastrcnn_resnet50", IMAGES_384_TO_512, 2000, False, False),
+    "fastrcnn-r50-b4-p100": ("fastrcnn_resnet50", IMAGES_384_TO_512, 100, True, False),
     "fastrcnn-r18-b2-p64": ("fastrcnn_resnet18", ((96, 128), (128, 96)), 64, True, True),
 }
 # name: (detector builder, image sizes, proposals per image, RoIs sampled per image, quick?)
 DETECTION_TRAINING_CASES = {
-    "fastrcnn-r18-b4-r512": ("fastrcnn_resnet18", ((384, 512), (512, 384), (384, 384), (448, 384)), 2000, 512, False),
+    "fastrcnn-r18-b4-r512": ("fastrcnn_resnet18", IMAGES_384_TO_512, 2000, 512, False),
     "fastrcnn-r18-b2-r32": ("fastrcnn_resnet18", ((96, 128), (128, 96)), 64, 32, True),
 }
 DETECTION_CLASSES = 21  # 20 object classes and the background, as Pascal VOC
@@ -488,6 +492,7 @@ def detections_tensor(detections) -> torch.Tensor:
 
 @functools.cache
 def plain_detections(case: str) -> torch.Tensor:
+    """``plain``'s detections on ``case`` (the reference), computed once per session."""
     builder, image_sizes, num_proposals, _, _ = DETECTION_INFERENCE_CASES[case]
     images, proposals, _ = detection_inputs(image_sizes, num_proposals)
     with torch.inference_mode():
