@@ -12,7 +12,7 @@
 #include <cstdint>
 
 #include "ops/conv2d/conv2d.h"
-#include "ops/conv2d/cpu_tiles.h"
+#include "ops/conv2d/cpu/tiles.h"
 
 namespace fastdl::conv2d::winograd {
 
