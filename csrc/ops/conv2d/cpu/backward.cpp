@@ -35,13 +35,13 @@ at::Tensor with_canonical_strides(const at::Tensor& t, at::MemoryFormat format) 
 // no im2col buffer is built: with grad_output laid out on the padded width (zero columns past
 // Wo), output pixel p = oh * Wp + ow reads padded-input pixel p + r * dil_h * Wp + s * dil_w,
 // and tap (r, s)'s input matrix is one contiguous slice of the image.
-at::Tensor grad_weight_shifted(const Geometry& g, const at::Tensor& grad_output,
-                               const at::Tensor& input) {
+at::Tensor grad_weight_shifted(const tiles::Kernels* kernels, const Geometry& g,
+                               const at::Tensor& grad_output, const at::Tensor& input) {
   const int64_t C = g.channels, K = g.out_channels;
   const int64_t Hp = g.height + 2 * g.pad_h, Wp = g.width + 2 * g.pad_w;
   // One extra zero row: the zero columns of the last output row read up to
   // (kw - 1) * dil_w pixels past the padded image.
-  const at::Tensor x = padded_nhwc(g, input, Hp + 1, Wp);
+  const at::Tensor x = padded_nhwc(kernels, g, input, Hp + 1, Wp);
   at::Tensor dy = at::zeros({g.batch, g.out_h, Wp, K}, grad_output.options());
   dy.narrow(2, 0, g.out_w).copy_(grad_output.permute({0, 2, 3, 1}));
   const int64_t rows = g.out_h * Wp;
@@ -104,11 +104,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
             output_mask[1] ? at::zeros_like(weight) : at::empty({0}, opts),
             output_mask[2] ? grad_output.sum({0, 2, 3}) : at::empty({0}, opts)};
   }
+  const tiles::Kernels* kernels = tiles::select();
   at::Tensor grad_input;
   const int64_t full_pad_h = g.dil_h * (g.kernel_h - 1), full_pad_w = g.dil_w * (g.kernel_w - 1);
   if (output_mask[0] && g.batch > 0 && input.scalar_type() == at::kFloat && g.groups == 1 &&
       g.stride_h == 1 && g.stride_w == 1 && g.pad_h <= full_pad_h && g.pad_w <= full_pad_w &&
-      tiles::available()) {
+      kernels) {
     // At stride 1, grad_input is itself a convolution: grad_output, padded to "full", with the
     // kernel flipped and its channel axes swapped. The direct kernel then does it without
     // im2col/col2im.
@@ -119,15 +120,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   }
   at::Tensor grad_weight;
   const bool float_single_group = g.batch > 0 && input.scalar_type() == at::kFloat && g.groups == 1;
-  if (output_mask[1] && float_single_group && g.channels <= kRowTileMaxChannels && tiles::available()) {
-    grad_weight = grad_weight_rows(g, grad_output, input);
+  if (output_mask[1] && float_single_group && g.channels <= kRowTileMaxChannels && kernels) {
+    grad_weight = grad_weight_rows(*kernels, g, grad_output, input);
     output_mask[1] = false;
   }
   // Small maps keep the batched-image GEMMs below: per-image GEMMs over a few rows would be
   // bound by re-reading the K x C accumulators.
   if (output_mask[1] && float_single_group && g.stride_h == 1 && g.stride_w == 1 &&
       g.out_h * (g.width + 2 * g.pad_w) >= 512) {
-    grad_weight = grad_weight_shifted(g, grad_output, input);
+    grad_weight = grad_weight_shifted(kernels, g, grad_output, input);
     output_mask[1] = false;
   }
   at::Tensor grad_input_nhwc, grad_weight_rows;

@@ -1,15 +1,15 @@
 // conv2d on the CPU: nn.Conv2d semantics with the bias, a residual and the activation fused into
 // the output pass. This file checks the arguments and chooses the algorithm; each has its file.
 //
-// Forward, float32 with groups == 1 on a CPU with AVX-512 (the CNN case): Winograd for 3x3
-// layers with enough channels (winograd.cpp), else a direct convolution (direct.cpp). The direct
-// form copies the input once into a zero-padded NHWC buffer (the layout change an NCHW input
-// needs anyway) and packs the weights into blocks of 32 output channels; the register-blocked
-// tiles of tiles.h store straight into the output in its memory format. Few input or output
+// Forward, float32 with groups == 1 on a CPU with AVX-512 or AVX2 + FMA (the CNN case): Winograd
+// for 3x3 layers with enough channels (winograd.cpp), else a direct convolution (direct.cpp). The
+// direct form copies the input once into a zero-padded NHWC buffer (the layout change an NCHW
+// input needs anyway) and packs the weights into blocks of two vectors of output channels; the
+// register-blocked tiles of tiles.h store straight into the output in its memory format. Few input or output
 // channels with an NCHW output use the row tiles instead (rows.cpp), which vectorise over output
 // pixels. No im2col buffer exists.
 //
-// Everything else (float64, grouped and depthwise convolutions, CPUs without AVX-512) and the
+// Everything else (float64, grouped and depthwise convolutions, CPUs without AVX2) and the
 // backward (backward.cpp) lower the convolution to GEMMs through the BLAS libtorch links, one
 // image and group at a time (gemm.cpp): im2col gathers each output pixel's window
 // ([pixels, kh * kw * C/groups], NHWC order, so a tap is one contiguous run of channels), and the
@@ -140,16 +140,18 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     return output;
   }
   if (input.scalar_type() == at::kFloat) {
-    const OutputPass pass{act, residual ? residual->const_data_ptr<float>() : nullptr, output.const_data_ptr<float>()};
-    if (use_winograd(g)) {
+    const tiles::Kernels* kernels = tiles::select();
+    const OutputPass pass{act, residual ? residual->const_data_ptr<float>() : nullptr,
+                          output.const_data_ptr<float>(), kernels};
+    if (kernels && use_winograd(g)) {
       forward_winograd(g, input, weight, winograd_weight, bias, pass, output);
       return output;
     }
-    if (use_row_tiles(g, output)) {
+    if (kernels && use_row_tiles(g, output)) {
       forward_rows(g, input, weight, bias, pass, output);
       return output;
     }
-    if (g.groups == 1 && tiles::available()) {
+    if (kernels && g.groups == 1) {
       forward_direct(g, input, weight, bias, pass, output);
       return output;
     }

@@ -61,11 +61,12 @@ struct OutputPass {
   Activation act;
   const float* residual = nullptr;  // the residual's element that lies at `output`'s first
   const float* output = nullptr;
+  const tiles::Kernels* kernels = nullptr;  // the tiles of the call (where it has some)
 
   Activation in_kernel() const { return residual ? Activation::None : act; }
-  // Only the tile paths (behind tiles::available()) use a pass, so no capability check here.
+  // Only the tile paths use a pass, so `kernels` is set wherever this runs.
   void finish(float* out, int64_t count) const {
-    if (residual) tiles::add_residual_avx512(out, residual + (out - output), count, act);
+    if (residual) kernels->add_residual(out, residual + (out - output), count, act);
   }
   // Starts loading the residual under `out` while a tile computes: the direct tiles' stretches are
   // short and a row apart in channels-last, which the hardware prefetchers do not foresee.
@@ -75,9 +76,10 @@ struct OutputPass {
   }
 };
 
-// The input as a zero-padded NHWC buffer [N, Hp, Wp, C] with the image at (pad_h, pad_w).
-at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, int64_t Wp,
-                       bool in_scratch = false);
+// The input as a zero-padded NHWC buffer [N, Hp, Wp, C] with the image at (pad_h, pad_w),
+// transposed by the tiles of `kernels` where there are some.
+at::Tensor padded_nhwc(const tiles::Kernels* kernels, const Geometry& g, const at::Tensor& input,
+                       int64_t Hp, int64_t Wp, bool in_scratch = false);
 // The bias (zeros without one) padded with zeros to `length`, a whole number of channel blocks.
 at::Tensor padded_bias(const std::optional<at::Tensor>& bias, int64_t channels, int64_t length,
                        const at::TensorOptions& options);
@@ -102,7 +104,9 @@ inline at::Tensor sum_over_threads(int64_t items, at::IntArrayRef shape, const a
 
 // ---- the algorithms (their files say how each works) ------------------------------------------
 
-// direct.cpp: the register-blocked direct convolution (groups == 1, float32, the tiles).
+// The tile paths run the tiles of pass.kernels (resp. `kernels`), float32 with groups == 1.
+
+// direct.cpp: the register-blocked direct convolution.
 void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const OutputPass& pass, at::Tensor& output);
 
@@ -116,7 +120,8 @@ constexpr int64_t kRowTileMaxChannels = 8;
 bool use_row_tiles(const Geometry& g, const at::Tensor& output);
 void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const OutputPass& pass, at::Tensor& output);
-at::Tensor grad_weight_rows(const Geometry& g, const at::Tensor& grad_output, const at::Tensor& input);
+at::Tensor grad_weight_rows(const tiles::Kernels& kernels, const Geometry& g,
+                            const at::Tensor& grad_output, const at::Tensor& input);
 
 // winograd.cpp: Winograd F(2x2, 3x3) for 3x3 stride-1 layers with enough channels.
 bool use_winograd(const Geometry& g);

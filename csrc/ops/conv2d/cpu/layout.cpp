@@ -13,8 +13,8 @@ namespace fastdl::conv2d {
 // The input as a zero-padded NHWC buffer [N, Hp, Wp, C] with the image at (pad_h, pad_w): the
 // one layout change an NCHW input needs, after which no kernel tests bounds. Rows are filled in
 // parallel, each in one pass (a row of C x Wp floats stays in cache while it is transposed).
-at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, int64_t Wp,
-                       bool in_scratch) {
+at::Tensor padded_nhwc(const tiles::Kernels* kernels, const Geometry& g, const at::Tensor& input,
+                       int64_t Hp, int64_t Wp, bool in_scratch) {
   const int64_t C = g.channels;
   at::Tensor padded = in_scratch ? cpu::workspace(kPaddedInput, {g.batch, Hp, Wp, C}, input.options())
                                  : at::empty({g.batch, Hp, Wp, C}, input.options());
@@ -38,7 +38,7 @@ at::Tensor padded_nhwc(const Geometry& g, const at::Tensor& input, int64_t Hp, i
       } else if (sC == 1) {  // a pixel's channels are contiguous
         for (int64_t w = 0; w < g.width; ++w) std::memcpy(out + w * C, in + w * sW, C * sizeof(float));
       } else if (sW == 1) {  // NCHW: the row is a [C, W] matrix
-        tiles::transpose(in, C, g.width, sC, out, C);
+        tiles::transpose(kernels, in, C, g.width, sC, out, C);
       } else {
         for (int64_t c = 0; c < C; ++c)
           for (int64_t w = 0; w < g.width; ++w) out[w * C + c] = in[c * sC + w * sW];

@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
 #include <vector>
 
 #include "common/cpu_scratch.h"
@@ -16,40 +15,40 @@ namespace {
 
 // The input as the row tiles read it: zero-padded, NCHW, each row split into its stride_w column
 // phases. data[n][c][phase][hp][q] is the padded input at row hp, column q * stride_w + phase, so
-// tap (r, s) of output pixels (oh, ow .. ow + 15) is at phase (s * dil_w) % stride_w, row
-// oh * stride_h + r * dil_h and columns ow + (s * dil_w) / stride_w onwards: 16 adjacent floats.
+// tap (r, s) of output pixels (oh, ow .. ow + lanes - 1) is at phase (s * dil_w) % stride_w, row
+// oh * stride_h + r * dil_h and columns ow + (s * dil_w) / stride_w onwards: adjacent floats.
 struct RowInput {
-  static constexpr int64_t kLanes = 16;
   at::Tensor data;
   std::vector<int64_t> offsets;  // per tap (c, r, s): its distance from a vector's first tap
-  int64_t image_size, row_len, stride_h, vectors_per_row;
+  int64_t lanes, image_size, row_len, stride_h, vectors_per_row;
 
   // Row vectors first .. first + count - 1 (of N * out_h * vectors_per_row): where each reads its
-  // first tap's inputs, where its 16 pixels lie in an NCHW tensor `pixels` of strides sN, sH (the
-  // output, or grad_output), and its mask of the lanes inside the row.
+  // first tap's inputs, where its pixels lie in an NCHW tensor `pixels` of strides sN, sH (the
+  // output, or grad_output), and how many of its lanes are inside the row.
   template <typename T>
   void locate(const Geometry& g, int64_t first, int64_t count, T* pixels, int64_t sN, int64_t sH,
-              const float** inputs, T** at, uint16_t* masks) const {
+              const float** inputs, T** at, int* valid) const {
     for (int64_t j = 0; j < count; ++j) {
-      const int64_t row = (first + j) / vectors_per_row, ow = (first + j) % vectors_per_row * kLanes;
+      const int64_t row = (first + j) / vectors_per_row, ow = (first + j) % vectors_per_row * lanes;
       const int64_t n = row / g.out_h, oh = row % g.out_h;
       inputs[j] = data.const_data_ptr<float>() + n * image_size + oh * stride_h * row_len + ow;
       at[j] = pixels + n * sN + oh * sH + ow;
-      masks[j] = static_cast<uint16_t>((1u << std::min<int64_t>(kLanes, g.out_w - ow)) - 1u);
+      valid[j] = static_cast<int>(std::min(lanes, g.out_w - ow));
     }
   }
 };
 
-RowInput split_phases(const Geometry& g, const at::Tensor& input) {
-  constexpr int64_t kLanes = RowInput::kLanes;
+RowInput split_phases(const tiles::Kernels& kernels, const Geometry& g, const at::Tensor& input) {
+  const int64_t lanes = kernels.lanes;
   const int64_t C = g.channels, phases = g.stride_w, Hp = g.height + 2 * g.pad_h;
   RowInput split;
-  split.vectors_per_row = (g.out_w + kLanes - 1) / kLanes;
+  split.lanes = lanes;
+  split.vectors_per_row = (g.out_w + lanes - 1) / lanes;
   // The last vector of a row reads (but never stores) lanes past the row's end, so each phase
   // row is long enough for them; the tail is zero, not stale memory that might hold denormals.
   const int64_t max_shift = (g.kernel_w - 1) * g.dil_w / phases;
   const int64_t Wq = std::max((g.width + 2 * g.pad_w + phases - 1) / phases,
-                              split.vectors_per_row * kLanes + max_shift);
+                              split.vectors_per_row * lanes + max_shift);
   split.row_len = Wq;
   split.stride_h = g.stride_h;
   split.image_size = C * phases * Hp * Wq;
@@ -71,7 +70,7 @@ RowInput split_phases(const Geometry& g, const at::Tensor& input) {
         const int64_t first = std::clamp<int64_t>((g.pad_w - p + phases - 1) / phases, 0, Wq);
         const int64_t last = std::clamp<int64_t>((g.width + g.pad_w - p + phases - 1) / phases, first, Wq);
         std::fill_n(out, first, 0.0f);
-        tiles::gather_columns(in + (first * phases + p - g.pad_w) * sW, phases * sW, last - first,
+        kernels.gather_columns(in + (first * phases + p - g.pad_w) * sW, phases * sW, last - first,
                               out + first);
         std::fill_n(out + last, Wq - last, 0.0f);
       }
@@ -89,16 +88,15 @@ RowInput split_phases(const Geometry& g, const at::Tensor& input) {
 
 bool use_row_tiles(const Geometry& g, const at::Tensor& output) {
   return g.groups == 1 && std::min(g.channels, g.out_channels) <= kRowTileMaxChannels &&
-         !is_channels_last_output(output) &&
-         tiles::available();
+         !is_channels_last_output(output);
 }
 
 void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const OutputPass& pass, at::Tensor& output) {
   using tiles::kRowChannels;
-  using tiles::kRowVectors;
+  const tiles::Kernels& kernels = *pass.kernels;
   const int64_t K = g.out_channels, taps = g.channels * g.kernel_h * g.kernel_w;
-  const RowInput split = split_phases(g, input);
+  const RowInput split = split_phases(kernels, g, input);
 
   // packed[kb][tap][j] = weight[kb * 4 + j][tap], zero past K.
   const int64_t blocks = (K + kRowChannels - 1) / kRowChannels;
@@ -113,23 +111,23 @@ void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& 
   const int64_t sN = output.stride(0), sK = output.stride(1), sH = output.stride(2);
   const tiles::RowWindow window{split.offsets.data(), taps, sK};
   const int64_t row_vectors = g.batch * g.out_h * split.vectors_per_row;
-  const int64_t tile_count = (row_vectors + kRowVectors - 1) / kRowVectors;
-  // A thread sweeps every channel block over one tile's vectors, whose inputs (a few kernel
+  const int64_t sweep = kernels.row_sweep, sweeps = (row_vectors + sweep - 1) / sweep;
+  // A thread sweeps every channel block over one sweep's vectors, whose inputs (a few kernel
   // rows of every channel) stay in L1 meanwhile; the packed weights are small enough for L2.
-  at::parallel_for(0, tile_count, 1, [&](int64_t begin, int64_t end) {
-    const float* inputs[kRowVectors];
-    float* outputs[kRowVectors];
-    uint16_t masks[kRowVectors];
+  at::parallel_for(0, sweeps, 1, [&](int64_t begin, int64_t end) {
+    const float* inputs[tiles::kMaxRowSweep];
+    float* outputs[tiles::kMaxRowSweep];
+    int valid[tiles::kMaxRowSweep];
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t first = tile * kRowVectors;
-      const int count = static_cast<int>(std::min<int64_t>(kRowVectors, row_vectors - first));
-      split.locate(g, first, count, out, sN, sH, inputs, outputs, masks);
+      const int64_t first = tile * sweep;
+      const int count = static_cast<int>(std::min(sweep, row_vectors - first));
+      split.locate(g, first, count, out, sN, sH, inputs, outputs, valid);
       for (int64_t kb = 0; kb < blocks; ++kb) {
         const int channels = static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels));
-        tiles::run_row_tile(count, window, inputs, outputs, masks, w + kb * taps * kRowChannels,
-                            b + kb * kRowChannels, channels, pass.in_kernel());
+        kernels.row_tiles(count, window, inputs, outputs, valid, w + kb * taps * kRowChannels,
+                          b + kb * kRowChannels, channels, pass.in_kernel());
         for (int j = 0; j < count; ++j) {
-          for (int k = 0; k < channels; ++k) pass.finish(outputs[j] + k * sK, std::popcount(masks[j]));
+          for (int k = 0; k < channels; ++k) pass.finish(outputs[j] + k * sK, valid[j]);
           outputs[j] += kRowChannels * sK;
         }
       }
@@ -138,20 +136,21 @@ void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& 
 }
 
 // The weight gradient of a layer with few input channels by the row tiles: grad_output's NCHW
-// rows are cut into 16-pixel vectors as in the forward, and a tile keeps a block of 4 output
-// channels x 6 taps in registers over a chunk of rows, so grad_output is read once per block of
+// rows are cut into vectors as in the forward, and a tile keeps a block of 4 output channels x
+// weight_taps taps in registers over a chunk of rows, so grad_output is read once per block of
 // taps, not once per tap as by the per-tap GEMMs (which for C = 3 are 64 x 3 products). The
 // threads split the chunks, each summing into its own copy; the copies and the lanes are added
 // up in a fixed order, so the result does not depend on scheduling.
-at::Tensor grad_weight_rows(const Geometry& g, const at::Tensor& grad_output, const at::Tensor& input) {
+at::Tensor grad_weight_rows(const tiles::Kernels& kernels, const Geometry& g,
+                            const at::Tensor& grad_output, const at::Tensor& input) {
   using tiles::kRowChannels;
-  constexpr int64_t kTapsPerTile = tiles::kRowVectors, kLanes = RowInput::kLanes;
+  const int64_t taps_per_tile = kernels.weight_taps, lanes = kernels.lanes;
   const int64_t K = g.out_channels, taps = g.channels * g.kernel_h * g.kernel_w;
-  const RowInput split = split_phases(g, input);
+  const RowInput split = split_phases(kernels, g, input);
   const at::Tensor dy = grad_output.contiguous();
   const int64_t k_blocks = (K + kRowChannels - 1) / kRowChannels;
-  const int64_t tap_blocks = (taps + kTapsPerTile - 1) / kTapsPerTile;
-  const int64_t sum_stride = tap_blocks * kTapsPerTile * kLanes;  // floats between channels
+  const int64_t tap_blocks = (taps + taps_per_tile - 1) / taps_per_tile;
+  const int64_t sum_stride = tap_blocks * taps_per_tile * lanes;  // floats between channels
   // A chunk is a run of output rows (of one image or several), whose grad_output (all K
   // channels, about 512 KB) stays in L2 while every block of channels and taps sweeps it.
   const int64_t rows = g.batch * g.out_h;
@@ -162,18 +161,18 @@ at::Tensor grad_weight_rows(const Geometry& g, const at::Tensor& grad_output, co
   const int64_t sN = dy.stride(0), sK = dy.stride(1), sH = dy.stride(2);
   const auto accumulate = [&](int64_t begin, int64_t end, float* sums) {
     std::vector<const float*> inputs(chunk_vectors), grads(chunk_vectors);
-    std::vector<uint16_t> masks(chunk_vectors);
+    std::vector<int> valid(chunk_vectors);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t first = chunk * chunk_vectors, count = std::min(chunk_vectors, row_vectors - first);
-      split.locate(g, first, count, dy_data, sN, sH, inputs.data(), grads.data(), masks.data());
+      split.locate(g, first, count, dy_data, sN, sH, inputs.data(), grads.data(), valid.data());
       for (int64_t kb = 0; kb < k_blocks; ++kb) {
         const int channels = static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels));
         for (int64_t tb = 0; tb < tap_blocks; ++tb) {
-          tiles::run_row_weight_tile(static_cast<int>(std::min<int64_t>(kTapsPerTile, taps - tb * kTapsPerTile)),
-                                     count, inputs.data(), grads.data(), masks.data(),
-                                     split.offsets.data() + tb * kTapsPerTile, sK, channels,
-                                     sums + kb * kRowChannels * sum_stride + tb * kTapsPerTile * kLanes,
-                                     sum_stride);
+          kernels.row_weight_tile(static_cast<int>(std::min(taps_per_tile, taps - tb * taps_per_tile)),
+                                  count, inputs.data(), grads.data(), valid.data(),
+                                  split.offsets.data() + tb * taps_per_tile, sK, channels,
+                                  sums + kb * kRowChannels * sum_stride + tb * taps_per_tile * lanes,
+                                  sum_stride);
         }
         for (int64_t v = 0; v < count; ++v) grads[v] += kRowChannels * sK;
       }
@@ -181,7 +180,7 @@ at::Tensor grad_weight_rows(const Geometry& g, const at::Tensor& grad_output, co
   };
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   return sum_over_threads(chunks, {k_blocks * kRowChannels, sum_stride}, input.options(), accumulate)
-      .view({k_blocks * kRowChannels, tap_blocks * kTapsPerTile, kLanes})
+      .view({k_blocks * kRowChannels, tap_blocks * taps_per_tile, lanes})
       .sum(2)
       .narrow(0, 0, K)
       .narrow(1, 0, taps)

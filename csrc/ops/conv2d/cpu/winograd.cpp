@@ -1,5 +1,5 @@
-// The Winograd F(2x2, 3x3) float32 forward: the transforms of winograd_transforms.h around
-// 16 BLAS products per block of tiles.
+// The Winograd F(2x2, 3x3) float32 forward: the transforms of tiles.h around 16 BLAS products
+// per block of tiles.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -10,7 +10,6 @@
 #include "common/cpu_blas.h"
 #include "common/cpu_scratch.h"
 #include "ops/conv2d/cpu/conv2d_cpu.h"
-#include "ops/conv2d/cpu/winograd_transforms.h"
 
 namespace fastdl::conv2d {
 
@@ -22,8 +21,7 @@ bool use_winograd(const Geometry& g) {
   const int64_t tiles = g.batch * ((g.out_h + 1) / 2) * ((g.out_w + 1) / 2);
   return g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 &&
          g.dil_h == 1 && g.dil_w == 1 && g.groups == 1 && g.channels >= 32 &&
-         g.out_channels >= 32 && tiles >= 64 &&
-         tiles::available();
+         g.out_channels >= 32 && tiles >= 64;
 }
 
 // A caller-supplied U (prepacked for inference) must be float32 [16, C, K] on the weight's
@@ -32,7 +30,7 @@ void check_winograd_weight(const Geometry& g, const at::Tensor& weight, const at
   TORCH_CHECK(g.kernel_h == 3 && g.kernel_w == 3 && g.groups == 1,
               "conv2d: winograd_weight is only for 3x3 convolutions with groups=1, got weight of "
               "shape ", sizes_str(weight), " and groups=", g.groups);
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == winograd::kPoints && u.size(1) == g.channels &&
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == tiles::kWinogradPoints && u.size(1) == g.channels &&
                   u.size(2) == g.out_channels,
               "conv2d: expected winograd_weight to be a Tensor[16, ", g.channels, ", ",
               g.out_channels, "] (conv2d_winograd_weight of the weight), got shape ", sizes_str(u));
@@ -42,17 +40,17 @@ void check_winograd_weight(const Geometry& g, const at::Tensor& weight, const at
 }
 
 // U[e][c][k] = (G f G^T)[e] for the 3x3 filter f = weight[k][c], 16 output channels per task.
-at::Tensor transform_weight(const Geometry& g, const at::Tensor& weight) {
+at::Tensor transform_weight(const tiles::Kernels& kernels, const Geometry& g, const at::Tensor& weight) {
   const int64_t C = g.channels, K = g.out_channels;
-  at::Tensor u_tensor = cpu::workspace(kWinogradWeights, {winograd::kPoints, C, K}, weight.options());
+  at::Tensor u_tensor = cpu::workspace(kWinogradWeights, {tiles::kWinogradPoints, C, K}, weight.options());
   float* u = u_tensor.data_ptr<float>();
   const float* w = weight.const_data_ptr<float>();
   // Stream U past the cache when it outgrows it (8 MB: 512 x 256 channels and up).
-  const bool stream = K % 16 == 0 && winograd::kPoints * C * K * sizeof(float) >= (size_t(8) << 20);
+  const bool stream = K % 16 == 0 && tiles::kWinogradPoints * C * K * sizeof(float) >= (size_t(8) << 20);
   constexpr int64_t kBlock = 16;
   at::parallel_for(0, (K + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k0 = begin * kBlock; k0 < std::min(K, end * kBlock); k0 += kBlock)
-      winograd::weight_block(w, C, K, k0, std::min(kBlock, K - k0), u, stream);
+      kernels.winograd_weight_block(w, C, K, k0, std::min(kBlock, K - k0), u, stream);
   });
   return u_tensor;
 }
@@ -60,13 +58,14 @@ at::Tensor transform_weight(const Geometry& g, const at::Tensor& weight) {
 void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& prepacked, const std::optional<at::Tensor>& bias,
                       const OutputPass& pass, at::Tensor& output) {
+  const tiles::Kernels& kernels = *pass.kernels;
   const int64_t C = g.channels, K = g.out_channels;
   const int64_t tiles_h = (g.out_h + 1) / 2, tiles_w = (g.out_w + 1) / 2;
   // Odd output sizes: the last tile row/column reads zeros past the padded image.
   const int64_t Hp = std::max(g.height + 2 * g.pad_h, 2 * tiles_h + 2);
   const int64_t Wp = std::max(g.width + 2 * g.pad_w, 2 * tiles_w + 2);
-  const at::Tensor padded = padded_nhwc(g, input, Hp, Wp, /*in_scratch=*/true);
-  const at::Tensor u = prepacked ? prepacked->contiguous() : transform_weight(g, weight.contiguous());
+  const at::Tensor padded = padded_nhwc(&kernels, g, input, Hp, Wp, /*in_scratch=*/true);
+  const at::Tensor u = prepacked ? prepacked->contiguous() : transform_weight(kernels, g, weight.contiguous());
   const float* up = u.const_data_ptr<float>();
   const at::Tensor bias_values = bias ? bias->contiguous() : at::zeros({K}, weight.options());
   const float* x = padded.const_data_ptr<float>();
@@ -85,7 +84,7 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
     for (int64_t tw = 0; tw < tiles_w; ++tw) {
       const float* rows[4];
       for (int i = 0; i < 4; ++i) rows[i] = x + ((n * Hp + oh + i) * Wp + 2 * tw) * C;
-      winograd::input_tile(rows, C, C, v + (row_offset + tw) * C, tiles * C);
+      kernels.winograd_input_tile(rows, C, C, v + (row_offset + tw) * C, tiles * C);
     }
   };
   const auto multiply = [&](const float* v, float* m, int64_t tiles, int64_t first_point, int64_t end_point) {
@@ -99,7 +98,7 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
     for (int64_t tw = 0; tw < tiles_w; ++tw) {
       float* const targets[2][2] = {{staged + 2 * tw * K, staged + (2 * tw + 1) * K},
                                     {staged + staged_row + 2 * tw * K, staged + staged_row + (2 * tw + 1) * K}};
-      winograd::output_tile(m + (row_offset + tw) * K, tiles * K, K, b, pass.in_kernel(), targets);
+      kernels.winograd_output_tile(m + (row_offset + tw) * K, tiles * K, K, b, pass.in_kernel(), targets);
     }
     const int64_t n = row / tiles_h, oh = 2 * (row % tiles_h);
     for (int64_t i = 0; i < std::min<int64_t>(2, g.out_h - oh); ++i) {
@@ -108,7 +107,7 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
         std::memcpy(target, staged + i * staged_row, g.out_w * K * sizeof(float));
         pass.finish(target, g.out_w * K);
       } else {
-        tiles::transpose(staged + i * staged_row, g.out_w, K, K, target, sK);
+        kernels.transpose(staged + i * staged_row, g.out_w, K, K, target, sK);
         for (int64_t k = 0; k < K; ++k) pass.finish(target + k * sK, g.out_w);
       }
     }
@@ -117,14 +116,14 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   if (C * K > tiles_total * (C + K)) {
     // Few tiles, wide layer (512 channels at 7x7): U outweighs V and M. Each step runs over all
     // tiles, and the threads split the products by point, so each reads only its share of U.
-    const at::Tensor v_tensor = cpu::workspace(kTransformed, {winograd::kPoints * tiles_total * C}, output.options());
-    const at::Tensor m_tensor = cpu::workspace(kProducts, {winograd::kPoints * tiles_total * K}, output.options());
+    const at::Tensor v_tensor = cpu::workspace(kTransformed, {tiles::kWinogradPoints * tiles_total * C}, output.options());
+    const at::Tensor m_tensor = cpu::workspace(kProducts, {tiles::kWinogradPoints * tiles_total * K}, output.options());
     float* v = v_tensor.data_ptr<float>();
     float* m = m_tensor.data_ptr<float>();
     at::parallel_for(0, tile_rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) transform_row(row, v, row * tiles_w, tiles_total);
     });
-    at::parallel_for(0, winograd::kPoints, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tiles::kWinogradPoints, 1, [&](int64_t begin, int64_t end) {
       const cpu::SequentialBlas sequential_blas;
       multiply(v, m, tiles_total, begin, end);
     });
@@ -143,8 +142,8 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
   at::parallel_for(0, tile_rows, grain, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlas sequential_blas;
     const int64_t max_tiles = rows_per_chunk * tiles_w;
-    const at::Tensor v_tensor = cpu::workspace(kTransformed, {winograd::kPoints * max_tiles * C}, output.options());
-    const at::Tensor m_tensor = cpu::workspace(kProducts, {winograd::kPoints * max_tiles * K}, output.options());
+    const at::Tensor v_tensor = cpu::workspace(kTransformed, {tiles::kWinogradPoints * max_tiles * C}, output.options());
+    const at::Tensor m_tensor = cpu::workspace(kProducts, {tiles::kWinogradPoints * max_tiles * K}, output.options());
     const at::Tensor staged_tensor = cpu::workspace(kStaged, {2 * staged_row}, output.options());
     float* v = v_tensor.data_ptr<float>();
     float* m = m_tensor.data_ptr<float>();
@@ -152,7 +151,7 @@ void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tens
     for (int64_t first_row = begin; first_row < end; first_row += rows_per_chunk) {
       const int64_t rows = std::min(rows_per_chunk, end - first_row), tiles = rows * tiles_w;
       for (int64_t r = 0; r < rows; ++r) transform_row(first_row + r, v, r * tiles_w, tiles);
-      multiply(v, m, tiles, 0, winograd::kPoints);
+      multiply(v, m, tiles, 0, tiles::kWinogradPoints);
       for (int64_t r = 0; r < rows; ++r) write_row(first_row + r, m, r * tiles_w, tiles, staged);
     }
   });
