@@ -65,7 +65,7 @@ at::Tensor grad_weight_shifted(const tiles::Kernels* kernels, const Geometry& g,
     return taps.permute({2, 3, 0, 1}).contiguous();
   }
   // The threads split the images, each summing every tap into its own copy on one BLAS thread
-  // (MKL threads a K x C product over thousands of rows poorly: 1.5x from two threads).
+  // (MKL threads a K x C product over thousands of rows poorly).
   return sum_over_threads(g.batch, {g.kernel_h, g.kernel_w, K, C}, input.options(),
                           [&](int64_t begin, int64_t end, float* taps) {
                             const cpu::SequentialBlas sequential_blas;

@@ -88,8 +88,8 @@ at::Tensor padded_bias(const std::optional<at::Tensor>& bias, int64_t channels, 
 // copy of a float tensor of `shape`, and the copies are added in thread order, so the result
 // does not depend on scheduling (no atomics, no shared accumulator).
 template <typename Body>
-inline at::Tensor sum_over_threads(int64_t items, at::IntArrayRef shape, const at::TensorOptions& options,
-                            const Body& body) {
+inline at::Tensor sum_over_threads(int64_t items, at::IntArrayRef shape,
+                                   const at::TensorOptions& options, const Body& body) {
   const int64_t threads = at::get_num_threads();
   std::vector<int64_t> sizes{threads};
   sizes.insert(sizes.end(), shape.begin(), shape.end());
@@ -103,19 +103,16 @@ inline at::Tensor sum_over_threads(int64_t items, at::IntArrayRef shape, const a
 }
 
 // ---- the algorithms (their files say how each works) ------------------------------------------
-
-// The tile paths run the tiles of pass.kernels (resp. `kernels`), float32 with groups == 1.
+// The tile paths (float32, groups == 1) run the tiles of pass.kernels, resp. `kernels`.
 
 // direct.cpp: the register-blocked direct convolution.
 void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const OutputPass& pass, at::Tensor& output);
 
-// rows.cpp: the row tiles, for few input or output channels and an NCHW output.
-// Channels up to which the row tiles beat the direct tiles for an NCHW output, measured:
-// - input channels: 1.2-1.6x faster at 1 to 4, even at 8, slower from 16 (a network's first
-//   layers);
-// - output channels: 2-4x faster at 1 to 8, where a direct tile's 32-channel block is mostly
-//   padding (the first layer's grad_input, a segmentation or regression head).
+// rows.cpp: the row tiles, for few input or output channels and an NCHW output. They beat the
+// direct tiles up to 8 input channels (a network's first layers; from 16 on they are slower) or
+// 8 output channels, where a direct tile's channel block is mostly padding (the first layer's
+// grad_input, a segmentation or regression head).
 constexpr int64_t kRowTileMaxChannels = 8;
 bool use_row_tiles(const Geometry& g, const at::Tensor& output);
 void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
