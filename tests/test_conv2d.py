@@ -49,6 +49,9 @@ CASES = {
     "smaller_than_kernel_padded": (2, 4, 2, 3, 6, (5, 5), 1, 2, 1, 1),
     "one_pixel_output": (1, 9, 3, 3, 65, (3, 3), 1, 0, 1, 1),
     "wide_channels": (1, 70, 6, 20, 97, (3, 3), 1, 1, 1, 1),
+    # direct tiles with partial tiles of either set: 35 pixels (AVX-512 tiles of 14, AVX2 of 6)
+    # and 20 output channels (blocks of 32 resp. 16)
+    "direct_partial_tiles": (2, 12, 7, 5, 20, (3, 3), 1, 1, 1, 1),
     # 3x3 stride 1 with enough channels and tiles: the Winograd path (odd sizes: partial tiles)
     "3x3_winograd": (4, 33, 13, 11, 37, (3, 3), 1, 1, 1, 1),
     "3x3_winograd_valid": (3, 40, 16, 17, 48, (3, 3), 1, 0, 1, 1),
@@ -118,11 +121,14 @@ def test_random_geometries(dtype):
         assert_conv_close(out, ACTIVATIONS[act](pre), dtype, pre_activation=pre)
 
 
-# Few input or output channels and an NCHW output: the CPU's row tiles, 16 output pixels of a row per
-# vector, 4 output channels per tile, the input split into stride_w column phases.
+# Few input or output channels and an NCHW output: the CPU's row tiles, one vector of output pixels
+# of a row (16 with AVX-512, 8 with AVX2) per accumulator, 4 output channels per tile, the input
+# split into stride_w column phases; a call sweeps 96 pixels.
 ROW_TILE_CASES = {
     "row_of_16": (2, 3, 16, 16, 8, (3, 3), 1, 1, 1, 1),  # whole vectors, none partial
     "row_of_17": (2, 1, 17, 17, 5, (3, 3), 1, 1, 1, 1),  # a 1-lane tail vector, K % 4 == 1
+    "row_of_13": (2, 3, 13, 13, 6, (3, 3), 1, 1, 1, 1),  # AVX2: one whole vector and a 5-lane tail
+    "row_of_101": (1, 2, 5, 101, 7, (3, 3), 1, 1, 1, 1),  # one row longer than a sweep
     "row_of_33_stride2": (1, 3, 71, 66, 6, (7, 7), 2, 3, 1, 1),  # odd padding: phases swap
     "stride3_even_padding": (2, 2, 20, 50, 7, (4, 5), 3, 2, 1, 1),
     "stride_2x1_dilated": (2, 4, 19, 37, 3, (3, 3), (2, 1), 2, 2, 1),
@@ -168,7 +174,7 @@ def test_few_channel_gradients_float32(name, layout):
 
 
 def test_cifar_first_layer_backward():
-    """The first layer of a CIFAR network (3 -> 64 channels on 32x32): without AVX-512 its weight
+    """The first layer of a CIFAR network (3 -> 64 channels on 32x32): on a CPU without AVX2 its weight
     gradient takes the shifted-GEMM path, whose NCHW -> NHWC copy once ran an AVX-512 transpose
     unchecked and died with SIGILL on AVX2 CPUs (the fixture runs it on every capability)."""
     fresh_seed()
@@ -413,8 +419,8 @@ def test_prepacked_winograd_weight(name, layout, dtype):
 def test_prepacked_winograd_weight_is_used(layout):
     """With an all-zero transform the Winograd kernel's products vanish: only the bias is left,
     so the kernel really multiplies by the given tensor rather than transforming ``weight``."""
-    if fastdl.backends.cpu.get_cpu_capability() != "avx512":
-        pytest.skip("the Winograd kernel needs AVX-512; the other paths ignore winograd_weight")
+    if fastdl.backends.cpu.get_cpu_capability() == "default":
+        pytest.skip("the Winograd kernel needs AVX2 or AVX-512; the other paths ignore winograd_weight")
     fresh_seed()
     x, w, b, args = make_case(CASES["3x3_winograd"], layout=layout)
     out = fastdl.ops.conv2d(x, w, b, winograd_weight=torch.zeros(16, w.size(1), w.size(0)), **args)

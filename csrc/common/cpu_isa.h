@@ -51,6 +51,57 @@ struct Avx512 {
   FASTDL_AVX512_FN V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   FASTDL_AVX512_FN V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 
+  FASTDL_AVX512_FN V div(V a, V b) { return _mm512_div_ps(a, b); }
+  FASTDL_AVX512_FN V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  // x86 max and min: b where either is NaN.
+  FASTDL_AVX512_FN V max(V a, V b) { return _mm512_max_ps(a, b); }
+  FASTDL_AVX512_FN V min(V a, V b) { return _mm512_min_ps(a, b); }
+  FASTDL_AVX512_FN V abs(V a) { return _mm512_abs_ps(a); }
+  // |magnitude| with the sign bit of sign.
+  FASTDL_AVX512_FN V copy_sign(V magnitude, V sign) {
+    const __m512i bit = _mm512_set1_epi32(INT32_MIN);  // 0xCA: bit ? sign : magnitude, bitwise
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(bit, _mm512_castps_si512(sign),
+                                                         _mm512_castps_si512(magnitude), 0xCA));
+  }
+  // A non-temporal store of a whole 64-byte-aligned line.
+  FASTDL_AVX512_FN void stream(float* p, V v) { _mm512_stream_ps(p, v); }
+
+  // src[0], src[2], ..., src[30], reading src[0 .. 30] only.
+  FASTDL_AVX512_FN V even_lanes(const float* src) {
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const V high = _mm512_maskz_loadu_ps(0x7FFF, src + 16);  // its last lane would be src[31]
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(src), evens, high);
+  }
+
+  // Transposes the 16 x 16 block r[row] lane col in registers: three rounds of in-lane shuffles
+  // (32-bit pairs, 64-bit pairs), then 128-bit lanes across registers.
+  FASTDL_AVX512_FN void transpose(V (&r)[kLanes]) {
+    V t[kLanes];
+    for (int i = 0; i < 16; i += 2) {  // lane l of t[i], t[i+1]: rows i, i+1 of columns 4l..4l+3
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // lane l of r[i + j]: rows i..i+3 of column 4l + j
+      const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]),
+                    t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
+      r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+      r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+      r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+      r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    }
+    for (int j = 0; j < 4; ++j) {  // column 4l + j gathers lane l of r[j], r[4 + j], r[8 + j], r[12 + j]
+      const V low01 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44);
+      const V high01 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
+      const V low23 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
+      const V high23 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+      t[j] = _mm512_shuffle_f32x4(low01, low23, 0x88);
+      t[4 + j] = _mm512_shuffle_f32x4(low01, low23, 0xDD);
+      t[8 + j] = _mm512_shuffle_f32x4(high01, high23, 0x88);
+      t[12 + j] = _mm512_shuffle_f32x4(high01, high23, 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+  }
+
   // The first n lanes (none for n <= 0, all for n >= kLanes).
   FASTDL_AVX512_FN Mask lanes(int64_t n) {
     return n >= kLanes ? Mask(0xFFFF) : n <= 0 ? Mask(0) : Mask((1u << n) - 1u);
@@ -96,6 +147,46 @@ struct Avx2 {
   FASTDL_AVX2_FN V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   FASTDL_AVX2_FN V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   FASTDL_AVX2_FN V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+
+  FASTDL_AVX2_FN V div(V a, V b) { return _mm256_div_ps(a, b); }
+  FASTDL_AVX2_FN V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  FASTDL_AVX2_FN V max(V a, V b) { return _mm256_max_ps(a, b); }
+  FASTDL_AVX2_FN V min(V a, V b) { return _mm256_min_ps(a, b); }
+  FASTDL_AVX2_FN V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  FASTDL_AVX2_FN V copy_sign(V magnitude, V sign) {
+    const V bit = _mm256_set1_ps(-0.0f);
+    return _mm256_or_ps(_mm256_andnot_ps(bit, magnitude), _mm256_and_ps(bit, sign));
+  }
+  FASTDL_AVX2_FN void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // 32-byte aligned
+
+  // src[0], src[2], ..., src[14], reading src[0 .. 14] only: the odd lanes of src[7 .. 14] are
+  // the even elements past the first vector, so no masked load is needed.
+  FASTDL_AVX2_FN V even_lanes(const float* src) {
+    const V mixed = _mm256_shuffle_ps(_mm256_loadu_ps(src), _mm256_loadu_ps(src + 7), _MM_SHUFFLE(3, 1, 2, 0));
+    // mixed: 0 2 8 10 | 4 6 12 14, its 64-bit pairs in the order 0 2 1 3
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mixed), _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+
+  // Transposes the 8 x 8 block r[row] lane col in registers: 32-bit pairs, 64-bit pairs within
+  // 128-bit lanes, then the lanes across registers.
+  FASTDL_AVX2_FN void transpose(V (&r)[kLanes]) {
+    V t[kLanes];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  // lane l (of each half) of r[i + j]: rows i..i+3 of column j
+      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+      t[j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x20);
+      t[4 + j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x31);
+    }
+    for (int i = 0; i < 8; ++i) r[i] = t[i];
+  }
 
   FASTDL_AVX2_FN Mask lanes(int64_t n) {
     const int32_t k = n >= kLanes ? kLanes : n <= 0 ? 0 : static_cast<int32_t>(n);
