@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cpu_vec.h"
 
@@ -28,6 +29,16 @@
 #define FASTDL_ISA_ENTRY(target_string) __attribute__((target(target_string), flatten))
 
 namespace fastdl::cpu::isa {
+
+// f(std::integral_constant<int, n>()) for 1 <= n <= N: a run-time count (of rows, pixels, taps)
+// as the template argument a tile is unrolled for.
+template <int N, class F>
+inline void with_count(int64_t n, F&& f) {
+  if constexpr (N > 0) {
+    if (n == N) return f(std::integral_constant<int, N>());
+    with_count<N - 1>(n, f);
+  }
+}
 
 #define FASTDL_AVX512_FN __attribute__((target("avx512f"))) static inline
 #define FASTDL_AVX2_FN __attribute__((target("arch=x86-64-v3"))) static inline

@@ -96,16 +96,8 @@ struct Tiles {
     for (int64_t p0 = 0; p0 < a.rows; p0 += kRowsPerPass) {
       const float* x = a.x + p0 * a.ldx;
       float* y = a.y + p0 * a.N;
-      switch (std::min<int64_t>(kRowsPerPass, a.rows - p0)) {
-        case 1: pass<1>(a, x, y, n0, n1); break;
-        case 2: pass<2>(a, x, y, n0, n1); break;
-        case 3: pass<3>(a, x, y, n0, n1); break;
-        case 4: pass<4>(a, x, y, n0, n1); break;
-        case 5: pass<5>(a, x, y, n0, n1); break;
-        case 6: pass<6>(a, x, y, n0, n1); break;
-        case 7: pass<7>(a, x, y, n0, n1); break;
-        default: pass<8>(a, x, y, n0, n1); break;
-      }
+      cpu::isa::with_count<kRowsPerPass>(std::min<int64_t>(kRowsPerPass, a.rows - p0),
+                                         [&](auto p) { pass<decltype(p)::value>(a, x, y, n0, n1); });
     }
   }
 };

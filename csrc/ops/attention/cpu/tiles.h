@@ -72,14 +72,7 @@ struct Kernels {
 
 #if FASTDL_X86_ISA
 
-// f(std::integral_constant<int, n>()) for 1 <= n <= N: a run-time row count as a template one.
-template <int N, class F>
-inline void with_rows(int64_t n, F&& f) {
-  if constexpr (N > 0) {
-    if (n == N) return f(std::integral_constant<int, N>());
-    with_rows<N - 1>(n, f);
-  }
-}
+using cpu::isa::with_count;
 
 template <class I>
 struct Tiles {
@@ -146,7 +139,7 @@ struct Tiles {
                          vm ? vm + L * r : nullptr, v0, v1);
       }
       if (c0 >= a.diag + a.rows - 1) continue;
-      with_rows<kQkRows - 1>(a.rows - r, [&](auto mr) {
+      with_count<kQkRows - 1>(a.rows - r, [&](auto mr) {
         qk_tile<decltype(mr)::value>(a.D, a.alpha, a.q + r * a.ldq, a.ldq, kt, sc + r * a.lds,
                                      a.lds, vm ? vm + L * r : nullptr, v0, v1);
       });
@@ -193,14 +186,14 @@ struct Tiles {
       pv_tile<kPvRows, NV>(nt, a.p + r * a.ldp, a.ldp, v, a.ldv, o + r * a.ldo, a.ldo);
     }
     const int64_t nt = std::clamp<int64_t>(a.diag + a.rows - 1, 0, a.n);
-    with_rows<kPvRows - 1>(a.rows - r, [&](auto mr) {
+    with_count<kPvRows - 1>(a.rows - r, [&](auto mr) {
       pv_tile<decltype(mr)::value, NV>(nt, a.p + r * a.ldp, a.ldp, v, a.ldv, o + r * a.ldo, a.ldo);
     });
   }
 
   static void pv_block(const PvArgs& a) {
     for (int64_t d0 = 0; d0 < a.D; d0 += kPvVectors * L) {
-      with_rows<kPvVectors>(std::min<int64_t>(kPvVectors, (a.D - d0) / L), [&](auto nv) {
+      with_count<kPvVectors>(std::min<int64_t>(kPvVectors, (a.D - d0) / L), [&](auto nv) {
         pv_rows<decltype(nv)::value>(a, a.v + d0, a.o + d0);
       });
     }

@@ -123,14 +123,7 @@ struct Kernels {
 
 #if FASTDL_X86_ISA
 
-// f(std::integral_constant<int, n>()) for 1 <= n <= N: a run-time count as a template one.
-template <int N, class F>
-inline void with_count(int64_t n, F&& f) {
-  if constexpr (N > 0) {
-    if (n == N) return f(std::integral_constant<int, N>());
-    with_count<N - 1>(n, f);
-  }
-}
+using cpu::isa::with_count;
 
 template <class I>
 struct Tiles {
