@@ -57,7 +57,7 @@ def kernel_paths(capability: str | None = None) -> dict[str, str]:
     loops = f"{cap} vector loops"
     if cap == "default":
         attention = "BLAS block products, default vector softmax rows"
-        conv2d = "im2col / Winograd products through BLAS, default loops"
+        conv2d = "im2col products through BLAS"
         linear = "BLAS"
     else:
         attention = f"{cap} register tiles (D a multiple of 16, >= 64 queries); BLAS otherwise"
