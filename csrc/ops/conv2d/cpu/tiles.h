@@ -161,8 +161,10 @@ struct Tiles {
       case Activation::GELU: {
         // 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7):
         // erf(z) = 1 - t (a1 + t (a2 + ...)) e^(-z^2), t = 1 / (1 + p |z|), made odd by the sign.
+        // |z| is capped at 8, where erf is 1 in float, so that e^(-z^2) stays a normal number
+        // (min passes NaN).
         const V z = I::mul(x, I::set1(0.7071067811865476f));
-        const V az = I::abs(z);
+        const V az = I::min(I::set1(8.0f), I::abs(z));
         const V t = I::div(I::set1(1.0f), I::fma(az, I::set1(0.3275911f), I::set1(1.0f)));
         V poly = I::set1(1.061405429f);
         poly = I::fma(poly, t, I::set1(-1.453152027f));
@@ -240,7 +242,19 @@ struct Tiles {
     for (int k = 0; k < kRowChannels; ++k) {
       if (k >= channels) break;
 #pragma GCC unroll 6
-      for (int j = 0; j < J; ++j) store_first(outputs[j] + k * w.plane, activate(act, acc[j][k]), valid[j]);
+      for (int j = 0; j < J; ++j) store_first(outputs[j] + k * w.plane, acc[j][k], valid[j]);
+    }
+    // The activation runs on the stored sums, in a loop of its own: unrolled into the stores
+    // above, the code of every activation crowded the accumulators out of registers in the
+    // multiply-add loop of any activated call.
+    if (act == Activation::None) return;
+#pragma GCC unroll 1
+    for (int k = 0; k < channels; ++k) {
+#pragma GCC unroll 1
+      for (int j = 0; j < J; ++j) {
+        float* out = outputs[j] + k * w.plane;
+        store_first(out, activate(act, load_first(out, valid[j])), valid[j]);
+      }
     }
   }
 
