@@ -169,6 +169,37 @@ def test_no_gradient_work_without_grad():
     assert gh.numel() == gw.numel() == gb.numel() == 0
 
 
+def test_tied_weight_gets_both_gradients_scaled():
+    """A weight used by an embedding and the loss (GPT-2's tied head) gets the sum of both
+    gradients, the loss's scaled by the upstream gradient (1 hands the precomputed gradient on
+    as it is, and autograd adds the embedding's into it)."""
+    fresh_seed()
+    hidden, weight, target, _ = make(12, 8, 20, torch.float64, ignored=0.0)
+    tokens = torch.randint(0, 20, (12,))
+    for scale in (1.0, 2.5):
+        grads = []
+        for fn in (fastdl.ops.linear_cross_entropy, lambda h, w, t: reference(h, w, t, None, -100, "mean")):
+            w = weight.clone().requires_grad_()
+            loss = fn(F.embedding(tokens, w) + hidden, w, target)
+            (loss * scale).backward()
+            grads.append(w.grad)
+        assert_close(grads[0], grads[1], torch.float64)
+
+
+def test_backward_twice_through_one_call():
+    """retain_graph=True: the gradients precomputed by the forward pass serve every backward."""
+    fresh_seed()
+    hidden, weight, target, b = make(6, 4, 9, torch.float64)
+    for reduction in ("mean", "sum", "none"):
+        w = weight.clone().requires_grad_()
+        loss = fastdl.ops.linear_cross_entropy(hidden, w, target, b, reduction=reduction).sum()
+        first = torch.autograd.grad(loss, w, retain_graph=True)[0]
+        second = torch.autograd.grad(loss, w, retain_graph=True)[0]
+        expected = torch.autograd.grad(reference(hidden, w, target, b, -100, reduction).sum(), w)[0]
+        assert_close(first, expected, torch.float64)
+        assert_close(second, expected, torch.float64)
+
+
 def test_opcheck():
     fresh_seed()
     hidden, weight, target, b = (t.requires_grad_() if t.is_floating_point() else t

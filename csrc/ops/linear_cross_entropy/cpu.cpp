@@ -13,6 +13,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "common/cpu_scratch.h"
 #include "common/cpu_simd.h"
 #include "ops/linear_cross_entropy/linear_cross_entropy.h"
 
@@ -111,7 +112,7 @@ at::Tensor row_scales(const at::Tensor& valid, Reduction reduction, const at::Te
 
 Gradients new_gradients(const at::Tensor& hidden, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, at::ScalarType acc) {
-  return {at::empty(hidden.sizes(), hidden.options()), at::zeros(weight.sizes(), weight.options().dtype(acc)),
+  return {at::empty(hidden.sizes(), hidden.options()), cpu::zeros_on_huge_pages(weight.sizes(), weight.options().dtype(acc)),
           bias.has_value() ? at::zeros(bias->sizes(), bias->options().dtype(acc)) : at::Tensor()};
 }
 

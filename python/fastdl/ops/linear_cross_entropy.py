@@ -157,12 +157,28 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(hidden, weight, target, bias, lse)
     ctx.params = (ignore_index, reduction)
     ctx.mark_non_differentiable(lse, grad_hidden, grad_weight, grad_bias)
+    # Only the loss gets a gradient: materialised, the other outputs' would be zeros of their
+    # shapes, a [V, E] buffer for the weight's on every step.
+    ctx.set_materialize_grads(False)
+
+
+def _is_one(grad: Tensor) -> bool:
+    """Whether an upstream gradient is exactly 1 (``loss.backward()``), read only where it holds a
+    value: a plain tensor, not one that torch.compile, opcheck or torch.func traces."""
+    if type(grad) is not Tensor or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(grad):
+        return False
+    return bool(grad == 1)
 
 
 def _backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:  # only the non-differentiable outputs were given gradients
+        return None, None, None, None, None, None, None
     if ctx.precomputed:
-        # the forward pass computed d(loss)/d(input) for a unit upstream gradient: scale it
-        grad_hidden, grad_weight, grad_bias = (t * grad_loss for t in ctx.saved_tensors)
+        # The forward pass computed d(loss)/d(input) for a unit upstream gradient. For a unit one
+        # they are handed on as they are: a [V, E] weight gradient is not copied, and once the
+        # graph is freed autograd adds a tied embedding's gradient into it in place.
+        grads = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = grads if _is_one(grad_loss) else (t * grad_loss for t in grads)
     else:
         hidden, weight, target, bias, lse = ctx.saved_tensors
         grad_hidden, grad_weight, grad_bias = torch.ops.fastdl._linear_cross_entropy_backward.default(
