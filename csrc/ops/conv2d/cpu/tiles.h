@@ -350,22 +350,33 @@ struct Tiles {
     out[3] = c;
   }
 
-  // Lane l of U = G f G^T for `count` <= L 3x3 filters f = filters + l * filter_stride, written
-  // to out + e * point_stride + l for each point e; `stream`: whole lines go straight to memory.
+  // Lane l of U = G f G^T for `count` <= 16 3x3 filters f = filters + l * filter_stride, written
+  // to out + e * point_stride + l for each point e: 16 floats, one cache line of each point, in
+  // L-lane vectors. With `stream` whole lines go straight to memory, their vectors stored back
+  // to back: AVX2's half lines streamed apart would leave write-combining buffers partly filled,
+  // and those are flushed as slow partial writes.
   static void winograd_weight_tile(const float* filters, int64_t filter_stride, int64_t count,
                                    float* out, int64_t point_stride, bool stream) {
-    alignas(64) float taps[9][L];
-    transpose(filters, count, 9, filter_stride, &taps[0][0], L);  // taps[j][l]: vectors over filters
-    V columns[3][4], point[4];
-    for (int j = 0; j < 3; ++j) apply_g(I::load(taps[j]), I::load(taps[3 + j]), I::load(taps[6 + j]), columns[j]);
-    for (int i = 0; i < 4; ++i) {
-      apply_g(columns[0][i], columns[1][i], columns[2][i], point);
-      for (int j = 0; j < 4; ++j) {
-        float* o = out + (4 * i + j) * point_stride;
-        if (stream && count == L) {
-          I::stream(o, point[j]);
+    constexpr int kLine = 16;
+    alignas(64) float points[kWinogradPoints][kLine];
+    for (int h = 0; h < count; h += L) {
+      const int64_t n = std::min<int64_t>(count - h, L);
+      alignas(64) float taps[9][L];  // taps[j][l]: vectors over filters
+      transpose(filters + h * filter_stride, n, 9, filter_stride, &taps[0][0], L);
+      V columns[3][4], point[4];
+      for (int j = 0; j < 3; ++j) apply_g(I::load(taps[j]), I::load(taps[3 + j]), I::load(taps[6 + j]), columns[j]);
+      for (int i = 0; i < 4; ++i) {
+        apply_g(columns[0][i], columns[1][i], columns[2][i], point);
+        for (int j = 0; j < 4; ++j) I::store(points[4 * i + j] + h, point[j]);
+      }
+    }
+    for (int e = 0; e < kWinogradPoints; ++e) {
+      float* o = out + e * point_stride;
+      for (int h = 0; h < count; h += L) {
+        if (stream && count == kLine) {
+          I::stream(o + h, I::load(points[e] + h));
         } else {
-          store_first(o, point[j], count);
+          store_first(o + h, I::load(points[e] + h), count - h);
         }
       }
     }
@@ -374,8 +385,8 @@ struct Tiles {
   static void winograd_weight_block(const float* weight, int64_t C, int64_t K, int64_t k0,
                                     int64_t count, float* u, bool stream) {
     for (int64_t c = 0; c < C; ++c) {
-      for (int64_t k = k0; k < k0 + count; k += L) {
-        winograd_weight_tile(weight + (k * C + c) * 9, C * 9, std::min<int64_t>(L, k0 + count - k),
+      for (int64_t k = k0; k < k0 + count; k += 16) {
+        winograd_weight_tile(weight + (k * C + c) * 9, C * 9, std::min<int64_t>(16, k0 + count - k),
                              u + c * K + k, C * K, stream);
       }
     }
