@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cpu_capability.h"
 #include "common/cpu_vec.h"
 
 // Vector values pass between the members and the template bodies, which are all inlined into
@@ -38,6 +39,15 @@ inline void with_count(int64_t n, F&& f) {
     if (n == N) return f(std::integral_constant<int, N>());
     with_count<N - 1>(n, f);
   }
+}
+
+// The entry of the best instruction set the active capability allows (read once per call of an
+// op, so that one call never mixes two sets), or `portable` where neither is allowed.
+template <class Entry>
+inline Entry best_entry(Entry avx512, Entry avx2, Entry portable = Entry{}) {
+  if (cpu::has(cpu::Capability::AVX512)) return avx512;
+  if (cpu::has(cpu::Capability::AVX2)) return avx2;
+  return portable;
 }
 
 #define FASTDL_AVX512_FN __attribute__((target("avx512f"))) static inline

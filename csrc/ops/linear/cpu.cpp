@@ -116,11 +116,7 @@ struct Avx2Entry {
 };
 
 // The tiles of the best set the active capability allows, or nullptr.
-ColumnsFn select_tiles() {
-  if (cpu::has(cpu::Capability::AVX512)) return &Avx512Entry::columns;
-  if (cpu::has(cpu::Capability::AVX2)) return &Avx2Entry::columns;
-  return nullptr;
-}
+ColumnsFn select_tiles() { return cpu::isa::best_entry<ColumnsFn>(&Avx512Entry::columns, &Avx2Entry::columns); }
 
 #else
 

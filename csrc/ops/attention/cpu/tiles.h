@@ -244,10 +244,10 @@ FASTDL_ATTENTION_TILE_ENTRIES(Avx2, "arch=x86-64-v3")
 // the op, so that one call never mixes two), or nullptr where none is compiled in or allowed.
 inline const Kernels* select() {
 #if FASTDL_X86_ISA
-  if (cpu::has(cpu::Capability::AVX512)) return &Avx512Entries::kernels;
-  if (cpu::has(cpu::Capability::AVX2)) return &Avx2Entries::kernels;
-#endif
+  return cpu::isa::best_entry<const Kernels*>(&Avx512Entries::kernels, &Avx2Entries::kernels);
+#else
   return nullptr;
+#endif
 }
 
 }  // namespace fastdl::attention::tiles
