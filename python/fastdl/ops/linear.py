@@ -8,6 +8,8 @@ libtorch links, cuBLAS on CUDA), which is also the composite.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -56,8 +58,10 @@ def check_inputs(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if weight.dim() != 2:
         _fail(f"expected weight to be a 2-D tensor [out_features, in_features], but got shape {list(weight.shape)}")
     if input.shape[-1] != weight.shape[1]:
-        _fail(f"input has {input.shape[-1]} features (last dimension of {list(input.shape)}) but weight "
-              f"{list(weight.shape)} expects {weight.shape[1]}")
+        _fail(
+            f"input has {input.shape[-1]} features (last dimension of {list(input.shape)}) but weight "
+            f"{list(weight.shape)} expects {weight.shape[1]}"
+        )
     if bias is not None and list(bias.shape) != [weight.shape[0]]:
         _fail(f"expected bias of shape [{weight.shape[0]}] (out_features), got {list(bias.shape)}")
 
@@ -82,9 +86,10 @@ def _backward(ctx, grad):
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_input = grad @ weight
-    rows = grad.reshape(-1, grad.shape[-1])
+    # explicit row counts: reshape(-1, 0) is ambiguous when there are no outputs or features
+    rows = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1])
     if ctx.needs_input_grad[1]:
-        grad_weight = rows.T @ input.reshape(-1, input.shape[-1])
+        grad_weight = rows.T @ input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = rows.sum(0)
     return grad_input, grad_weight, grad_bias
