@@ -43,6 +43,7 @@ static PyMethodDef fastdl_c_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef fastdl_c_module = {PyModuleDef_HEAD_INIT, "_C", NULL, -1, fastdl_c_methods};
+static struct PyModuleDef fastdl_c_module = {PyModuleDef_HEAD_INIT, "_C", NULL, -1,
+                                             fastdl_c_methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastdl_c_module); }

@@ -34,8 +34,8 @@ inline void check_same_device(const char* op, const char* name_a, const at::Tens
 
 inline void check_same_dtype(const char* op, const char* name_a, const at::Tensor& a,
                              const char* name_b, const at::Tensor& b) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " has dtype ",
-              a.scalar_type(), " but ", name_b, " has dtype ", b.scalar_type());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " has dtype ", a.scalar_type(),
+              " but ", name_b, " has dtype ", b.scalar_type());
 }
 
 inline void check_floating_dtype(const char* op, const char* name, const at::Tensor& t,

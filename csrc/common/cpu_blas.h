@@ -9,8 +9,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc);
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc);
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
 // MKL's per-thread thread count; a weak reference, null with any other BLAS.
 int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 }
@@ -29,9 +29,9 @@ inline void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64
   const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
   sgemm_(&ca, &cb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
 }
-inline void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k,
-                 double alpha, const double* a, int64_t lda, const double* b, int64_t ldb,
-                 double beta, double* c, int64_t ldc) {
+inline void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, double alpha,
+                 const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
+                 int64_t ldc) {
   const char ca = ta == TransposeType::Transpose ? 'T' : 'N';
   const char cb = tb == TransposeType::Transpose ? 'T' : 'N';
   const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
@@ -42,8 +42,8 @@ inline void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64
 // because C^T = op(B)^T op(A)^T is exactly what column-major BLAS sees in row-major memory.
 template <typename T>
 inline void gemm_row_major(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k,
-                           T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
-                           T* c, int64_t ldc) {
+                           T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                           int64_t ldc) {
   gemm(tb, ta, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 

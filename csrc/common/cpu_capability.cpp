@@ -37,7 +37,8 @@ Capability initial() {
   if (asked == nullptr || *asked == '\0') return supported();
   const Capability c = parse(asked, "FASTDL_CPU_CAPABILITY");
   if (static_cast<int>(c) > static_cast<int>(supported())) {
-    std::fprintf(stderr, "fastdl: FASTDL_CPU_CAPABILITY=%s but this CPU supports at most %s; using %s\n",
+    std::fprintf(stderr,
+                 "fastdl: FASTDL_CPU_CAPABILITY=%s but this CPU supports at most %s; using %s\n",
                  asked, name(supported()), name(supported()));
     return supported();
   }
@@ -52,7 +53,8 @@ std::atomic<int>& active_slot() {
 // Copies an error's message (without c10's backtrace) into a caller's buffer, for the C entry
 // points below.
 int report(const c10::Error& e, char* error, int size) {
-  if (error != nullptr && size > 0) std::snprintf(error, static_cast<size_t>(size), "%s", e.what_without_backtrace());
+  if (error != nullptr && size > 0)
+    std::snprintf(error, static_cast<size_t>(size), "%s", e.what_without_backtrace());
   return -1;
 }
 
@@ -63,11 +65,14 @@ Capability supported() {
   return c;
 }
 
-Capability active() { return static_cast<Capability>(active_slot().load(std::memory_order_relaxed)); }
+Capability active() {
+  return static_cast<Capability>(active_slot().load(std::memory_order_relaxed));
+}
 
 void set_active(Capability c) {
-  TORCH_CHECK(static_cast<int>(c) <= static_cast<int>(supported()), "fastdl: cannot use CPU capability ",
-              name(c), ": this CPU supports at most ", name(supported()));
+  TORCH_CHECK(static_cast<int>(c) <= static_cast<int>(supported()),
+              "fastdl: cannot use CPU capability ", name(c), ": this CPU supports at most ",
+              name(supported()));
   active_slot().store(static_cast<int>(c), std::memory_order_relaxed);
 }
 

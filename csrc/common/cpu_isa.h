@@ -89,7 +89,8 @@ struct Avx512 {
 
   // src[0], src[2], ..., src[30], reading src[0 .. 30] only.
   FASTDL_AVX512_FN V even_lanes(const float* src) {
-    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i evens =
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const V high = _mm512_maskz_loadu_ps(0x7FFF, src + 16);  // its last lane would be src[31]
     return _mm512_permutex2var_ps(_mm512_loadu_ps(src), evens, high);
   }
@@ -110,7 +111,8 @@ struct Avx512 {
       r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
       r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
     }
-    for (int j = 0; j < 4; ++j) {  // column 4l + j gathers lane l of r[j], r[4 + j], r[8 + j], r[12 + j]
+    for (int j = 0; j < 4;
+         ++j) {  // column 4l + j gathers lane l of r[j], r[4 + j], r[8 + j], r[12 + j]
       const V low01 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44);
       const V high01 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
       const V low23 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
@@ -187,9 +189,11 @@ struct Avx2 {
   // src[0], src[2], ..., src[14], reading src[0 .. 14] only: the odd lanes of src[7 .. 14] are
   // the even elements past the first vector, so no masked load is needed.
   FASTDL_AVX2_FN V even_lanes(const float* src) {
-    const V mixed = _mm256_shuffle_ps(_mm256_loadu_ps(src), _mm256_loadu_ps(src + 7), _MM_SHUFFLE(3, 1, 2, 0));
+    const V mixed =
+        _mm256_shuffle_ps(_mm256_loadu_ps(src), _mm256_loadu_ps(src + 7), _MM_SHUFFLE(3, 1, 2, 0));
     // mixed: 0 2 8 10 | 4 6 12 14, its 64-bit pairs in the order 0 2 1 3
-    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mixed), _MM_SHUFFLE(3, 1, 2, 0)));
+    return _mm256_castpd_ps(
+        _mm256_permute4x64_pd(_mm256_castps_pd(mixed), _MM_SHUFFLE(3, 1, 2, 0)));
   }
 
   // Transposes the 8 x 8 block r[row] lane col in registers: 32-bit pairs, 64-bit pairs within
@@ -219,8 +223,12 @@ struct Avx2 {
     return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(k), lane));
   }
   // vmaskmov: masked-off lanes read as 0 without touching memory, and are not written.
-  FASTDL_AVX2_FN V load(const float* p, Mask m) { return _mm256_maskload_ps(p, _mm256_castps_si256(m)); }
-  FASTDL_AVX2_FN void store(float* p, V v, Mask m) { _mm256_maskstore_ps(p, _mm256_castps_si256(m), v); }
+  FASTDL_AVX2_FN V load(const float* p, Mask m) {
+    return _mm256_maskload_ps(p, _mm256_castps_si256(m));
+  }
+  FASTDL_AVX2_FN void store(float* p, V v, Mask m) {
+    _mm256_maskstore_ps(p, _mm256_castps_si256(m), v);
+  }
   FASTDL_AVX2_FN V max(V a, V b, Mask m) { return _mm256_blendv_ps(a, _mm256_max_ps(a, b), m); }
   FASTDL_AVX2_FN Mask above_or_nan(V t, float lo, Mask m) {
     return _mm256_and_ps(_mm256_cmp_ps(t, _mm256_set1_ps(lo), _CMP_NLE_UQ), m);
@@ -248,7 +256,8 @@ struct Avx2 {
     V p = _mm256_set1_ps(kExp2Poly[0]);
 #pragma GCC unroll 8
     for (int i = 1; i < kExp2Terms; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(127)), 23);
+    const __m256i bits =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
   }
 };

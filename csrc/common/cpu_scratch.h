@@ -45,7 +45,8 @@ inline void* kept_buffer(int slot, size_t bytes) {
 // slot is asked for again on this thread (buffers alive at the same time need different slots),
 // or above kMaxKeptBytes a tensor of its own.
 inline at::Tensor workspace(int slot, at::IntArrayRef shape, const at::TensorOptions& options) {
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(shape)) * options.dtype().itemsize();
+  const size_t bytes =
+      static_cast<size_t>(c10::multiply_integers(shape)) * options.dtype().itemsize();
   if (bytes > kMaxKeptBytes) return at::empty(shape, options);
   return at::from_blob(kept_buffer(slot, bytes), shape, options);
 }
@@ -59,7 +60,8 @@ inline at::Tensor zeros_on_huge_pages(at::IntArrayRef shape, const at::TensorOpt
 #ifdef __linux__
   constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
   const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1), end = (start + t.nbytes()) & ~(kHugePage - 1);
+  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1),
+                  end = (start + t.nbytes()) & ~(kHugePage - 1);
   // Advice only: where it is refused the pages are ordinary ones.
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #endif

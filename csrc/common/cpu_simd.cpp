@@ -1,4 +1,5 @@
-// Vector values stay inside this file's always-inlined helpers and simd_dispatch builds (cpu_vec.h).
+// Vector values stay inside this file's always-inlined helpers and simd_dispatch builds
+// (cpu_vec.h).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -14,9 +15,8 @@ namespace fastdl::cpu {
 
 namespace {
 template <typename T>
-inline void axpy4_impl(int64_t n, T w0, const T* __restrict a0, T w1, const T* __restrict a1,
-                       T w2, const T* __restrict a2, T w3, const T* __restrict a3,
-                       T* __restrict acc) {
+inline void axpy4_impl(int64_t n, T w0, const T* __restrict a0, T w1, const T* __restrict a1, T w2,
+                       const T* __restrict a2, T w3, const T* __restrict a3, T* __restrict acc) {
   for (int64_t c = 0; c < n; ++c) {
     acc[c] += w0 * a0[c] + w1 * a1[c] + w2 * a2[c] + w3 * a3[c];
   }

@@ -19,7 +19,8 @@ namespace fastdl::cpu {
 
 namespace simd_detail {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// The AVX2 build names the x86-64-v3 level (AVX2, FMA, BMI2, F16C): "avx2" alone would leave FMA out.
+// The AVX2 build names the x86-64-v3 level (AVX2, FMA, BMI2, F16C): "avx2" alone would leave FMA
+// out.
 template <class Body>
 __attribute__((target("avx512f"), flatten)) auto run_avx512(Body body) {
   return body();
@@ -39,9 +40,12 @@ template <class Body>
 inline auto simd_dispatch(Body body) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   switch (active()) {
-    case Capability::AVX512: return simd_detail::run_avx512(body);
-    case Capability::AVX2: return simd_detail::run_avx2(body);
-    case Capability::Default: break;
+    case Capability::AVX512:
+      return simd_detail::run_avx512(body);
+    case Capability::AVX2:
+      return simd_detail::run_avx2(body);
+    case Capability::Default:
+      break;
   }
 #endif
   return simd_detail::run_baseline(body);

@@ -40,10 +40,10 @@ FASTDL_VEC_INLINE void store(float* p, f32x16 v, int64_t count) {
 
 // 2^f for f in (-0.5, 0.5]: a degree-7 polynomial evaluated by Horner's rule. One template
 // serves a float and a f32x16, so the scalar and vector forms agree bit for bit per lane.
-constexpr float kExp2Coefficients[] = {
-    1.525273380405984e-05f, 1.5403530393381608e-04f, 1.3333558146428443e-03f,
-    9.618129107628477e-03f, 5.550410866482158e-02f,  2.402265069591007e-01f,
-    6.931471805599453e-01f, 1.0f};
+constexpr float kExp2Coefficients[] = {1.525273380405984e-05f,  1.5403530393381608e-04f,
+                                       1.3333558146428443e-03f, 9.618129107628477e-03f,
+                                       5.550410866482158e-02f,  2.402265069591007e-01f,
+                                       6.931471805599453e-01f,  1.0f};
 
 template <typename V>
 FASTDL_VEC_INLINE V exp2_fraction(V f) {
@@ -65,10 +65,12 @@ inline float exp2_poly(float x) {
 
 // exp2_poly on sixteen lanes (same polynomial, same clamping).
 FASTDL_VEC_INLINE f32x16 exp2_vec(f32x16 x) {
-  x = x < splat(-125.0f) ? splat(-127.0f) : x;  // NaN passes, and its lanes come out NaN whatever n they convert to
+  x = x < splat(-125.0f) ? splat(-127.0f)
+                         : x;  // NaN passes, and its lanes come out NaN whatever n they convert to
   const i32x16 n = __builtin_convertvector(x - 0.5f, i32x16);  // truncation toward zero
   const i32x16 bits = (n + 127) << 23;  // 2^n built directly in the exponent field
-  return exp2_fraction(x - __builtin_convertvector(n, f32x16)) * reinterpret_cast<const f32x16&>(bits);
+  return exp2_fraction(x - __builtin_convertvector(n, f32x16)) *
+         reinterpret_cast<const f32x16&>(bits);
 }
 
 FASTDL_VEC_INLINE float hsum(f32x16 v) {

@@ -19,7 +19,10 @@ struct GridStride {
   struct Iter {
     int64_t i, step;
     __device__ int64_t operator*() const { return i; }
-    __device__ Iter& operator++() { i += step; return *this; }
+    __device__ Iter& operator++() {
+      i += step;
+      return *this;
+    }
     __device__ bool operator!=(const Iter& end) const { return i < end.i; }
   };
   __device__ Iter begin() const { return {i, step}; }

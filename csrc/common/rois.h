@@ -14,7 +14,8 @@ namespace fastdl {
 // whose batch indices are whole numbers in [0, batch_size), or a kernel would read or write
 // outside its image. The value check is one fused reduction; on CUDA it costs one
 // device-to-host sync of four numbers. `images` says where batch_size comes from, for messages.
-inline void check_roi_rows(const char* op, const at::Tensor& rois, int64_t batch_size, const std::string& images) {
+inline void check_roi_rows(const char* op, const at::Tensor& rois, int64_t batch_size,
+                           const std::string& images) {
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op,
               ": expected rois of shape [K, 5] with rows (batch_index, x1, y1, x2, y2), got ",
               sizes_str(rois));
@@ -51,8 +52,8 @@ inline void check_backward_rois(const char* op, const at::Tensor& rois, int64_t 
 }
 
 inline void check_pooled_size(const char* op, int64_t pooled_h, int64_t pooled_w) {
-  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op, ": output_size must be positive, got (",
-              pooled_h, ", ", pooled_w, ")");
+  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op, ": output_size must be positive, got (", pooled_h,
+              ", ", pooled_w, ")");
 }
 
 inline void check_spatial_scale(const char* op, double spatial_scale) {

@@ -28,7 +28,8 @@ TORCH_LIBRARY(fastdl, m) {
       "Tensor? residual=None) -> Tensor");
   m.def(
       "_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, "
+      "Tensor)");
   // ---- attention ------------------------------------------------------------------------
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float scale, "

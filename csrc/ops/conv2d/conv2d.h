@@ -25,12 +25,17 @@ inline Activation parse_activation(std::optional<std::string_view> name) {
 template <typename T>
 inline T activate(Activation act, T x) {
   switch (act) {
-    case Activation::None: return x;
+    case Activation::None:
+      return x;
     // NaN passes both, as it does torch's: every comparison with it is false.
-    case Activation::ReLU: return x < T(0) ? T(0) : x;
-    case Activation::ReLU6: return x < T(0) ? T(0) : (x > T(6) ? T(6) : x);
-    case Activation::SiLU: return x / (T(1) + std::exp(-x));
-    case Activation::GELU: return T(0.5) * x * (T(1) + std::erf(x * T(0.7071067811865476)));
+    case Activation::ReLU:
+      return x < T(0) ? T(0) : x;
+    case Activation::ReLU6:
+      return x < T(0) ? T(0) : (x > T(6) ? T(6) : x);
+    case Activation::SiLU:
+      return x / (T(1) + std::exp(-x));
+    case Activation::GELU:
+      return T(0.5) * x * (T(1) + std::erf(x * T(0.7071067811865476)));
   }
   return x;
 }

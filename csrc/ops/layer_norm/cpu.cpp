@@ -8,7 +8,8 @@
 // runs scalar code; bfloat16 and float16 rows are converted to float32 row buffers and back
 // (statistics in float32, as torch's kernel).
 
-// Vector values stay inside this file's always-inlined helpers and simd_dispatch builds (cpu_vec.h).
+// Vector values stay inside this file's always-inlined helpers and simd_dispatch builds
+// (cpu_vec.h).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -36,15 +37,24 @@ using Vec = std::conditional_t<std::is_same_v<T, float>, cpu::vec::f32x16, doubl
 
 template <typename T>
 FASTDL_VEC_INLINE Vec<T> vload(const T* p) {
-  if constexpr (std::is_same_v<T, float>) return cpu::vec::load(p); else return *p;
+  if constexpr (std::is_same_v<T, float>)
+    return cpu::vec::load(p);
+  else
+    return *p;
 }
 template <typename T>
 FASTDL_VEC_INLINE void vstore(T* p, Vec<T> v) {
-  if constexpr (std::is_same_v<T, float>) cpu::vec::store(p, v); else *p = v;
+  if constexpr (std::is_same_v<T, float>)
+    cpu::vec::store(p, v);
+  else
+    *p = v;
 }
 template <typename T>
 FASTDL_VEC_INLINE T vsum(Vec<T> v) {
-  if constexpr (std::is_same_v<T, float>) return cpu::vec::hsum(v); else return v;
+  if constexpr (std::is_same_v<T, float>)
+    return cpu::vec::hsum(v);
+  else
+    return v;
 }
 template <typename T>
 constexpr int64_t kLanes = sizeof(Vec<T>) / sizeof(T);
@@ -97,8 +107,8 @@ FASTDL_VEC_INLINE void forward_row(int64_t n, const T* x, const T* r, T* sum, co
 // One row of the backward: with xhat = (x - mean) * rstd and g = dy * w,
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); dw += dy * xhat, db += dy.
 template <typename T>
-FASTDL_VEC_INLINE void backward_row(int64_t n, const T* x, const T* dy, const T* w, T mean,
-                                    T rstd, T* dx, T* dw, T* db) {
+FASTDL_VEC_INLINE void backward_row(int64_t n, const T* x, const T* dy, const T* w, T mean, T rstd,
+                                    T* dx, T* dw, T* db) {
   using V = Vec<T>;
   const int64_t full = n - n % kLanes<T>;
   V sg{}, sgx{};
@@ -136,15 +146,11 @@ FASTDL_VEC_INLINE void backward_row(int64_t n, const T* x, const T* dy, const T*
 
 void forward_row_f32(int64_t n, const float* x, const float* r, float* sum, const float* w,
                      const float* b, float* y, float eps, float* mean, float* rstd) {
-  cpu::simd_dispatch([=] {
-    forward_row<float>(n, x, r, sum, w, b, y, eps, *mean, *rstd);
-  });
+  cpu::simd_dispatch([=] { forward_row<float>(n, x, r, sum, w, b, y, eps, *mean, *rstd); });
 }
 void backward_row_f32(int64_t n, const float* x, const float* dy, const float* w, float mean,
                       float rstd, float* dx, float* dw, float* db) {
-  cpu::simd_dispatch([=] {
-    backward_row<float>(n, x, dy, w, mean, rstd, dx, dw, db);
-  });
+  cpu::simd_dispatch([=] { backward_row<float>(n, x, dy, w, mean, rstd, dx, dw, db); });
 }
 void forward_row_impl(int64_t n, const float* x, const float* r, float* sum, const float* w,
                       const float* b, float* y, float eps, float* mean, float* rstd) {
@@ -158,8 +164,8 @@ void backward_row_impl(int64_t n, const float* x, const float* dy, const float* 
                        float rstd, float* dx, float* dw, float* db) {
   backward_row_f32(n, x, dy, w, mean, rstd, dx, dw, db);
 }
-void backward_row_impl(int64_t n, const double* x, const double* dy, const double* w,
-                       double mean, double rstd, double* dx, double* dw, double* db) {
+void backward_row_impl(int64_t n, const double* x, const double* dy, const double* w, double mean,
+                       double rstd, double* dx, double* dw, double* db) {
   backward_row<double>(n, x, dy, w, mean, rstd, dx, dw, db);
 }
 
@@ -217,8 +223,8 @@ void forward(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, cons
 
 template <typename scalar_t, typename acc_t>
 void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-              const at::Tensor& mean, const at::Tensor& rstd, Rows rows, bool want_dw,
-              bool want_db, at::Tensor& dx, at::Tensor& dw_blocks, at::Tensor& db_blocks) {
+              const at::Tensor& mean, const at::Tensor& rstd, Rows rows, bool want_dw, bool want_db,
+              at::Tensor& dx, at::Tensor& dw_blocks, at::Tensor& db_blocks) {
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const at::Tensor w_acc = kConvert && w.defined() ? w.to(c10::CppTypeToScalarType<acc_t>()) : w;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -264,19 +270,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(
     const at::Tensor& input, at::IntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, double eps) {
-  const Rows rows = check_inputs("layer_norm", input, normalized_shape, weight, bias, residual, eps);
+  const Rows rows =
+      check_inputs("layer_norm", input, normalized_shape, weight, bias, residual, eps);
   const at::Tensor x = input.contiguous();
   const at::Tensor r = contiguous_or_undefined(residual);
   const at::Tensor w = contiguous_or_undefined(weight);
   const at::Tensor b = contiguous_or_undefined(bias);
   at::Tensor y = at::empty(input.sizes(), x.options());
-  at::Tensor sum = residual.has_value() ? at::empty(input.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor sum =
+      residual.has_value() ? at::empty(input.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({rows.count}, x.options().dtype(stats_dtype(input)));
   at::Tensor rstd = at::empty({rows.count}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "layer_norm_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward<scalar_t, acc_t>(x, r, w, b, eps, rows, y, sum, mean, rstd);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "layer_norm_cpu", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        forward<scalar_t, acc_t>(x, r, w, b, eps, rows, y, sum, mean, rstd);
+      });
   return {y, sum, mean, rstd};
 }
 
@@ -285,7 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
     const at::Tensor& mean, const at::Tensor& rstd, at::IntArrayRef normalized_shape,
     std::array<bool, 3> output_mask) {
   const char* op = "_layer_norm_backward";
-  const Rows rows = check_inputs(op, input, normalized_shape, weight, std::nullopt, std::nullopt, 0.0);
+  const Rows rows =
+      check_inputs(op, input, normalized_shape, weight, std::nullopt, std::nullopt, 0.0);
   check_same_dtype(op, "input", input, "grad_output", grad_output);
   TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has shape ",
               sizes_str(grad_output), " but input has shape ", sizes_str(input));
@@ -303,16 +313,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
   // One partial sum per block of rows, added in a fixed order. The number of blocks depends on
   // the shape only (up to 64, and the partial sums below 2^22 elements), so the gradients are the
   // same bits for any thread count.
-  const int64_t blocks = std::clamp<int64_t>(std::min<int64_t>(64, (int64_t{1} << 22) / rows.size), 1,
-                                             std::max<int64_t>(rows.count, 1));
+  const int64_t blocks = std::clamp<int64_t>(std::min<int64_t>(64, (int64_t{1} << 22) / rows.size),
+                                             1, std::max<int64_t>(rows.count, 1));
   const auto acc_options = x.options().dtype(stats_dtype(input));
   at::Tensor dw_blocks = at::zeros({blocks, want_dw ? rows.size : 0}, acc_options);
   at::Tensor db_blocks = at::zeros({blocks, want_db ? rows.size : 0}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "layer_norm_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward<scalar_t, acc_t>(dy, x, w, mean.contiguous(), rstd.contiguous(), rows, want_dw,
-                              want_db, dx, dw_blocks, db_blocks);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "layer_norm_backward_cpu", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        backward<scalar_t, acc_t>(dy, x, w, mean.contiguous(), rstd.contiguous(), rows, want_dw,
+                                  want_db, dx, dw_blocks, db_blocks);
+      });
   const auto reduce = [&](bool wanted, const at::Tensor& partial) {
     return wanted ? partial.sum(0).to(input.scalar_type()).view(normalized_shape)
                   : at::empty({0}, x.options());

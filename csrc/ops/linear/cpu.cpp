@@ -96,8 +96,9 @@ struct Tiles {
     for (int64_t p0 = 0; p0 < a.rows; p0 += kRowsPerPass) {
       const float* x = a.x + p0 * a.ldx;
       float* y = a.y + p0 * a.N;
-      cpu::isa::with_count<kRowsPerPass>(std::min<int64_t>(kRowsPerPass, a.rows - p0),
-                                         [&](auto p) { pass<decltype(p)::value>(a, x, y, n0, n1); });
+      cpu::isa::with_count<kRowsPerPass>(std::min<int64_t>(kRowsPerPass, a.rows - p0), [&](auto p) {
+        pass<decltype(p)::value>(a, x, y, n0, n1);
+      });
     }
   }
 };
@@ -116,7 +117,9 @@ struct Avx2Entry {
 };
 
 // The tiles of the best set the active capability allows, or nullptr.
-ColumnsFn select_tiles() { return cpu::isa::best_entry<ColumnsFn>(&Avx512Entry::columns, &Avx2Entry::columns); }
+ColumnsFn select_tiles() {
+  return cpu::isa::best_entry<ColumnsFn>(&Avx512Entry::columns, &Avx2Entry::columns);
+}
 
 #else
 
@@ -130,9 +133,9 @@ at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight,
   const Dims d = check_inputs("linear", input, weight, bias);
   checked_mul_add("linear", "the output size", d.rows, d.outputs, 0);
   const ColumnsFn tiles = select_tiles();
-  const bool streamed = tiles != nullptr && input.scalar_type() == at::kFloat &&
-                        d.rows >= 1 && d.rows <= kMaxRows && d.features > 0 &&
-                        weight.is_contiguous() && (!bias.has_value() || bias->is_contiguous());
+  const bool streamed = tiles != nullptr && input.scalar_type() == at::kFloat && d.rows >= 1 &&
+                        d.rows <= kMaxRows && d.features > 0 && weight.is_contiguous() &&
+                        (!bias.has_value() || bias->is_contiguous());
   if (!streamed) return at::linear(input, weight, bias);
 
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
@@ -140,9 +143,14 @@ at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor output = at::empty(shape, input.options());
   const at::Tensor x = input.reshape({d.rows, d.features});
   const at::Tensor rows = x.stride(1) == 1 ? x : x.contiguous();
-  const Args a{rows.const_data_ptr<float>(), weight.const_data_ptr<float>(),
-               bias.has_value() ? bias->const_data_ptr<float>() : nullptr, output.data_ptr<float>(),
-               d.rows, d.features, d.outputs, rows.stride(0)};
+  const Args a{rows.const_data_ptr<float>(),
+               weight.const_data_ptr<float>(),
+               bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
+               output.data_ptr<float>(),
+               d.rows,
+               d.features,
+               d.outputs,
+               rows.stride(0)};
   // about 64k weights per task: enough to pay for waking a thread
   const int64_t grain = std::max<int64_t>(16, 65536 / d.features);
   at::parallel_for(0, d.outputs, grain, [&](int64_t n0, int64_t n1) { tiles(a, n0, n1); });

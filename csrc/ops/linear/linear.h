@@ -30,8 +30,8 @@ inline Dims check_inputs(const char* op, const at::Tensor& input, const at::Tens
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension, got a 0-D tensor");
   check_rank(op, "weight", weight, 2, "[out_features, in_features]");
   TORCH_CHECK(input.size(-1) == weight.size(1), op, ": input has ", input.size(-1),
-              " features (last dimension of ", sizes_str(input), ") but weight ",
-              sizes_str(weight), " expects ", weight.size(1));
+              " features (last dimension of ", sizes_str(input), ") but weight ", sizes_str(weight),
+              " expects ", weight.size(1));
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), op,
               ": expected bias of shape [", weight.size(0), "] (out_features), got ",
               sizes_str(*bias));

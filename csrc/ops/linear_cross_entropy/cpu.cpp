@@ -30,13 +30,14 @@ at::ScalarType acc_dtype(const at::Tensor& hidden) {
 }
 
 // Rows whose target is not ignore_index; fails on the first such target outside [0, V).
-at::Tensor valid_rows(const char* op, const at::Tensor& target, int64_t classes, int64_t ignore_index) {
+at::Tensor valid_rows(const char* op, const at::Tensor& target, int64_t classes,
+                      int64_t ignore_index) {
   const at::Tensor valid = target.ne(ignore_index);
   const at::Tensor bad = valid.logical_and(target.lt(0).logical_or(target.ge(classes)));
   if (bad.any().item<bool>()) {
     TORCH_CHECK(false, op, ": target ", target.masked_select(bad)[0].item<int64_t>(),
-                " is out of range for ", classes, " classes (and is not ignore_index=",
-                ignore_index, ")");
+                " is out of range for ", classes,
+                " classes (and is not ignore_index=", ignore_index, ")");
   }
   return valid;
 }
@@ -49,9 +50,10 @@ struct Gradients {
 // `lse` is computed (forward) or given (backward); `losses` is filled when defined;
 // with `grads`, each row r of (softmax - onehot) is multiplied by row_scale[r].
 template <typename acc_t>
-void run_chunks(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                const at::Tensor& target, const at::Tensor& valid, bool lse_given, at::Tensor& lse,
-                at::Tensor* losses, const at::Tensor& row_scale, Gradients* grads) {
+void run_chunks(const at::Tensor& hidden, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                const at::Tensor& valid, bool lse_given, at::Tensor& lse, at::Tensor* losses,
+                const at::Tensor& row_scale, Gradients* grads) {
   const int64_t n = hidden.size(0), v = weight.size(0);
   const bool same_dtype = hidden.scalar_type() == lse.scalar_type();
   const int64_t step = chunk_rows(n, v);
@@ -67,7 +69,10 @@ void run_chunks(const at::Tensor& hidden, const at::Tensor& weight, const std::o
     const at::Tensor h = hidden.narrow(0, start, rows);
     at::Tensor logits = buffer.narrow(0, 0, rows);
     if (same_dtype) {
-      if (bias.has_value()) at::addmm_out(logits, *bias, h, weight_t); else at::mm_out(logits, h, weight_t);
+      if (bias.has_value())
+        at::addmm_out(logits, *bias, h, weight_t);
+      else
+        at::mm_out(logits, h, weight_t);
     } else {
       logits.copy_(bias.has_value() ? at::addmm(*bias, h, weight_t) : at::mm(h, weight_t));
     }
@@ -97,28 +102,36 @@ void run_chunks(const at::Tensor& hidden, const at::Tensor& weight, const std::o
     const at::Tensor dlogits = same_dtype ? logits : logits.to(hidden.scalar_type());
     at::Tensor grad_h = grads->hidden.narrow(0, start, rows);
     at::mm_out(grad_h, dlogits, weight);
-    if (same_dtype) grads->weight.addmm_(dlogits.t(), h); else grads->weight.add_(at::mm(dlogits.t(), h));
+    if (same_dtype)
+      grads->weight.addmm_(dlogits.t(), h);
+    else
+      grads->weight.add_(at::mm(dlogits.t(), h));
     if (grads->bias.defined()) grads->bias.add_(logits.sum(0));
   }
 }
 
-// Per row: 0 if ignored, else 1 (sum) or 1 / (rows not ignored) (mean), times the upstream gradient.
+// Per row: 0 if ignored, else 1 (sum) or 1 / (rows not ignored) (mean), times the upstream
+// gradient.
 at::Tensor row_scales(const at::Tensor& valid, Reduction reduction, const at::Tensor& grad_loss,
                       at::ScalarType acc) {
   at::Tensor scale = valid.to(acc);
-  if (reduction == Reduction::Mean) scale = scale / scale.sum().clamp_min(1);  // all ignored: 0, as torch
+  if (reduction == Reduction::Mean)
+    scale = scale / scale.sum().clamp_min(1);  // all ignored: 0, as torch
   return grad_loss.defined() ? scale * grad_loss.to(acc) : scale;
 }
 
 Gradients new_gradients(const at::Tensor& hidden, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, at::ScalarType acc) {
-  return {at::empty(hidden.sizes(), hidden.options()), cpu::zeros_on_huge_pages(weight.sizes(), weight.options().dtype(acc)),
+  return {at::empty(hidden.sizes(), hidden.options()),
+          cpu::zeros_on_huge_pages(weight.sizes(), weight.options().dtype(acc)),
           bias.has_value() ? at::zeros(bias->sizes(), bias->options().dtype(acc)) : at::Tensor()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const Gradients& g, const at::Tensor& hidden) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const Gradients& g,
+                                                      const at::Tensor& hidden) {
   const auto dtype = hidden.scalar_type();
-  return {g.hidden, g.weight.to(dtype), g.bias.defined() ? g.bias.to(dtype) : at::empty({0}, hidden.options())};
+  return {g.hidden, g.weight.to(dtype),
+          g.bias.defined() ? g.bias.to(dtype) : at::empty({0}, hidden.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
@@ -132,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
               ": compute_grad needs a scalar loss (reduction 'mean' or 'sum')");
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor target = target_in.contiguous();
-  const std::optional<at::Tensor> bias = bias_in.has_value() ? std::optional(bias_in->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> bias =
+      bias_in.has_value() ? std::optional(bias_in->contiguous()) : std::nullopt;
   const at::Tensor valid = valid_rows(op, target, d.classes, ignore_index);
   const auto acc = acc_dtype(hidden);
   at::Tensor lse = at::empty({d.rows}, hidden.options().dtype(acc));
@@ -148,11 +162,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
                          compute_grad ? &grads : nullptr);
   });
   at::Tensor loss = reduction == Reduction::None ? losses
-                    : reduction == Reduction::Sum ? losses.sum()
-                                                  : losses.sum() / valid.sum();  // 0/0 = NaN, as torch
+                    : reduction == Reduction::Sum
+                        ? losses.sum()
+                        : losses.sum() / valid.sum();  // 0/0 = NaN, as torch
   if (!compute_grad) {
     const at::Tensor empty = at::empty({0}, hidden.options());
-    return {loss.to(hidden.scalar_type()), lse, empty, at::empty({0}, weight.options()), empty.clone()};
+    return {loss.to(hidden.scalar_type()), lse, empty, at::empty({0}, weight.options()),
+            empty.clone()};
   }
   auto [gh, gw, gb] = finish(grads, hidden);
   return {loss.to(hidden.scalar_type()), lse, gh, gw, gb};
@@ -166,16 +182,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   const Dims d = check_inputs(op, hidden_in, weight_in, target_in, bias_in);
   const Reduction reduction = parse_reduction(op, reduction_name);
   const bool per_row = reduction == Reduction::None;
-  TORCH_CHECK(per_row ? (grad_loss.dim() == 1 && grad_loss.size(0) == d.rows) : grad_loss.dim() == 0,
-              op, ": grad_loss has shape ", sizes_str(grad_loss), ", expected ",
-              per_row ? "[" + std::to_string(d.rows) + "]" : std::string("[]"));
+  TORCH_CHECK(
+      per_row ? (grad_loss.dim() == 1 && grad_loss.size(0) == d.rows) : grad_loss.dim() == 0, op,
+      ": grad_loss has shape ", sizes_str(grad_loss), ", expected ",
+      per_row ? "[" + std::to_string(d.rows) + "]" : std::string("[]"));
   const auto acc = acc_dtype(hidden_in);
   TORCH_CHECK(lse_in.scalar_type() == acc && lse_in.dim() == 1 && lse_in.size(0) == d.rows, op,
               ": expected lse of shape [", d.rows, "] and dtype ", acc, ", got ", sizes_str(lse_in),
               " ", lse_in.scalar_type());
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor target = target_in.contiguous();
-  const std::optional<at::Tensor> bias = bias_in.has_value() ? std::optional(bias_in->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> bias =
+      bias_in.has_value() ? std::optional(bias_in->contiguous()) : std::nullopt;
   const at::Tensor valid = valid_rows(op, target, d.classes, ignore_index);
   at::Tensor lse = lse_in.contiguous();
   Gradients grads = new_gradients(hidden, weight, bias, acc);

@@ -39,8 +39,9 @@ inline Dims check_inputs(const char* op, const at::Tensor& hidden, const at::Ten
   check_rank(op, "hidden", hidden, 2, "[N, E]");
   check_rank(op, "weight", weight, 2, "[V, E]");
   const Dims d{hidden.size(0), hidden.size(1), weight.size(0)};
-  TORCH_CHECK(weight.size(1) == d.features, op, ": hidden ", sizes_str(hidden), " has E=",
-              d.features, " features but weight ", sizes_str(weight), " has ", weight.size(1));
+  TORCH_CHECK(weight.size(1) == d.features, op, ": hidden ", sizes_str(hidden),
+              " has E=", d.features, " features but weight ", sizes_str(weight), " has ",
+              weight.size(1));
   TORCH_CHECK(d.classes > 0, op, ": weight has no classes (shape ", sizes_str(weight), ")");
   TORCH_CHECK(target.dim() == 1 && target.size(0) == d.rows, op, ": expected target of shape [",
               d.rows, "] (one class per row of hidden), got ", sizes_str(target));

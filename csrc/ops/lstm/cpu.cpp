@@ -7,7 +7,8 @@
 // sigmoid and tanh built on it are within 2e-7 (absolute) of the exact functions. float64 calls
 // the exact library functions (it is the checking path, not the fast one).
 
-// Vector values stay inside this file's always-inlined helpers and simd_dispatch builds (cpu_vec.h).
+// Vector values stay inside this file's always-inlined helpers and simd_dispatch builds
+// (cpu_vec.h).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -66,8 +67,18 @@ FASTDL_VEC_INLINE void forward_row(int64_t hidden, T* gates, const T* bias, T* c
   constexpr int64_t lanes = sizeof(V) / sizeof(T);
   for (int64_t j = 0; j < hidden; j += lanes) {
     const int64_t m = std::min(lanes, hidden - j);
-    auto ld = [&](const T* p) { if constexpr (lanes == 1) return *p; else return load(p, m); };
-    auto st = [&](T* p, V v) { if constexpr (lanes == 1) *p = v; else store(p, v, m); };
+    auto ld = [&](const T* p) {
+      if constexpr (lanes == 1)
+        return *p;
+      else
+        return load(p, m);
+    };
+    auto st = [&](T* p, V v) {
+      if constexpr (lanes == 1)
+        *p = v;
+      else
+        store(p, v, m);
+    };
     T* gj = gates + j;
     const T* bj = bias + j;
     V i = ld(gj) + ld(bj), f = ld(gj + hidden) + ld(bj + hidden);
@@ -86,13 +97,23 @@ FASTDL_VEC_INLINE void backward_row(int64_t hidden, const T* gates, const T* c, 
   constexpr int64_t lanes = sizeof(V) / sizeof(T);
   for (int64_t j = 0; j < hidden; j += lanes) {
     const int64_t m = std::min(lanes, hidden - j);
-    auto ld = [&](const T* p) { if constexpr (lanes == 1) return *p; else return load(p, m); };
-    auto st = [&](T* p, V v) { if constexpr (lanes == 1) *p = v; else store(p, v, m); };
+    auto ld = [&](const T* p) {
+      if constexpr (lanes == 1)
+        return *p;
+      else
+        return load(p, m);
+    };
+    auto st = [&](T* p, V v) {
+      if constexpr (lanes == 1)
+        *p = v;
+      else
+        store(p, v, m);
+    };
     const T* gj = gates + j;
     V dcj = ld(dc + j), di, df, dg, do_;
-    const V hj = cell_backward<Math>(ld(gj), ld(gj + hidden), ld(gj + 2 * hidden),
-                                     ld(gj + 3 * hidden), ld(c + j), ld(c_prev + j), ld(dh + j),
-                                     dcj, di, df, dg, do_);
+    const V hj =
+        cell_backward<Math>(ld(gj), ld(gj + hidden), ld(gj + 2 * hidden), ld(gj + 3 * hidden),
+                            ld(c + j), ld(c_prev + j), ld(dh + j), dcj, di, df, dg, do_);
     T* dgj = dgates + j;
     st(dgj, di), st(dgj + hidden, df), st(dgj + 2 * hidden, dg), st(dgj + 3 * hidden, do_);
     st(dc + j, dcj);
@@ -202,8 +223,8 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kMat
 // dimension ld, op(w) is k x n.
 at::Tensor pack(const float* w, int64_t ld, bool transpose, int64_t m, int64_t n, int64_t k,
                 const at::TensorOptions& options) {
-  const size_t bytes = cblas_sgemm_pack_get_size(kMatrixB, static_cast<int>(m),
-                                                 static_cast<int>(n), static_cast<int>(k));
+  const size_t bytes = cblas_sgemm_pack_get_size(kMatrixB, static_cast<int>(m), static_cast<int>(n),
+                                                 static_cast<int>(k));
   auto packed = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, options);
   cblas_sgemm_pack(kRowMajor, kMatrixB, transpose ? kTrans : kNoTrans, static_cast<int>(m),
                    static_cast<int>(n), static_cast<int>(k), 1.0f, w, static_cast<int>(ld),
@@ -248,8 +269,8 @@ class MklRecurrence {
     // dh [n, P] = dgates [n, 4H] * w_hh: B = w_hh is k=4H by n=P
     const int64_t rows = w_hh_.size(0), cols = w_hh_.size(1);
     if (!backward_.defined()) {
-      backward_ = pack(w_hh_.const_data_ptr<float>(), cols, /*transpose=*/false, batch_, cols,
-                       rows, w_hh_.options());
+      backward_ = pack(w_hh_.const_data_ptr<float>(), cols, /*transpose=*/false, batch_, cols, rows,
+                       w_hh_.options());
     }
     packed_product(dgates.size(0), cols, rows, dgates.const_data_ptr<float>(), dgates.stride(0),
                    backward_, 0.0f, dh.data_ptr<float>(), dh.stride(0));

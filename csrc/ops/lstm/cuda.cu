@@ -133,8 +133,8 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h
                          const at::Tensor& gates, const at::Tensor& cells, bool reverse) {
   check_floating_dtype("lstm_layer_backward", "input", input, /*allow_reduced_precision=*/true);
   const c10::cuda::CUDAGuard guard(input.device());
-  return layer_backward<CudaBackend>(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
-                                     c0, w_ih, w_hh, w_hr, output, gates, cells, reverse);
+  return layer_backward<CudaBackend>(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
+                                     w_ih, w_hh, w_hr, output, gates, cells, reverse);
 }
 
 }  // namespace

@@ -65,9 +65,9 @@ FASTDL_HOST_DEVICE V cell_backward(V i, V f, V g, V o, V c, V c_prev, V dh, V& d
 // ---- shapes ------------------------------------------------------------------------------------
 
 struct Layout {
-  int64_t steps, batch, rows;             // T, B (rows of the state), N (rows of the sequence)
+  int64_t steps, batch, rows;            // T, B (rows of the state), N (rows of the sequence)
   int64_t input_size, hidden, out_size;  // I, H, P (= H without a projection)
-  std::vector<int64_t> offset, size;      // per step: first row and number of rows
+  std::vector<int64_t> offset, size;     // per step: first row and number of rows
   std::vector<int64_t> io_shape(int64_t width, const at::Tensor& input) const {
     auto shape = input.sizes().vec();
     shape.back() = width;
@@ -118,24 +118,27 @@ inline Layout check_layer(const char* op, const at::Tensor& input,
   int64_t rows = 0;
   for (int64_t t = 0; t < l.steps; ++t) {
     // a padded batch of 0 sequences is valid (as in torch); packed steps must hold some
-    TORCH_CHECK(!batch_sizes.has_value() || (l.size[t] > 0 && l.size[t] <= l.size[t > 0 ? t - 1 : 0]),
-                op, ": batch_sizes must be positive and non-increasing, got ", l.size[t],
-                " at step ", t, t > 0 ? " after " + std::to_string(l.size[t - 1]) : std::string());
+    TORCH_CHECK(
+        !batch_sizes.has_value() || (l.size[t] > 0 && l.size[t] <= l.size[t > 0 ? t - 1 : 0]), op,
+        ": batch_sizes must be positive and non-increasing, got ", l.size[t], " at step ", t,
+        t > 0 ? " after " + std::to_string(l.size[t - 1]) : std::string());
     l.offset.push_back(rows);
     rows += l.size[t];
   }
   l.rows = rows;
-  TORCH_CHECK(!batch_sizes.has_value() || input.size(0) == rows, op, ": batch_sizes sum to ",
-              rows, " rows but input has ", input.size(0), " (shape ", sizes_str(input), ")");
+  TORCH_CHECK(!batch_sizes.has_value() || input.size(0) == rows, op, ": batch_sizes sum to ", rows,
+              " rows but input has ", input.size(0), " (shape ", sizes_str(input), ")");
   TORCH_CHECK(input.size(-1) == l.input_size, op, ": input has ", input.size(-1),
-              " features (shape ", sizes_str(input), ") but w_ih expects input_size=",
-              l.input_size);
+              " features (shape ", sizes_str(input),
+              ") but w_ih expects input_size=", l.input_size);
   TORCH_CHECK(h0.size(0) == l.batch && h0.size(1) == l.out_size, op, ": expected h0 of shape [",
               l.batch, ", ", l.out_size, "], got ", sizes_str(h0));
   TORCH_CHECK(c0.size(0) == l.batch && c0.size(1) == l.hidden, op, ": expected c0 of shape [",
               l.batch, ", ", l.hidden, "], got ", sizes_str(c0));
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"h0", &h0},
-                                {"c0", &c0}, {"w_ih", &w_ih}, {"w_hh", &w_hh}}) {
+                                {"c0", &c0},
+                                {"w_ih", &w_ih},
+                                {"w_hh", &w_hh}}) {
     check_same_device(op, "input", input, name, *t);
     check_same_dtype(op, "input", input, name, *t);
   }
@@ -149,8 +152,8 @@ inline Layout check_layer(const char* op, const at::Tensor& input,
 inline void check_bias(const char* op, const char* name, const std::optional<at::Tensor>& b,
                        const at::Tensor& input, int64_t hidden) {
   if (!b.has_value()) return;
-  TORCH_CHECK(b->dim() == 1 && b->size(0) == 4 * hidden, op, ": expected ", name,
-              " of shape [", 4 * hidden, "], got ", sizes_str(*b));
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == 4 * hidden, op, ": expected ", name, " of shape [",
+              4 * hidden, "], got ", sizes_str(*b));
   check_same_device(op, "input", input, name, *b);
   check_same_dtype(op, "input", input, name, *b);
 }
@@ -187,9 +190,7 @@ class AtenRecurrence {
     Pointwise::forward(gates, bias, c, c_saved, hidden);
   }
 
-  void backward_product(at::Tensor& dh, const at::Tensor& dgates) {
-    at::mm_out(dh, dgates, w_hh_);
-  }
+  void backward_product(at::Tensor& dh, const at::Tensor& dgates) { at::mm_out(dh, dgates, w_hh_); }
 
  private:
   at::Tensor w_hh_;

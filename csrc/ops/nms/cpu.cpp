@@ -16,17 +16,18 @@ namespace fastdl::nms {
 
 // removed[j] |= IoU(box, boxes[j]) > threshold, for j in [0, count)
 template <typename T>
-inline void suppress_impl(int64_t count, T bx1, T by1, T bx2, T by2, T barea, const T* __restrict x1,
-                          const T* __restrict y1, const T* __restrict x2, const T* __restrict y2,
-                          const T* __restrict area, T threshold, uint8_t* __restrict removed) {
+inline void suppress_impl(int64_t count, T bx1, T by1, T bx2, T by2, T barea,
+                          const T* __restrict x1, const T* __restrict y1, const T* __restrict x2,
+                          const T* __restrict y2, const T* __restrict area, T threshold,
+                          uint8_t* __restrict removed) {
   for (int64_t j = 0; j < count; ++j) {
     removed[j] |= iou(bx1, by1, bx2, by2, barea, x1[j], y1[j], x2[j], y2[j], area[j]) > threshold;
   }
 }
 
 void suppress(int64_t count, float bx1, float by1, float bx2, float by2, float barea,
-              const float* x1, const float* y1, const float* x2, const float* y2,
-              const float* area, float threshold, uint8_t* removed) {
+              const float* x1, const float* y1, const float* x2, const float* y2, const float* area,
+              float threshold, uint8_t* removed) {
   cpu::simd_dispatch([=] {
     suppress_impl(count, bx1, by1, bx2, by2, barea, x1, y1, x2, y2, area, threshold, removed);
   });
@@ -79,8 +80,8 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou
   return order.masked_select(keep.to(at::kBool));
 }
 
-at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
-                           double iou_threshold) {
+at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
+                           const at::Tensor& idxs, double iou_threshold) {
   const double max_abs = check_inputs("batched_nms", boxes, scores, iou_threshold, &idxs);
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));

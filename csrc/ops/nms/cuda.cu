@@ -35,12 +35,14 @@ __global__ void mask_kernel(int64_t n, const scalar_t* __restrict__ boxes,
   const int64_t j_load = col_block * kBlock + threadIdx.x;
   if (j_load < n) {
     for (int d = 0; d < 4; ++d) col[threadIdx.x][d] = static_cast<acc_t>(boxes[j_load * 4 + d]);
-    col[threadIdx.x][4] = (col[threadIdx.x][2] - col[threadIdx.x][0]) * (col[threadIdx.x][3] - col[threadIdx.x][1]);
+    col[threadIdx.x][4] =
+        (col[threadIdx.x][2] - col[threadIdx.x][0]) * (col[threadIdx.x][3] - col[threadIdx.x][1]);
     col_class[threadIdx.x] = classes != nullptr ? classes[j_load] : 0;
   }
   __syncthreads();
   if (i >= n) return;
-  const acc_t x1 = boxes[i * 4], y1 = boxes[i * 4 + 1], x2 = boxes[i * 4 + 2], y2 = boxes[i * 4 + 3];
+  const acc_t x1 = boxes[i * 4], y1 = boxes[i * 4 + 1], x2 = boxes[i * 4 + 2],
+              y2 = boxes[i * 4 + 3];
   const acc_t area = (x2 - x1) * (y2 - y1);
   const int64_t my_class = classes != nullptr ? classes[i] : 0;
   const int64_t cols = min(static_cast<int64_t>(kBlock), n - col_block * kBlock);
@@ -110,9 +112,9 @@ at::Tensor nms_with_classes(const at::Tensor& boxes, const at::Tensor& scores,
         reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>()), words);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  keep_kernel<<<1, 256, 0, stream>>>(n, reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>()),
-                                     words, reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>()),
-                                     keep.data_ptr<bool>());
+  keep_kernel<<<1, 256, 0, stream>>>(
+      n, reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>()), words,
+      reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>()), keep.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return order.masked_select(keep);
 }

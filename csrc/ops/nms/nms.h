@@ -14,7 +14,7 @@ namespace fastdl::nms {
 // reduction (one device sync on CUDA), which also returns the largest |coordinate| for
 // area_safe.
 inline double check_inputs(const char* op, const at::Tensor& boxes, const at::Tensor& scores,
-                         double iou_threshold, const at::Tensor* idxs) {
+                           double iou_threshold, const at::Tensor* idxs) {
   TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, op,
               ": expected boxes of shape [N, 4] (x1, y1, x2, y2), got ", sizes_str(boxes));
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0), op,
@@ -33,8 +33,9 @@ inline double check_inputs(const char* op, const at::Tensor& boxes, const at::Te
                 op, ": idxs must be an integer tensor, got ", idxs->scalar_type());
   }
   if (boxes.size(0) == 0) return 0.0;
-  const auto ordered =
-      (boxes.select(1, 2) >= boxes.select(1, 0)).logical_and(boxes.select(1, 3) >= boxes.select(1, 1)).all();
+  const auto ordered = (boxes.select(1, 2) >= boxes.select(1, 0))
+                           .logical_and(boxes.select(1, 3) >= boxes.select(1, 1))
+                           .all();
   const auto summary = at::stack({at::isfinite(boxes).all().to(at::kDouble),
                                   at::isfinite(scores).all().to(at::kDouble),
                                   ordered.to(at::kDouble), boxes.abs().max().to(at::kDouble)})

@@ -28,8 +28,8 @@ void forward_nhwc(const T* input, const T* rois, T* output, bool output_channels
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / bins, bin = item % bins;
       const int64_t py = bin / pooled_w, px = bin % pooled_w;
-      const auto g = roi_geometry(rois + 5 * k, spatial_scale, pooled_h, pooled_w,
-                                  sampling_ratio, aligned);
+      const auto g =
+          roi_geometry(rois + 5 * k, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
       const T* image = input + g.batch_index * height * width * channels;
       std::fill(acc.begin(), acc.end(), T(0));
       const auto rows = sample_rows(g, py, height), cols = sample_cols(g, px, width);
@@ -68,8 +68,8 @@ void backward_nhwc(const T* grad_output, const T* rois, T* grad_input, int64_t n
     const int64_t c0 = block_begin * kChannelBlock;
     const int64_t n = std::min(channels, block_end * kChannelBlock) - c0;
     for (int64_t k = 0; k < num_rois; ++k) {
-      const auto g = roi_geometry(rois + 5 * k, spatial_scale, pooled_h, pooled_w,
-                                  sampling_ratio, aligned);
+      const auto g =
+          roi_geometry(rois + 5 * k, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
       T* image = grad_input + g.batch_index * height * width * channels + c0;
       for (int64_t bin = 0; bin < bins; ++bin) {
         const int64_t py = bin / pooled_w, px = bin % pooled_w;
@@ -92,27 +92,25 @@ void backward_nhwc(const T* grad_output, const T* rois, T* grad_input, int64_t n
 }
 
 at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
-                         int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
-                         bool aligned) {
+                         int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   check_rois("roi_align", input, rois);
   check_floating_dtype("roi_align", "input", input, /*allow_reduced_precision=*/false);
   check_params(pooled_h, pooled_w, spatial_scale, sampling_ratio);
   const int64_t num_rois = rois.size(0), channels = input.size(1);
   const int64_t height = input.size(2), width = input.size(3);
   const auto format = input.suggest_memory_format();
-  auto output = at::empty({num_rois, channels, pooled_h, pooled_w},
-                          input.options().memory_format(format));
+  auto output =
+      at::empty({num_rois, channels, pooled_h, pooled_w}, input.options().memory_format(format));
   if (output.numel() == 0) return output;
   // A map without pixels: every sample point lies outside it and contributes zero.
   if (height == 0 || width == 0) return output.zero_();
   const auto input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
   const auto rois_c = rois.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "roi_align_cpu", [&] {
-    forward_nhwc<scalar_t>(input_nhwc.const_data_ptr<scalar_t>(),
-                           rois_c.const_data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
-                           format == at::MemoryFormat::ChannelsLast, num_rois, channels, height,
-                           width, pooled_h, pooled_w, static_cast<scalar_t>(spatial_scale),
-                           sampling_ratio, aligned);
+    forward_nhwc<scalar_t>(input_nhwc.const_data_ptr<scalar_t>(), rois_c.const_data_ptr<scalar_t>(),
+                           output.data_ptr<scalar_t>(), format == at::MemoryFormat::ChannelsLast,
+                           num_rois, channels, height, width, pooled_h, pooled_w,
+                           static_cast<scalar_t>(spatial_scale), sampling_ratio, aligned);
   });
   return output;
 }
@@ -128,11 +126,10 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
     const auto grad_nhwc = grad.permute({0, 2, 3, 1}).contiguous();
     const auto rois_c = rois.contiguous();
     AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "roi_align_backward_cpu", [&] {
-      backward_nhwc<scalar_t>(grad_nhwc.const_data_ptr<scalar_t>(),
-                              rois_c.const_data_ptr<scalar_t>(),
-                              grad_input_nhwc.data_ptr<scalar_t>(), rois.size(0), channels,
-                              height, width, pooled_h, pooled_w,
-                              static_cast<scalar_t>(spatial_scale), sampling_ratio, aligned);
+      backward_nhwc<scalar_t>(
+          grad_nhwc.const_data_ptr<scalar_t>(), rois_c.const_data_ptr<scalar_t>(),
+          grad_input_nhwc.data_ptr<scalar_t>(), rois.size(0), channels, height, width, pooled_h,
+          pooled_w, static_cast<scalar_t>(spatial_scale), sampling_ratio, aligned);
     });
   }
   return grad_input_nhwc.permute({0, 3, 1, 2}).contiguous();

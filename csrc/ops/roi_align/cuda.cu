@@ -4,11 +4,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <ATen/cuda/Atomic.cuh>
 
 #include "common/cuda_launch.cuh"
 #include "common/rois.h"
@@ -56,9 +57,10 @@ __global__ void forward_kernel(int64_t total, const scalar_t* __restrict__ input
 
 template <typename scalar_t, typename acc_t>
 __global__ void backward_atomic_kernel(int64_t total, const scalar_t* __restrict__ grad,
-                                       const scalar_t* __restrict__ rois, acc_t* __restrict__ grad_input,
-                                       int64_t channels, int64_t height, int64_t width,
-                                       int64_t pooled_h, int64_t pooled_w, acc_t spatial_scale,
+                                       const scalar_t* __restrict__ rois,
+                                       acc_t* __restrict__ grad_input, int64_t channels,
+                                       int64_t height, int64_t width, int64_t pooled_h,
+                                       int64_t pooled_w, acc_t spatial_scale,
                                        int64_t sampling_ratio, bool aligned) {
   for (const int64_t index : grid_stride(total)) {
     const int64_t px = index % pooled_w;
@@ -152,14 +154,15 @@ at::Tensor roi_align_cuda(const at::Tensor& input, const at::Tensor& rois, doubl
     const auto input_c = input.contiguous();
     const auto rois_c = rois.contiguous();
     auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      forward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          total, input_c.const_data_ptr<scalar_t>(), rois_c.const_data_ptr<scalar_t>(),
-          output.data_ptr<scalar_t>(), channels, height, width, pooled_h, pooled_w,
-          static_cast<acc_t>(spatial_scale), sampling_ratio, aligned);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          forward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+              total, input_c.const_data_ptr<scalar_t>(), rois_c.const_data_ptr<scalar_t>(),
+              output.data_ptr<scalar_t>(), channels, height, width, pooled_h, pooled_w,
+              static_cast<acc_t>(spatial_scale), sampling_ratio, aligned);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   }
   return output.contiguous(input.suggest_memory_format());
 }
@@ -172,29 +175,31 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
                       width, sampling_ratio);
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
-  auto grad_input = at::zeros({batch_size, channels, height, width}, grad.options().dtype(acc_dtype));
+  auto grad_input =
+      at::zeros({batch_size, channels, height, width}, grad.options().dtype(acc_dtype));
   if (grad.numel() == 0 || grad_input.numel() == 0) return grad_input.to(grad.scalar_type());
   const auto grad_c = grad.contiguous();
   const auto rois_c = rois.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (deterministic) {
-      const int64_t total = grad_input.numel();
-      backward_gather_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          total, grad_c.const_data_ptr<scalar_t>(), rois_c.const_data_ptr<scalar_t>(),
-          rois.size(0), grad_input.data_ptr<acc_t>(), channels, height, width, pooled_h,
-          pooled_w, static_cast<acc_t>(spatial_scale), sampling_ratio, aligned);
-    } else {
-      const int64_t total = grad.numel();
-      backward_atomic_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          total, grad_c.const_data_ptr<scalar_t>(), rois_c.const_data_ptr<scalar_t>(),
-          grad_input.data_ptr<acc_t>(), channels, height, width, pooled_h, pooled_w,
-          static_cast<acc_t>(spatial_scale), sampling_ratio, aligned);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        if (deterministic) {
+          const int64_t total = grad_input.numel();
+          backward_gather_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+              total, grad_c.const_data_ptr<scalar_t>(), rois_c.const_data_ptr<scalar_t>(),
+              rois.size(0), grad_input.data_ptr<acc_t>(), channels, height, width, pooled_h,
+              pooled_w, static_cast<acc_t>(spatial_scale), sampling_ratio, aligned);
+        } else {
+          const int64_t total = grad.numel();
+          backward_atomic_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+              total, grad_c.const_data_ptr<scalar_t>(), rois_c.const_data_ptr<scalar_t>(),
+              grad_input.data_ptr<acc_t>(), channels, height, width, pooled_h, pooled_w,
+              static_cast<acc_t>(spatial_scale), sampling_ratio, aligned);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return grad_input.to(grad.scalar_type());
 }
 

@@ -5,8 +5,8 @@
 #include <ATen/core/Tensor.h>
 
 #include "common/checks.h"
-#include "common/rois.h"
 #include "common/host_device.h"
+#include "common/rois.h"
 
 namespace fastdl::roi_align {
 
@@ -20,10 +20,10 @@ constexpr int64_t kMaxAdaptiveGrid = int64_t(1) << 40;
 template <typename T>
 struct RoiGeometry {
   int64_t batch_index;
-  T start_y, start_x;       // top-left corner of the ROI
-  T bin_h, bin_w;           // size of one output bin
-  int64_t grid_h, grid_w;   // sample points per bin along y and x
-  T inv_count;              // 1 / (grid_h * grid_w): the bin value is the mean of its samples
+  T start_y, start_x;      // top-left corner of the ROI
+  T bin_h, bin_w;          // size of one output bin
+  int64_t grid_h, grid_w;  // sample points per bin along y and x
+  T inv_count;             // 1 / (grid_h * grid_w): the bin value is the mean of its samples
 };
 
 template <typename T>
@@ -76,8 +76,10 @@ FASTDL_HOST_DEVICE SampleRange samples_on_map(T bin_start, T bin_size, int64_t g
   const T first = (T(-1) - bin_start) / step - T(0.5);
   const T last = (static_cast<T>(size) - bin_start) / step - T(0.5);
   const T grid_t = static_cast<T>(grid);
-  const int64_t begin = first <= T(2) ? 0 : (first >= grid_t ? grid : static_cast<int64_t>(first) - 2);
-  const int64_t end = last >= grid_t - T(3) ? grid : (last < T(-2) ? 0 : static_cast<int64_t>(last) + 3);
+  const int64_t begin =
+      first <= T(2) ? 0 : (first >= grid_t ? grid : static_cast<int64_t>(first) - 2);
+  const int64_t end =
+      last >= grid_t - T(3) ? grid : (last < T(-2) ? 0 : static_cast<int64_t>(last) + 3);
   return {begin, end > begin ? end : begin};
 }
 
@@ -154,9 +156,9 @@ inline void check_params(int64_t pooled_h, int64_t pooled_w, double spatial_scal
               kMaxSamplingRatio, " (or <= 0 for the adaptive grid), got ", sampling_ratio);
 }
 
-inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
-                                int64_t pooled_h, int64_t pooled_w, int64_t batch_size,
-                                int64_t channels, int64_t height, int64_t width,
+inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois,
+                                double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                                int64_t batch_size, int64_t channels, int64_t height, int64_t width,
                                 int64_t sampling_ratio) {
   check_params(pooled_h, pooled_w, spatial_scale, sampling_ratio);
   check_same_device("roi_align_backward", "grad", grad, "rois", rois);

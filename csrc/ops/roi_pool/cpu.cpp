@@ -58,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_cpu(const at::Tensor& input, const a
   check_spatial_scale("roi_pool", spatial_scale);
   const int64_t num_rois = rois.size(0), channels = input.size(1);
   auto output = at::empty({num_rois, channels, pooled_h, pooled_w}, input.options());
-  auto argmax = at::empty({num_rois, channels, pooled_h, pooled_w}, input.options().dtype(at::kLong));
+  auto argmax =
+      at::empty({num_rois, channels, pooled_h, pooled_w}, input.options().dtype(at::kLong));
   if (output.numel() == 0) return {output, argmax};
   const auto input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
   const auto rois_c = rois.contiguous();

@@ -3,11 +3,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <ATen/cuda/Atomic.cuh>
 
 #include "common/cuda_launch.cuh"
 #include "common/rois.h"
@@ -55,8 +56,9 @@ __global__ void forward_kernel(int64_t total, const scalar_t* __restrict__ input
 template <typename scalar_t, typename acc_t>
 __global__ void backward_atomic_kernel(int64_t total, const scalar_t* __restrict__ grad,
                                        const int64_t* __restrict__ argmax,
-                                       const scalar_t* __restrict__ rois, acc_t* __restrict__ grad_input,
-                                       int64_t channels, int64_t plane, int64_t bins) {
+                                       const scalar_t* __restrict__ rois,
+                                       acc_t* __restrict__ grad_input, int64_t channels,
+                                       int64_t plane, int64_t bins) {
   for (const int64_t index : grid_stride(total)) {
     const int64_t where = argmax[index];
     if (where < 0) continue;
@@ -100,20 +102,22 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_cuda(const at::Tensor& input, const 
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t num_rois = rois.size(0), channels = input.size(1);
   auto output = at::empty({num_rois, channels, pooled_h, pooled_w}, input.options());
-  auto argmax = at::empty({num_rois, channels, pooled_h, pooled_w}, input.options().dtype(at::kLong));
+  auto argmax =
+      at::empty({num_rois, channels, pooled_h, pooled_w}, input.options().dtype(at::kLong));
   const int64_t total = output.numel();
   if (total == 0) return {output, argmax};
   const auto input_c = input.contiguous();
   const auto rois_c = rois.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        total, input_c.const_data_ptr<scalar_t>(), rois_c.const_data_ptr<scalar_t>(),
-        output.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), channels, input.size(2),
-        input.size(3), pooled_h, pooled_w, static_cast<acc_t>(spatial_scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        forward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+            total, input_c.const_data_ptr<scalar_t>(), rois_c.const_data_ptr<scalar_t>(),
+            output.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), channels, input.size(2),
+            input.size(3), pooled_h, pooled_w, static_cast<acc_t>(spatial_scale));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {output, argmax};
 }
 
@@ -124,7 +128,8 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
   check_backward_args(grad, rois, argmax, pooled_h, pooled_w, batch_size, channels, height, width);
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
-  auto grad_input = at::zeros({batch_size, channels, height, width}, grad.options().dtype(acc_dtype));
+  auto grad_input =
+      at::zeros({batch_size, channels, height, width}, grad.options().dtype(acc_dtype));
   if (grad.numel() == 0 || grad_input.numel() == 0) return grad_input.to(grad.scalar_type());
   TORCH_CHECK(argmax.max().item<int64_t>() < height * width,
               "roi_pool_backward: argmax holds an index beyond the ", height, "x", width, " map");
@@ -134,22 +139,24 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
   const int64_t bins = pooled_h * pooled_w, plane = height * width;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (deterministic) {
-      const int64_t total = grad_input.numel();
-      backward_gather_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          total, grad_c.const_data_ptr<scalar_t>(), argmax_c.const_data_ptr<int64_t>(),
-          rois_c.const_data_ptr<scalar_t>(), rois.size(0), grad_input.data_ptr<acc_t>(), channels,
-          plane, bins);
-    } else {
-      const int64_t total = grad.numel();
-      backward_atomic_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          total, grad_c.const_data_ptr<scalar_t>(), argmax_c.const_data_ptr<int64_t>(),
-          rois_c.const_data_ptr<scalar_t>(), grad_input.data_ptr<acc_t>(), channels, plane, bins);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        if (deterministic) {
+          const int64_t total = grad_input.numel();
+          backward_gather_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+              total, grad_c.const_data_ptr<scalar_t>(), argmax_c.const_data_ptr<int64_t>(),
+              rois_c.const_data_ptr<scalar_t>(), rois.size(0), grad_input.data_ptr<acc_t>(),
+              channels, plane, bins);
+        } else {
+          const int64_t total = grad.numel();
+          backward_atomic_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+              total, grad_c.const_data_ptr<scalar_t>(), argmax_c.const_data_ptr<int64_t>(),
+              rois_c.const_data_ptr<scalar_t>(), grad_input.data_ptr<acc_t>(), channels, plane,
+              bins);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return grad_input.to(grad.scalar_type());
 }
 

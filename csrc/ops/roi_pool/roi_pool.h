@@ -75,7 +75,8 @@ FASTDL_HOST_DEVICE Window bin_window(const RoiGeometry<T>& g, int64_t py, int64_
 
 inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois,
                                 const at::Tensor& argmax, int64_t pooled_h, int64_t pooled_w,
-                                int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
+                                int64_t batch_size, int64_t channels, int64_t height,
+                                int64_t width) {
   check_backward_rois("roi_pool_backward", rois, batch_size, channels, height, width);
   TORCH_CHECK(argmax.scalar_type() == at::kLong, "roi_pool_backward: argmax must be int64, got ",
               argmax.scalar_type());

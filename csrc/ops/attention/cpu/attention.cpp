@@ -84,7 +84,9 @@ at::Tensor additive_mask(const std::optional<at::Tensor>& mask, const Shape& s,
 
 namespace {
 
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v,
@@ -102,10 +104,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
     const bool bool_mask = attn_mask && attn_mask->scalar_type() == at::kBool;
     const Options o{causal, scale, Dropout(dropout_p, seed)};
     AT_DISPATCH_FLOATING_TYPES(ct, "attention_cpu", [&] {
-      forward_kernel<scalar_t>(sh, o, qc.const_data_ptr<scalar_t>(), Strides(qc),
-                               kc.const_data_ptr<scalar_t>(), Strides(kc),
-                               vc.const_data_ptr<scalar_t>(), Strides(vc), MaskView<scalar_t>(mask, bool_mask),
-                               out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+      forward_kernel<scalar_t>(
+          sh, o, qc.const_data_ptr<scalar_t>(), Strides(qc), kc.const_data_ptr<scalar_t>(),
+          Strides(kc), vc.const_data_ptr<scalar_t>(), Strides(vc),
+          MaskView<scalar_t>(mask, bool_mask), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
     });
   }
   return {out.to(q.scalar_type()), lse};
@@ -119,10 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   const char* op = "attention_backward";
   const auto sh = check_inputs(op, q, k, v, attn_mask, scale, dropout_p);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
-              ": expected grad_out and out of shape ", sizes_str(q), ", got ",
-              sizes_str(grad_out), " and ", sizes_str(out));
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == sh.B && lse.size(1) == sh.H &&
-                  lse.size(2) == sh.Nq,
+              ": expected grad_out and out of shape ", sizes_str(q), ", got ", sizes_str(grad_out),
+              " and ", sizes_str(out));
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == sh.B && lse.size(1) == sh.H && lse.size(2) == sh.Nq,
               op, ": expected lse of shape [", sh.B, ", ", sh.H, ", ", sh.Nq, "], got ",
               sizes_str(lse));
   const auto ct = compute_type(q.scalar_type());
@@ -141,9 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES(ct, "attention_backward_cpu", [&] {
       backward_kernel<scalar_t>(
           sh, o, qc.const_data_ptr<scalar_t>(), Strides(qc), kc.const_data_ptr<scalar_t>(),
-          Strides(kc), vc.const_data_ptr<scalar_t>(), Strides(vc), MaskView<scalar_t>(mask, bool_mask),
-          doc.const_data_ptr<scalar_t>(), Strides(doc), oc.const_data_ptr<scalar_t>(),
-          Strides(oc), lse_c.const_data_ptr<scalar_t>(),
+          Strides(kc), vc.const_data_ptr<scalar_t>(), Strides(vc),
+          MaskView<scalar_t>(mask, bool_mask), doc.const_data_ptr<scalar_t>(), Strides(doc),
+          oc.const_data_ptr<scalar_t>(), Strides(oc), lse_c.const_data_ptr<scalar_t>(),
           glse.defined() ? glse.const_data_ptr<scalar_t>() : nullptr, dq.data_ptr<scalar_t>(),
           dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
     });

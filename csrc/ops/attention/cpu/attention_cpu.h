@@ -164,8 +164,8 @@ void block_scores(T* s2, const T* qp, int64_t ldq, const T* kp, int64_t ldk, int
                   int64_t cols, int64_t D, const Shape& sh, const Options& o,
                   const MaskView<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t j0) {
   const T alpha = static_cast<T>(o.scale * kLog2e);
-  gemm(TransposeType::Transpose, TransposeType::NoTranspose, cols, rows, D, alpha, kp, ldk, qp,
-       ldq, T(0), s2, cols);
+  gemm(TransposeType::Transpose, TransposeType::NoTranspose, cols, rows, D, alpha, kp, ldk, qp, ldq,
+       T(0), s2, cols);
   mask_block(s2, cols, rows, cols, sh, o, mask, b, h, i0, j0);
 }
 
@@ -184,7 +184,7 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
 template <typename T>
 void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, const T* k,
                      Strides sk, const T* v, Strides sv, const MaskView<T>& mask, const T* dout,
-                     Strides sdo, const T* out, Strides so, const T* lse, const T* grad_lse,
-                     T* dq, T* dk, T* dv);
+                     Strides sdo, const T* out, Strides so, const T* lse, const T* grad_lse, T* dq,
+                     T* dk, T* dv);
 
 }  // namespace fastdl::attention

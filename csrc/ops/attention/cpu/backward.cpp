@@ -19,8 +19,8 @@ namespace fastdl::attention {
 template <typename T>
 void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, const T* k,
                      Strides sk, const T* v, Strides sv, const MaskView<T>& mask, const T* dout,
-                     Strides sdo, const T* out, Strides so, const T* lse, const T* grad_lse,
-                     T* dq, T* dk, T* dv) {
+                     Strides sdo, const T* out, Strides so, const T* lse, const T* grad_lse, T* dq,
+                     T* dk, T* dv) {
   const int64_t D = sh.D, G = sh.G;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const tiles::Kernels* const fast = tiles::select();  // the tiles' exp2 rows (float32 only)
@@ -56,8 +56,8 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
             const int64_t rows = std::min(kBlockQ, sh.Nq - i0);
             const T* qp = q + b * sq.b + h * sq.h + i0 * sq.n;
             const T* dop = dout + b * sdo.b + h * sdo.h + i0 * sdo.n;
-            block_scores(p.data(), qp, sq.n, kp + j0 * sk.n, sk.n, rows, cols, D, sh, o, mask, b,
-                         h, i0, j0);
+            block_scores(p.data(), qp, sq.n, kp + j0 * sk.n, sk.n, rows, cols, D, sh, o, mask, b, h,
+                         i0, j0);
             for (int64_t r = 0; r < rows; ++r) {
               T* pr = p.data() + r * cols;
               const T l2 = lse2[g * sh.Nq + i0 + r];
@@ -74,9 +74,8 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
               }
             }
             // dP = dO V^T
-            gemm(TransposeType::Transpose, TransposeType::NoTranspose, cols,
-                                      rows, D, T(1), vp + j0 * sv.n, sv.n, dop, sdo.n, T(0),
-                                      ds.data(), cols);
+            gemm(TransposeType::Transpose, TransposeType::NoTranspose, cols, rows, D, T(1),
+                 vp + j0 * sv.n, sv.n, dop, sdo.n, T(0), ds.data(), cols);
             if (o.dropout.enabled) {
               // dV sees the dropped probabilities; dP is masked the same way
               for (int64_t r = 0; r < rows; ++r) {
@@ -88,28 +87,24 @@ void backward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, 
                 const auto counter = static_cast<uint64_t>((bh * sh.Nq + i0 + r) * sh.Nk + j0);
                 o.dropout.apply(cols, pd.data() + r * cols, counter);
               }
-              gemm(TransposeType::NoTranspose, TransposeType::Transpose, D,
-                                        cols, rows, T(1), dop, sdo.n, pd.data(), cols, T(1),
-                                        dv_acc.data(), D);
+              gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, cols, rows, T(1), dop,
+                   sdo.n, pd.data(), cols, T(1), dv_acc.data(), D);
             } else {
               // dV += P^T dO
-              gemm(TransposeType::NoTranspose, TransposeType::Transpose, D,
-                                        cols, rows, T(1), dop, sdo.n, p.data(), cols, T(1),
-                                        dv_acc.data(), D);
+              gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, cols, rows, T(1), dop,
+                   sdo.n, p.data(), cols, T(1), dv_acc.data(), D);
             }
             for (int64_t r = 0; r < rows; ++r) {
               cpu::softmax_grad(cols, p.data() + r * cols, ds.data() + r * cols,
-                                 delta[g * sh.Nq + i0 + r]);
+                                delta[g * sh.Nq + i0 + r]);
             }
             const T sc = static_cast<T>(o.scale);
             // dK += scale * dS^T Q
-            gemm(TransposeType::NoTranspose, TransposeType::Transpose, D,
-                                      cols, rows, sc, qp, sq.n, ds.data(), cols, T(1),
-                                      dk_acc.data(), D);
+            gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, cols, rows, sc, qp, sq.n,
+                 ds.data(), cols, T(1), dk_acc.data(), D);
             // dQ += scale * dS K
-            gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D,
-                                      rows, cols, sc, kp + j0 * sk.n, sk.n, ds.data(), cols, T(1),
-                                      dq + (bh * sh.Nq + i0) * D, D);
+            gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, rows, cols, sc,
+                 kp + j0 * sk.n, sk.n, ds.data(), cols, T(1), dq + (bh * sh.Nq + i0) * D, D);
           }
         }
         T* dkp = dk + ((b * sh.Hkv + hk) * sh.Nk + j0) * D;
@@ -128,7 +123,7 @@ template void backward_kernel<float>(const Shape&, const Options&, const float*,
 template void backward_kernel<double>(const Shape&, const Options&, const double*, Strides,
                                       const double*, Strides, const double*, Strides,
                                       const MaskView<double>&, const double*, Strides,
-                                      const double*, Strides, const double*, const double*,
-                                      double*, double*, double*);
+                                      const double*, Strides, const double*, const double*, double*,
+                                      double*, double*);
 
 }  // namespace fastdl::attention

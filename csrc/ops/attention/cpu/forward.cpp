@@ -106,8 +106,7 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
             const float* kt =
                 kt_all + (b * sh.Hkv + hk) * strips_per_head * tiles::kStrip * D + j0 * D;
             // the row maxima come with the scores unless masking changes the block afterwards
-            const bool masked =
-                mask.data || (o.causal && j0 + cols > i0 + sh.Nk - sh.Nq + 1);
+            const bool masked = mask.data || (o.causal && j0 + cols > i0 + sh.Nk - sh.Nq + 1);
             fused_max = !masked;
             fast->qk_block({rows, cols, D, static_cast<float>(o.scale * kLog2e), qp, sq.n, kt,
                             s2.data(), lds, fused_max ? bmax.data() : nullptr, vmax.data(), diag});
@@ -115,8 +114,8 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
           }
         }
         if (!tiled) {
-          block_scores(s2.data(), qp, sq.n, kp + j0 * sk.n, sk.n, rows, cols, D, sh, o, mask, b,
-                       h, i0, j0);
+          block_scores(s2.data(), qp, sq.n, kp + j0 * sk.n, sk.n, rows, cols, D, sh, o, mask, b, h,
+                       i0, j0);
         }
         for (int64_t r = 0; r < rows; ++r) {
           T* s = s2.data() + r * lds;
@@ -141,8 +140,9 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
           }
         }
         if constexpr (std::is_same_v<T, float>) {
-          if (tiled) fast->pv_block({rows, cols, D, s2.data(), lds, vp + j0 * sv.n, sv.n,
-                                     acc.data(), D, diag});
+          if (tiled)
+            fast->pv_block(
+                {rows, cols, D, s2.data(), lds, vp + j0 * sv.n, sv.n, acc.data(), D, diag});
         }
         if (!tiled) {
           gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, rows, cols, T(1),
@@ -165,9 +165,9 @@ void forward_kernel(const Shape& sh, const Options& o, const T* q, Strides sq, c
   });
 }
 
-template void forward_kernel<float>(const Shape&, const Options&, const float*, Strides, const float*,
-                                    Strides, const float*, Strides, const MaskView<float>&, float*,
-                                    float*);
+template void forward_kernel<float>(const Shape&, const Options&, const float*, Strides,
+                                    const float*, Strides, const float*, Strides,
+                                    const MaskView<float>&, float*, float*);
 template void forward_kernel<double>(const Shape&, const Options&, const double*, Strides,
                                      const double*, Strides, const double*, Strides,
                                      const MaskView<double>&, double*, double*);

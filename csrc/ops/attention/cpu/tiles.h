@@ -151,8 +151,8 @@ struct Tiles {
 
   // o[r * ldo + L c + e] += sum_j p[r * ldp + j] * v[j * ldv + L c + e], r < MR, c < NV.
   template <int MR, int NV>
-  static void pv_tile(int64_t n, const float* p, int64_t ldp, const float* v, int64_t ldv,
-                      float* o, int64_t ldo) {
+  static void pv_tile(int64_t n, const float* p, int64_t ldp, const float* v, int64_t ldv, float* o,
+                      int64_t ldo) {
     V acc[MR][NV];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
@@ -193,9 +193,8 @@ struct Tiles {
 
   static void pv_block(const PvArgs& a) {
     for (int64_t d0 = 0; d0 < a.D; d0 += kPvVectors * L) {
-      with_count<kPvVectors>(std::min<int64_t>(kPvVectors, (a.D - d0) / L), [&](auto nv) {
-        pv_rows<decltype(nv)::value>(a, a.v + d0, a.o + d0);
-      });
+      with_count<kPvVectors>(std::min<int64_t>(kPvVectors, (a.D - d0) / L),
+                             [&](auto nv) { pv_rows<decltype(nv)::value>(a, a.v + d0, a.o + d0); });
     }
   }
 
@@ -225,14 +224,18 @@ struct Tiles {
 };
 
 // The entry points of each set (cpu_isa.h: flatten compiles the whole template body for it).
-#define FASTDL_ATTENTION_TILE_ENTRIES(Isa, target)                                               \
-  struct Isa##Entries {                                                                          \
-    FASTDL_ISA_ENTRY(target) static void qk_block(const QkArgs& a) { Tiles<cpu::isa::Isa>::qk_block(a); } \
-    FASTDL_ISA_ENTRY(target) static void pv_block(const PvArgs& a) { Tiles<cpu::isa::Isa>::pv_block(a); } \
-    FASTDL_ISA_ENTRY(target) static float exp2_shift_sum(int64_t n, float* x, float m) {         \
-      return Tiles<cpu::isa::Isa>::exp2_shift_sum(n, x, m);                                      \
-    }                                                                                            \
-    static constexpr Kernels kernels{&qk_block, &pv_block, &exp2_shift_sum};                     \
+#define FASTDL_ATTENTION_TILE_ENTRIES(Isa, target)                                       \
+  struct Isa##Entries {                                                                  \
+    FASTDL_ISA_ENTRY(target) static void qk_block(const QkArgs& a) {                     \
+      Tiles<cpu::isa::Isa>::qk_block(a);                                                 \
+    }                                                                                    \
+    FASTDL_ISA_ENTRY(target) static void pv_block(const PvArgs& a) {                     \
+      Tiles<cpu::isa::Isa>::pv_block(a);                                                 \
+    }                                                                                    \
+    FASTDL_ISA_ENTRY(target) static float exp2_shift_sum(int64_t n, float* x, float m) { \
+      return Tiles<cpu::isa::Isa>::exp2_shift_sum(n, x, m);                              \
+    }                                                                                    \
+    static constexpr Kernels kernels{&qk_block, &pv_block, &exp2_shift_sum};             \
   };
 FASTDL_ATTENTION_TILE_ENTRIES(Avx512, "avx512f")
 FASTDL_ATTENTION_TILE_ENTRIES(Avx2, "arch=x86-64-v3")

@@ -53,8 +53,9 @@ at::Tensor grad_weight_shifted(const tiles::Kernels* kernels, const Geometry& g,
       for (int64_t r = 0; r < g.kernel_h; ++r) {
         for (int64_t s = 0; s < g.kernel_w; ++s) {
           const float* shifted = x_n + (r * g.dil_h * Wp + s * g.dil_w) * C;
-          cpu::gemm_row_major(TransposeType::Transpose, TransposeType::NoTranspose, K, C, rows, 1.0f,
-                              dy_n, K, shifted, C, 1.0f, taps + (r * g.kernel_w + s) * K * C, C);
+          cpu::gemm_row_major(TransposeType::Transpose, TransposeType::NoTranspose, K, C, rows,
+                              1.0f, dy_n, K, shifted, C, 1.0f, taps + (r * g.kernel_w + s) * K * C,
+                              C);
         }
       }
     }
@@ -90,9 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
               sizes_str(grad_output), " but the convolution's output has shape ",
               c10::IntArrayRef(out_shape));
   if (is_reduced_precision(input)) {
-    auto [gi, gw, gb] = conv2d_backward_cpu(grad_output.to(at::kFloat), input.to(at::kFloat),
-                                            weight.to(at::kFloat), stride, padding, dilation,
-                                            groups, output_mask);
+    auto [gi, gw, gb] =
+        conv2d_backward_cpu(grad_output.to(at::kFloat), input.to(at::kFloat), weight.to(at::kFloat),
+                            stride, padding, dilation, groups, output_mask);
     const auto dtype = input.scalar_type();
     return {gi.to(dtype), gw.to(dtype), gb.to(dtype)};
   }
@@ -114,8 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     // kernel flipped and its channel axes swapped. The direct kernel then does it without
     // im2col/col2im.
     grad_input = conv2d_cpu(grad_output, weight.flip({2, 3}).transpose(0, 1), std::nullopt, {1, 1},
-                            {full_pad_h - g.pad_h, full_pad_w - g.pad_w},
-                            {g.dil_h, g.dil_w}, 1, std::nullopt, std::nullopt, std::nullopt);
+                            {full_pad_h - g.pad_h, full_pad_w - g.pad_w}, {g.dil_h, g.dil_w}, 1,
+                            std::nullopt, std::nullopt, std::nullopt);
     output_mask[0] = false;
   }
   at::Tensor grad_weight;
@@ -141,10 +142,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     grad_input = output_mask[0] ? grad_input_nhwc.permute({0, 3, 1, 2}) : at::empty({0}, opts);
   }
   if (!grad_weight.defined()) {
-    grad_weight = output_mask[1]
-                      ? grad_weight_rows.view({g.out_channels, g.kernel_h, g.kernel_w, g.group_channels()})
-                            .permute({0, 3, 1, 2})
-                      : at::empty({0}, opts);
+    grad_weight =
+        output_mask[1]
+            ? grad_weight_rows.view({g.out_channels, g.kernel_h, g.kernel_w, g.group_channels()})
+                  .permute({0, 3, 1, 2})
+            : at::empty({0}, opts);
   }
   at::Tensor grad_bias = output_mask[2] ? grad_output.sum({0, 2, 3}) : at::empty({0}, opts);
   // Each gradient is made dense in its layout here, once, whichever path computed it.

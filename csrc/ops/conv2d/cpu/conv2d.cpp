@@ -5,9 +5,9 @@
 // for 3x3 layers with enough channels (winograd.cpp), else a direct convolution (direct.cpp). The
 // direct form copies the input once into a zero-padded NHWC buffer (the layout change an NCHW
 // input needs anyway) and packs the weights into blocks of two vectors of output channels; the
-// register-blocked tiles of tiles.h store straight into the output in its memory format. Few input or output
-// channels with an NCHW output use the row tiles instead (rows.cpp), which vectorise over output
-// pixels. No im2col buffer exists.
+// register-blocked tiles of tiles.h store straight into the output in its memory format. Few input
+// or output channels with an NCHW output use the row tiles instead (rows.cpp), which vectorise over
+// output pixels. No im2col buffer exists.
 //
 // Everything else (float64, grouped and depthwise convolutions, CPUs without AVX2) and the
 // backward (backward.cpp) lower the convolution to GEMMs through the BLAS libtorch links, one
@@ -34,8 +34,9 @@ std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
 at::Tensor check_residual(const Geometry& g, const at::Tensor& input, const at::Tensor& residual,
                           at::MemoryFormat format) {
   const std::array<int64_t, 4> shape{g.batch, g.out_channels, g.out_h, g.out_w};
-  TORCH_CHECK(residual.sizes() == at::IntArrayRef(shape), "conv2d: residual must have the output's shape ",
-              at::IntArrayRef(shape), ", got ", sizes_str(residual));
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef(shape),
+              "conv2d: residual must have the output's shape ", at::IntArrayRef(shape), ", got ",
+              sizes_str(residual));
   check_same_dtype("conv2d", "input", input, "residual", residual);
   check_same_device("conv2d", "input", input, "residual", residual);
   return residual.contiguous(format);
@@ -90,8 +91,10 @@ Geometry check_args(const char* op, const at::Tensor& input, const at::Tensor& w
   g.pad_w = padding[1];
   g.dil_h = dilation[0];
   g.dil_w = dilation[1];
-  const int64_t span_h = checked_mul_add(op, "the dilated kernel height", g.dil_h, g.kernel_h - 1, 1);
-  const int64_t span_w = checked_mul_add(op, "the dilated kernel width", g.dil_w, g.kernel_w - 1, 1);
+  const int64_t span_h =
+      checked_mul_add(op, "the dilated kernel height", g.dil_h, g.kernel_h - 1, 1);
+  const int64_t span_w =
+      checked_mul_add(op, "the dilated kernel width", g.dil_w, g.kernel_w - 1, 1);
   const int64_t padded_h = checked_mul_add(op, "the padded input height", 2, g.pad_h, g.height);
   const int64_t padded_w = checked_mul_add(op, "the padded input width", 2, g.pad_w, g.width);
   TORCH_CHECK(span_h <= padded_h && span_w <= padded_w, op, ": kernel of size ", span_h, "x",
@@ -113,7 +116,8 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (winograd_weight) check_winograd_weight(g, weight, *winograd_weight);
   const at::MemoryFormat format = input.suggest_memory_format();
   const std::optional<at::Tensor> residual =
-      residual_arg ? std::optional<at::Tensor>(check_residual(g, input, *residual_arg, format)) : std::nullopt;
+      residual_arg ? std::optional<at::Tensor>(check_residual(g, input, *residual_arg, format))
+                   : std::nullopt;
   if (is_reduced_precision(input)) {  // float32 arithmetic, result rounded once
     return conv2d_cpu(input.to(at::kFloat), weight.to(at::kFloat), to_float(bias), stride, padding,
                       dilation, groups, activation, winograd_weight, to_float(residual))
@@ -123,11 +127,13 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
       (g.stride_h > 1 || g.stride_w > 1)) {
     // A strided 1x1 convolution reads only every stride-th pixel: subsample first (a view), so
     // the kernels copy and read a stride_h * stride_w times smaller input.
-    const at::Tensor sampled = input.slice(2, 0, g.height, g.stride_h).slice(3, 0, g.width, g.stride_w);
+    const at::Tensor sampled =
+        input.slice(2, 0, g.height, g.stride_h).slice(3, 0, g.width, g.stride_w);
     return conv2d_cpu(sampled, weight, bias, {1, 1}, padding, dilation, groups, activation,
                       std::nullopt, residual);
   }
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
+  at::Tensor output =
+      at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   if (output.numel() == 0) return output;
   if (g.group_channels() == 0) {  // nothing to sum (no input channels): act(bias), as torch gives
     output.zero_();

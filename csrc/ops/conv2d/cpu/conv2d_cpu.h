@@ -21,7 +21,7 @@ namespace fastdl::conv2d {
 enum ScratchSlot : int { kPaddedInput, kWinogradWeights, kTransformed, kProducts, kStaged };
 
 struct Geometry {
-  int64_t batch, channels, height, width;           // input
+  int64_t batch, channels, height, width;            // input
   int64_t out_channels, kernel_h, kernel_w, groups;  // weight
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int64_t out_h, out_w;
@@ -48,8 +48,9 @@ inline bool is_reduced_precision(const at::Tensor& t) {
 // pixels are one run; the fast kernels write those two layouts only. True for channels-last.
 inline bool is_channels_last_output(const at::Tensor& output) {
   const bool channels_last = output.stride(1) == 1;
-  TORCH_INTERNAL_ASSERT(channels_last || (output.stride(2) == output.size(3) && output.stride(3) == 1),
-                        "conv2d: unexpected output strides ", output.strides());
+  TORCH_INTERNAL_ASSERT(
+      channels_last || (output.stride(2) == output.size(3) && output.stride(3) == 1),
+      "conv2d: unexpected output strides ", output.strides());
   return channels_last;
 }
 
@@ -107,7 +108,8 @@ inline at::Tensor sum_over_threads(int64_t items, at::IntArrayRef shape,
 
 // direct.cpp: the register-blocked direct convolution.
 void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                    const std::optional<at::Tensor>& bias, const OutputPass& pass, at::Tensor& output);
+                    const std::optional<at::Tensor>& bias, const OutputPass& pass,
+                    at::Tensor& output);
 
 // rows.cpp: the row tiles, for few input or output channels and an NCHW output. They beat the
 // direct tiles up to 8 input channels (a network's first layers; from 16 on they are slower) or
@@ -116,7 +118,8 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
 constexpr int64_t kRowTileMaxChannels = 8;
 bool use_row_tiles(const Geometry& g, const at::Tensor& output);
 void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, const OutputPass& pass, at::Tensor& output);
+                  const std::optional<at::Tensor>& bias, const OutputPass& pass,
+                  at::Tensor& output);
 at::Tensor grad_weight_rows(const tiles::Kernels& kernels, const Geometry& g,
                             const at::Tensor& grad_output, const at::Tensor& input);
 
@@ -124,8 +127,9 @@ at::Tensor grad_weight_rows(const tiles::Kernels& kernels, const Geometry& g,
 bool use_winograd(const Geometry& g);
 void check_winograd_weight(const Geometry& g, const at::Tensor& weight, const at::Tensor& u);
 void forward_winograd(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& prepacked, const std::optional<at::Tensor>& bias,
-                      const OutputPass& pass, at::Tensor& output);
+                      const std::optional<at::Tensor>& prepacked,
+                      const std::optional<at::Tensor>& bias, const OutputPass& pass,
+                      at::Tensor& output);
 
 // gemm.cpp: the GEMM lowering (any floating dtype, any groups), forward and backward; the
 // backward fills grad_input_nhwc ([N, H, W, C]) and grad_weight_rows ([K, kh * kw * C/groups])
@@ -134,7 +138,8 @@ void forward_gemm(const Geometry& g, const at::Tensor& input, const at::Tensor& 
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                   Activation act, at::Tensor& output);
 void backward_gemm(const Geometry& g, const at::Tensor& grad_output, const at::Tensor& input,
-                   const at::Tensor& weight, at::Tensor& grad_input_nhwc, at::Tensor& grad_weight_rows);
+                   const at::Tensor& weight, at::Tensor& grad_input_nhwc,
+                   at::Tensor& grad_weight_rows);
 
 // The op's two CPU kernels (conv2d.cpp, backward.cpp); the backward runs the forward for
 // grad_input.

@@ -38,7 +38,8 @@ at::Tensor pack_weight(const Geometry& g, const at::Tensor& weight, int64_t bloc
 }  // namespace
 
 void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                    const std::optional<at::Tensor>& bias, const OutputPass& pass, at::Tensor& output) {
+                    const std::optional<at::Tensor>& bias, const OutputPass& pass,
+                    at::Tensor& output) {
   const tiles::Kernels& kernels = *pass.kernels;
   const int64_t block = kernels.channel_block, tile_pixels = kernels.pixels;
   const int64_t C = g.channels;
@@ -47,13 +48,16 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   const bool in_place = input.stride(1) == 1 && g.pad_h == 0 && g.pad_w == 0;
   const at::Tensor padded =  // logically NCHW either way
       in_place ? input
-               : padded_nhwc(&kernels, g, input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, /*in_scratch=*/true)
+               : padded_nhwc(&kernels, g, input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w,
+                             /*in_scratch=*/true)
                      .permute({0, 3, 1, 2});
-  const int64_t image_step = padded.stride(0), row_step = padded.stride(2), pixel_step = padded.stride(3);
+  const int64_t image_step = padded.stride(0), row_step = padded.stride(2),
+                pixel_step = padded.stride(3);
 
   const int64_t blocks = (g.out_channels + block - 1) / block;
   const at::Tensor packed = pack_weight(g, weight.contiguous(), block);
-  const at::Tensor bias_padded = padded_bias(bias, g.out_channels, blocks * block, weight.options());
+  const at::Tensor bias_padded =
+      padded_bias(bias, g.out_channels, blocks * block, weight.options());
 
   tiles::Window window{};
   window.row_stride = g.dil_h * row_step;
@@ -81,7 +85,8 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
   const int64_t tiles_per_chunk = kChunkPixels / tile_pixels;
   const int64_t tiles_total = g.batch * tiles_per_image;
   // Fewer tiles than threads x chunk (small maps): smaller runs, so every thread has work.
-  const int64_t grain = std::clamp<int64_t>(tiles_total / at::get_num_threads(), 1, tiles_per_chunk);
+  const int64_t grain =
+      std::clamp<int64_t>(tiles_total / at::get_num_threads(), 1, tiles_per_chunk);
   at::parallel_for(0, tiles_total, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float result[tiles::kMaxPixels * tiles::kMaxChannelBlock];
     float* pixel_results[tiles::kMaxPixels];
@@ -97,8 +102,10 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
       for (int64_t t = chunk; t < chunk_end; ++t) {
         const int64_t n = t / tiles_per_image, first = (t % tiles_per_image) * tile_pixels;
         int64_t oh = first / g.out_w, ow = first % g.out_w;
-        for (int64_t i = (t - chunk) * tile_pixels, p = first; p < std::min(P, first + tile_pixels); ++i, ++p) {
-          origins[i] = x + n * image_step + oh * g.stride_h * row_step + ow * g.stride_w * pixel_step;
+        for (int64_t i = (t - chunk) * tile_pixels, p = first; p < std::min(P, first + tile_pixels);
+             ++i, ++p) {
+          origins[i] =
+              x + n * image_step + oh * g.stride_h * row_step + ow * g.stride_w * pixel_step;
           offsets[i] = n * sN + oh * sH + ow * sW;
           if (++ow == g.out_w) ow = 0, ++oh;
         }
@@ -114,11 +121,13 @@ void forward_direct(const Geometry& g, const at::Tensor& input, const at::Tensor
           if (channels_last) {
             for (int p = 0; p < pixels; ++p) pass.prefetch(target + offsets[i0 + p], valid);
           } else {
-            for (int64_t k = 0; k < valid; ++k) pass.prefetch(target + offsets[i0] + k * sK, pixels);
+            for (int64_t k = 0; k < valid; ++k)
+              pass.prefetch(target + offsets[i0] + k * sK, pixels);
           }
           if (channels_last && valid == block) {  // straight into each pixel's channels
             for (int p = 0; p < pixels; ++p) pixel_outputs[p] = target + offsets[i0 + p];
-            kernels.direct_tile(pixels, win, w + kb * block_size, b + kb * block, act, pixel_outputs);
+            kernels.direct_tile(pixels, win, w + kb * block_size, b + kb * block, act,
+                                pixel_outputs);
             for (int p = 0; p < pixels; ++p) pass.finish(pixel_outputs[p], block);
             continue;
           }

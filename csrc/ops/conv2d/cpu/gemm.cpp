@@ -64,7 +64,8 @@ void col2im_add(const Geometry& g, const T* col, int64_t group, T* dx) {
           const T* src = col + (oh * g.out_w + ow) * window + r * g.kernel_w * Cg;
           for (int64_t s = 0; s < g.kernel_w; ++s, src += Cg) {
             const int64_t w = ow * g.stride_w - g.pad_w + s * g.dil_w;
-            if (w >= 0 && w < g.width) cpu::axpy(Cg, T(1), src, dx + (h * g.width + w) * g.channels + group * Cg);
+            if (w >= 0 && w < g.width)
+              cpu::axpy(Cg, T(1), src, dx + (h * g.width + w) * g.channels + group * Cg);
           }
         }
       }
@@ -80,8 +81,9 @@ const T* image(const at::Tensor& nhwc, int64_t n) {
 
 template <typename T>
 void forward_gemm_typed(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                        Activation act, at::Tensor& output) {
+                        const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& residual, Activation act,
+                        at::Tensor& output) {
   const int64_t Kg = g.group_out_channels(), window = g.window(), P = g.pixels();
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w = weight.permute({0, 2, 3, 1}).contiguous();  // [K, kh, kw, Cg]
@@ -126,17 +128,20 @@ void backward_gemm_typed(const Geometry& g, const at::Tensor& grad_output, const
                 P = g.pixels();
   const bool want_input = grad_input_nhwc.defined(), want_weight = grad_weight_rows.defined();
   const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor x = want_weight ? input.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  const at::Tensor x =
+      want_weight ? input.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
   const at::Tensor w = want_input ? weight.permute({0, 2, 3, 1}).contiguous() : at::Tensor();
   // Several images per GEMM (their rows are consecutive in NHWC), so small feature maps still
   // give the BLAS a long reduction; the im2col buffer stays around 16 MB.
-  const int64_t images = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(P * window, 1), 1, g.batch);
-  at::Tensor col = g.is_pointwise() ? at::Tensor() : at::empty({images * P, window}, input.options());
+  const int64_t images =
+      std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(P * window, 1), 1, g.batch);
+  at::Tensor col =
+      g.is_pointwise() ? at::Tensor() : at::empty({images * P, window}, input.options());
   for (int64_t n0 = 0; n0 < g.batch; n0 += images) {
     const int64_t count = std::min(images, g.batch - n0), rows = count * P;
     for (int64_t group = 0; group < g.groups; ++group) {
       const T* dy_g = image<T>(dy, n0) + group * Kg;  // [rows, Kg] with row stride K
-      if (want_weight) {  // dW_g[Kg, window] += dy_g^T col
+      if (want_weight) {                              // dW_g[Kg, window] += dy_g^T col
         const T* a = image<T>(x, n0);
         if (!g.is_pointwise()) {
           for (int64_t i = 0; i < count; ++i)
@@ -150,8 +155,8 @@ void backward_gemm_typed(const Geometry& g, const at::Tensor& grad_output, const
       if (want_input) {  // dcol[rows, window] = dy_g W_g, then scattered back to the images
         T* dx = grad_input_nhwc.data_ptr<T>() + n0 * grad_input_nhwc.stride(0);
         T* dcol = g.is_pointwise() ? dx : col.data_ptr<T>();
-        cpu::gemm_row_major(TransposeType::NoTranspose, TransposeType::NoTranspose, rows, window, Kg,
-                            T(1), dy_g, K, w.const_data_ptr<T>() + group * Kg * window, window,
+        cpu::gemm_row_major(TransposeType::NoTranspose, TransposeType::NoTranspose, rows, window,
+                            Kg, T(1), dy_g, K, w.const_data_ptr<T>() + group * Kg * window, window,
                             T(0), dcol, window);
         if (!g.is_pointwise()) {
           for (int64_t i = 0; i < count; ++i)
@@ -173,7 +178,8 @@ void forward_gemm(const Geometry& g, const at::Tensor& input, const at::Tensor& 
 }
 
 void backward_gemm(const Geometry& g, const at::Tensor& grad_output, const at::Tensor& input,
-                   const at::Tensor& weight, at::Tensor& grad_input_nhwc, at::Tensor& grad_weight_rows) {
+                   const at::Tensor& weight, at::Tensor& grad_input_nhwc,
+                   at::Tensor& grad_weight_rows) {
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_backward_cpu", [&] {
     backward_gemm_typed<scalar_t>(g, grad_output, input, weight, grad_input_nhwc, grad_weight_rows);
   });

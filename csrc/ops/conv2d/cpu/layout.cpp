@@ -16,11 +16,13 @@ namespace fastdl::conv2d {
 at::Tensor padded_nhwc(const tiles::Kernels* kernels, const Geometry& g, const at::Tensor& input,
                        int64_t Hp, int64_t Wp, bool in_scratch) {
   const int64_t C = g.channels;
-  at::Tensor padded = in_scratch ? cpu::workspace(kPaddedInput, {g.batch, Hp, Wp, C}, input.options())
-                                 : at::empty({g.batch, Hp, Wp, C}, input.options());
+  at::Tensor padded = in_scratch
+                          ? cpu::workspace(kPaddedInput, {g.batch, Hp, Wp, C}, input.options())
+                          : at::empty({g.batch, Hp, Wp, C}, input.options());
   const float* src = input.const_data_ptr<float>();
   float* dst = padded.data_ptr<float>();
-  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
+  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2),
+                sW = input.stride(3);
   at::parallel_for(0, g.batch * Hp, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / Hp, h = row % Hp - g.pad_h;
@@ -36,7 +38,8 @@ at::Tensor padded_nhwc(const tiles::Kernels* kernels, const Geometry& g, const a
       if (sC == 1 && sW == C) {  // channels-last: the row is already NHWC
         std::memcpy(out, in, g.width * C * sizeof(float));
       } else if (sC == 1) {  // a pixel's channels are contiguous
-        for (int64_t w = 0; w < g.width; ++w) std::memcpy(out + w * C, in + w * sW, C * sizeof(float));
+        for (int64_t w = 0; w < g.width; ++w)
+          std::memcpy(out + w * C, in + w * sW, C * sizeof(float));
       } else if (sW == 1) {  // NCHW: the row is a [C, W] matrix
         tiles::transpose(kernels, in, C, g.width, sC, out, C);
       } else {

@@ -55,7 +55,8 @@ RowInput split_phases(const tiles::Kernels& kernels, const Geometry& g, const at
   split.data = cpu::workspace(kPaddedInput, {g.batch, C, phases, Hp, Wq}, input.options());
   const float* src = input.const_data_ptr<float>();
   float* dst = split.data.data_ptr<float>();
-  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
+  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2),
+                sW = input.stride(3);
   at::parallel_for(0, g.batch * C * Hp, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / Hp, hp = row % Hp, h = hp - g.pad_h;
@@ -68,10 +69,11 @@ RowInput split_phases(const tiles::Kernels& kernels, const Geometry& g, const at
         }
         // Columns q with 0 <= q * stride_w + p - pad_w < W come from the image.
         const int64_t first = std::clamp<int64_t>((g.pad_w - p + phases - 1) / phases, 0, Wq);
-        const int64_t last = std::clamp<int64_t>((g.width + g.pad_w - p + phases - 1) / phases, first, Wq);
+        const int64_t last =
+            std::clamp<int64_t>((g.width + g.pad_w - p + phases - 1) / phases, first, Wq);
         std::fill_n(out, first, 0.0f);
         kernels.gather_columns(in + (first * phases + p - g.pad_w) * sW, phases * sW, last - first,
-                              out + first);
+                               out + first);
         std::fill_n(out + last, Wq - last, 0.0f);
       }
     }
@@ -80,7 +82,8 @@ RowInput split_phases(const tiles::Kernels& kernels, const Geometry& g, const at
   for (int64_t c = 0, t = 0; c < C; ++c)
     for (int64_t r = 0; r < g.kernel_h; ++r)
       for (int64_t s = 0; s < g.kernel_w; ++s, ++t)
-        split.offsets[t] = ((c * phases + s * g.dil_w % phases) * Hp + r * g.dil_h) * Wq + s * g.dil_w / phases;
+        split.offsets[t] =
+            ((c * phases + s * g.dil_w % phases) * Hp + r * g.dil_h) * Wq + s * g.dil_w / phases;
   return split;
 }
 
@@ -92,7 +95,8 @@ bool use_row_tiles(const Geometry& g, const at::Tensor& output) {
 }
 
 void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, const OutputPass& pass, at::Tensor& output) {
+                  const std::optional<at::Tensor>& bias, const OutputPass& pass,
+                  at::Tensor& output) {
   using tiles::kRowChannels;
   const tiles::Kernels& kernels = *pass.kernels;
   const int64_t K = g.out_channels, taps = g.channels * g.kernel_h * g.kernel_w;
@@ -123,7 +127,8 @@ void forward_rows(const Geometry& g, const at::Tensor& input, const at::Tensor& 
       const int count = static_cast<int>(std::min(sweep, row_vectors - first));
       split.locate(g, first, count, out, sN, sH, inputs, outputs, valid);
       for (int64_t kb = 0; kb < blocks; ++kb) {
-        const int channels = static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels));
+        const int channels =
+            static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels));
         kernels.row_tiles(count, window, inputs, outputs, valid, w + kb * taps * kRowChannels,
                           b + kb * kRowChannels, channels, pass.in_kernel());
         for (int j = 0; j < count; ++j) {
@@ -163,23 +168,26 @@ at::Tensor grad_weight_rows(const tiles::Kernels& kernels, const Geometry& g,
     std::vector<const float*> inputs(chunk_vectors), grads(chunk_vectors);
     std::vector<int> valid(chunk_vectors);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t first = chunk * chunk_vectors, count = std::min(chunk_vectors, row_vectors - first);
+      const int64_t first = chunk * chunk_vectors,
+                    count = std::min(chunk_vectors, row_vectors - first);
       split.locate(g, first, count, dy_data, sN, sH, inputs.data(), grads.data(), valid.data());
       for (int64_t kb = 0; kb < k_blocks; ++kb) {
-        const int channels = static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels));
+        const int channels =
+            static_cast<int>(std::min<int64_t>(kRowChannels, K - kb * kRowChannels));
         for (int64_t tb = 0; tb < tap_blocks; ++tb) {
-          kernels.row_weight_tile(static_cast<int>(std::min(taps_per_tile, taps - tb * taps_per_tile)),
-                                  count, inputs.data(), grads.data(), valid.data(),
-                                  split.offsets.data() + tb * taps_per_tile, sK, channels,
-                                  sums + kb * kRowChannels * sum_stride + tb * taps_per_tile * lanes,
-                                  sum_stride);
+          kernels.row_weight_tile(
+              static_cast<int>(std::min(taps_per_tile, taps - tb * taps_per_tile)), count,
+              inputs.data(), grads.data(), valid.data(), split.offsets.data() + tb * taps_per_tile,
+              sK, channels, sums + kb * kRowChannels * sum_stride + tb * taps_per_tile * lanes,
+              sum_stride);
         }
         for (int64_t v = 0; v < count; ++v) grads[v] += kRowChannels * sK;
       }
     }
   };
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-  return sum_over_threads(chunks, {k_blocks * kRowChannels, sum_stride}, input.options(), accumulate)
+  return sum_over_threads(chunks, {k_blocks * kRowChannels, sum_stride}, input.options(),
+                          accumulate)
       .view({k_blocks * kRowChannels, tap_blocks * taps_per_tile, lanes})
       .sum(2)
       .narrow(0, 0, K)

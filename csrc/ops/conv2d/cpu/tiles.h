@@ -52,16 +52,16 @@
 namespace fastdl::conv2d::tiles {
 
 // Bounds over both sets, for the callers' stack buffers.
-constexpr int kMaxPixels = 14;         // direct tile pixels
+constexpr int kMaxPixels = 14;            // direct tile pixels
 constexpr int64_t kMaxChannelBlock = 32;  // output channels per packed direct-tile weight block
-constexpr int kMaxRowSweep = 12;       // row vectors per row_tiles call
-constexpr int kRowChannels = 4;        // output channels per row tile (both sets)
-constexpr int kWinogradPoints = 16;    // the 4x4 transform domain
+constexpr int kMaxRowSweep = 12;          // row vectors per row_tiles call
+constexpr int kRowChannels = 4;           // output channels per row tile (both sets)
+constexpr int kWinogradPoints = 16;       // the 4x4 transform domain
 
 struct Window {
   const float* const* origins;  // per pixel: its window's first value in the padded NHWC input
-  int64_t row_stride;    // floats between kernel rows (dilation_h * padded_width * C)
-  int64_t tap_stride;    // floats between kernel columns (dilation_w * C)
+  int64_t row_stride;           // floats between kernel rows (dilation_h * padded_width * C)
+  int64_t tap_stride;           // floats between kernel columns (dilation_w * C)
   int64_t kernel_h, taps_per_row, run;  // run: contiguous floats read per tap
 };
 
@@ -85,8 +85,8 @@ struct Kernels {
   // `vectors` (<= row_sweep) row vectors: vector j reads `lanes` inputs at inputs[j] + offsets[tap]
   // and writes its first valid[j] lanes at outputs[j] + k * plane. Weights are packed [tap][4].
   void (*row_tiles)(int vectors, const RowWindow& w, const float* const* inputs,
-                    float* const* outputs, const int* valid, const float* weight,
-                    const float* bias, int channels, Activation act);
+                    float* const* outputs, const int* valid, const float* weight, const float* bias,
+                    int channels, Activation act);
   // The weight gradient's row tile, for `taps` <= weight_taps taps and 4 output channels: for
   // each row vector v < vectors, grad(k) = the first valid[v] values at grads[v] + k *
   // channel_stride (zero past them, and for k >= channels) and input(t) = the `lanes` at
@@ -134,11 +134,14 @@ struct Tiles {
   static constexpr int kRowVectors = L == 16 ? 6 : 2;  // vectors per register row tile
   static constexpr int kRowSweep = 96 / L;
   static constexpr int kWeightTaps = L == 16 ? 6 : 2;
-  static_assert(kPixels <= kMaxPixels && kChannelBlock <= kMaxChannelBlock && kRowSweep <= kMaxRowSweep);
+  static_assert(kPixels <= kMaxPixels && kChannelBlock <= kMaxChannelBlock &&
+                kRowSweep <= kMaxRowSweep);
 
   // The first n lanes at p (all of them for n >= L): whole vectors unmasked, as an AVX2 masked
   // access costs several plain ones.
-  static V load_first(const float* p, int64_t n) { return n >= L ? I::load(p) : I::load(p, I::lanes(n)); }
+  static V load_first(const float* p, int64_t n) {
+    return n >= L ? I::load(p) : I::load(p, I::lanes(n));
+  }
   static void store_first(float* p, V v, int64_t n) {
     if (n >= L) {
       I::store(p, v);
@@ -150,10 +153,13 @@ struct Tiles {
   static V activate(Activation act, V x) {
     constexpr float kLog2e = 1.4426950408889634f;
     switch (act) {
-      case Activation::None: return x;
+      case Activation::None:
+        return x;
       // x86 max and min return their second operand when one is NaN: x goes second so NaN passes.
-      case Activation::ReLU: return I::max(I::zero(), x);
-      case Activation::ReLU6: return I::min(I::set1(6.0f), I::max(I::zero(), x));
+      case Activation::ReLU:
+        return I::max(I::zero(), x);
+      case Activation::ReLU6:
+        return I::min(I::set1(6.0f), I::max(I::zero(), x));
       case Activation::SiLU: {  // x / (1 + 2^(-x log2 e)); exp2 saturates to inf, giving -0
         const V e = I::exp2(I::mul(x, I::set1(-kLog2e)));
         return I::div(x, I::add(e, I::set1(1.0f)));
@@ -212,7 +218,8 @@ struct Tiles {
 
   static void direct_tiles(int pixels, const Window& w, const float* weight, const float* bias,
                            Activation act, float* const* outs) {
-    with_count<kPixels>(pixels, [&](auto p) { direct_tile<decltype(p)::value>(w, weight, bias, act, outs); });
+    with_count<kPixels>(
+        pixels, [&](auto p) { direct_tile<decltype(p)::value>(w, weight, bias, act, outs); });
   }
 
   // acc[k] += x * scale[k] for the row tiles' four output channels: one vector of pixels' inputs
@@ -263,15 +270,17 @@ struct Tiles {
                         const float* bias, int channels, Activation act) {
     for (int j = 0; j < vectors; j += kRowVectors) {
       with_count<kRowVectors>(std::min(kRowVectors, vectors - j), [&](auto n) {
-        row_tile<decltype(n)::value>(w, inputs + j, outputs + j, valid + j, weight, bias, channels, act);
+        row_tile<decltype(n)::value>(w, inputs + j, outputs + j, valid + j, weight, bias, channels,
+                                     act);
       });
     }
   }
 
   template <int T>
-  static void row_weight_tile(int64_t vectors, const float* const* inputs, const float* const* grads,
-                              const int* valid, const int64_t* offsets, int64_t channel_stride,
-                              int channels, float* sums, int64_t sum_stride) {
+  static void row_weight_tile(int64_t vectors, const float* const* inputs,
+                              const float* const* grads, const int* valid, const int64_t* offsets,
+                              int64_t channel_stride, int channels, float* sums,
+                              int64_t sum_stride) {
     V acc[T][kRowChannels];
 #pragma GCC unroll 6
     for (int t = 0; t < T; ++t)
@@ -283,7 +292,8 @@ struct Tiles {
       for (int k = 0; k < kRowChannels; ++k)
         grad[k] = k < channels ? load_first(grads[v] + k * channel_stride, valid[v]) : I::zero();
 #pragma GCC unroll 6
-      for (int t = 0; t < T; ++t) multiply_add_channels(I::load(inputs[v] + offsets[t]), grad, acc[t]);
+      for (int t = 0; t < T; ++t)
+        multiply_add_channels(I::load(inputs[v] + offsets[t]), grad, acc[t]);
     }
 #pragma GCC unroll 4
     for (int k = 0; k < kRowChannels; ++k) {
@@ -297,7 +307,8 @@ struct Tiles {
 
   static void row_weight_tiles(int taps, int64_t vectors, const float* const* inputs,
                                const float* const* grads, const int* valid, const int64_t* offsets,
-                               int64_t channel_stride, int channels, float* sums, int64_t sum_stride) {
+                               int64_t channel_stride, int channels, float* sums,
+                               int64_t sum_stride) {
     with_count<kWeightTaps>(taps, [&](auto t) {
       row_weight_tile<decltype(t)::value>(vectors, inputs, grads, valid, offsets, channel_stride,
                                           channels, sums, sum_stride);
@@ -314,7 +325,8 @@ struct Tiles {
         const int64_t nc = std::min<int64_t>(L, cols - c0);
         V block[L];
 #pragma GCC unroll 16
-        for (int i = 0; i < L; ++i) block[i] = i < nr ? load_first(src + (r0 + i) * src_ld + c0, nc) : I::zero();
+        for (int i = 0; i < L; ++i)
+          block[i] = i < nr ? load_first(src + (r0 + i) * src_ld + c0, nc) : I::zero();
         I::transpose(block);
         for (int c = 0; c < nc; ++c) store_first(dst + (c0 + c) * dst_ld + r0, block[c], nr);
       }
@@ -337,7 +349,8 @@ struct Tiles {
   static void add_residual(float* out, const float* residual, int64_t count, Activation act) {
     for (int64_t i = 0; i < count; i += L) {
       const int64_t n = count - i;
-      store_first(out + i, activate(act, I::add(load_first(out + i, n), load_first(residual + i, n))), n);
+      store_first(out + i,
+                  activate(act, I::add(load_first(out + i, n), load_first(residual + i, n))), n);
     }
   }
 
@@ -364,7 +377,8 @@ struct Tiles {
       alignas(64) float taps[9][L];  // taps[j][l]: vectors over filters
       transpose(filters + h * filter_stride, n, 9, filter_stride, &taps[0][0], L);
       V columns[3][4], point[4];
-      for (int j = 0; j < 3; ++j) apply_g(I::load(taps[j]), I::load(taps[3 + j]), I::load(taps[6 + j]), columns[j]);
+      for (int j = 0; j < 3; ++j)
+        apply_g(I::load(taps[j]), I::load(taps[3 + j]), I::load(taps[6 + j]), columns[j]);
       for (int i = 0; i < 4; ++i) {
         apply_g(columns[0][i], columns[1][i], columns[2][i], point);
         for (int j = 0; j < 4; ++j) I::store(points[4 * i + j] + h, point[j]);
@@ -444,22 +458,29 @@ struct Tiles {
 
 // The entry points of each set (cpu_isa.h: flatten compiles the whole template body for it):
 // Entry<&T::f>::call is T::f compiled for the set.
-#define FASTDL_CONV2D_TILE_ENTRIES(Isa, target)                                                     \
-  struct Isa##Entries {                                                                             \
-    template <auto F>                                                                               \
-    struct Entry;                                                                                   \
-    template <class... Args, void (*F)(Args...)>                                                    \
-    struct Entry<F> {                                                                               \
-      FASTDL_ISA_ENTRY(target) static void call(Args... args) { F(args...); }                       \
-    };                                                                                              \
-    using T = Tiles<cpu::isa::Isa>;                                                                 \
-    static constexpr Kernels kernels{                                                               \
-        T::L, T::kPixels, T::kChannelBlock, T::kRowSweep, T::kWeightTaps,                           \
-        &Entry<&T::direct_tiles>::call, &Entry<&T::row_tiles>::call,                                \
-        &Entry<&T::row_weight_tiles>::call, &Entry<&T::transpose>::call,                            \
-        &Entry<&T::gather_columns>::call, &Entry<&T::add_residual>::call,                           \
-        &Entry<&T::winograd_weight_block>::call, &Entry<&T::winograd_input_tile>::call,             \
-        &Entry<&T::winograd_output_tile>::call};                                                    \
+#define FASTDL_CONV2D_TILE_ENTRIES(Isa, target)                               \
+  struct Isa##Entries {                                                       \
+    template <auto F>                                                         \
+    struct Entry;                                                             \
+    template <class... Args, void (*F)(Args...)>                              \
+    struct Entry<F> {                                                         \
+      FASTDL_ISA_ENTRY(target) static void call(Args... args) { F(args...); } \
+    };                                                                        \
+    using T = Tiles<cpu::isa::Isa>;                                           \
+    static constexpr Kernels kernels{T::L,                                    \
+                                     T::kPixels,                              \
+                                     T::kChannelBlock,                        \
+                                     T::kRowSweep,                            \
+                                     T::kWeightTaps,                          \
+                                     &Entry<&T::direct_tiles>::call,          \
+                                     &Entry<&T::row_tiles>::call,             \
+                                     &Entry<&T::row_weight_tiles>::call,      \
+                                     &Entry<&T::transpose>::call,             \
+                                     &Entry<&T::gather_columns>::call,        \
+                                     &Entry<&T::add_residual>::call,          \
+                                     &Entry<&T::winograd_weight_block>::call, \
+                                     &Entry<&T::winograd_input_tile>::call,   \
+                                     &Entry<&T::winograd_output_tile>::call}; \
   };
 FASTDL_CONV2D_TILE_ENTRIES(Avx512, "avx512f")
 FASTDL_CONV2D_TILE_ENTRIES(Avx2, "arch=x86-64-v3")
