@@ -109,5 +109,11 @@ def test_attention_cuda(benchmark, case, impl, mode, device):
     run = make_run(fn, (q, k, v, causal), mode, device, grad=torch.randn_like(reference))
 
     result = benchmark(run)
-    record(benchmark, op="attention", case=f"cuda {case} fp16 {mode}", impl=impl, result=result.detach(),
-           reference=reference)
+    record(
+        benchmark,
+        op="attention",
+        case=f"cuda {case} fp16 {mode}",
+        impl=impl,
+        result=result.detach(),
+        reference=reference,
+    )

@@ -30,7 +30,7 @@ def positions_from_a_game(count, min_empty, max_empty, seed=2):
         if min_empty <= board.empty_cells <= max_empty and board.legal_moves() and len(found) < count:
             found.append(board)
         board = board.move(move).spawn(rng)
-    return found[::max(1, len(found) // count)][:count] if len(found) > count else found
+    return found[:: max(1, len(found) // count)][:count] if len(found) > count else found
 
 
 SEARCHES = {
@@ -58,11 +58,15 @@ def test_decision_fastdl_vs_python(benchmark, positions, name):
     results = benchmark(lambda: [engine.best_move(board) for board in positions])
     assert [str(r.move) for r in results] == python_moves  # same search, same decisions
     fastdl_per_decision = benchmark.stats.stats.mean / len(positions)
-    benchmark.extra_info.update(python_seconds_per_decision=python_per_decision,
-                                fastdl_seconds_per_decision=fastdl_per_decision,
-                                speedup=python_per_decision / fastdl_per_decision)
-    print(f"\n{name}: python {python_per_decision * 1e3:.1f} ms, fastdl {fastdl_per_decision * 1e6:.1f} us "
-          f"per decision: {python_per_decision / fastdl_per_decision:.0f}x")
+    benchmark.extra_info.update(
+        python_seconds_per_decision=python_per_decision,
+        fastdl_seconds_per_decision=fastdl_per_decision,
+        speedup=python_per_decision / fastdl_per_decision,
+    )
+    print(
+        f"\n{name}: python {python_per_decision * 1e3:.1f} ms, fastdl {fastdl_per_decision * 1e6:.1f} us "
+        f"per decision: {python_per_decision / fastdl_per_decision:.0f}x"
+    )
 
 
 def test_default_nodes_per_second(benchmark):
@@ -79,8 +83,14 @@ def test_default_nodes_per_second(benchmark):
     print(f"\ndefault heuristic: {nodes_per_second / 1e6:.1f} M nodes/s on one thread")
 
 
-SMALL_BOARDS = {"open": 16777217, "8 tiles": 2305860601970168338, "11 tiles": 9376902421432766464,
-                "12 tiles": 9223499787488272658, "13 tiles": 9525521277823098880, "14 tiles": 9597578871877738752}
+SMALL_BOARDS = {
+    "open": 16777217,
+    "8 tiles": 2305860601970168338,
+    "11 tiles": 9376902421432766464,
+    "12 tiles": 9223499787488272658,
+    "13 tiles": 9525521277823098880,
+    "14 tiles": 9597578871877738752,
+}
 
 
 @pytest.mark.parametrize("threads", [1, None])
@@ -112,8 +122,12 @@ def test_ntuple_training_and_search_speed(benchmark):
     start = time.perf_counter()
     evaluations = sum(engine.best_move(board).evaluations for board in positions)
     search_seconds = time.perf_counter() - start
-    benchmark.extra_info.update(training_moves_per_second=totals["moves"] / seconds,
-                                training_games_per_second=totals["games"] / seconds,
-                                search_evaluations_per_second=evaluations / search_seconds)
-    print(f"\nntuple: training {totals['moves'] / seconds / 1e3:.0f} k moves/s, {totals['games'] / seconds:.0f} games/s; "
-          f"depth-2 search {evaluations / search_seconds / 1e6:.2f} M evaluations/s (one thread)")
+    benchmark.extra_info.update(
+        training_moves_per_second=totals["moves"] / seconds,
+        training_games_per_second=totals["games"] / seconds,
+        search_evaluations_per_second=evaluations / search_seconds,
+    )
+    print(
+        f"\nntuple: training {totals['moves'] / seconds / 1e3:.0f} k moves/s, {totals['games'] / seconds:.0f} games/s; "
+        f"depth-2 search {evaluations / search_seconds / 1e6:.2f} M evaluations/s (one thread)"
+    )

@@ -44,7 +44,10 @@ def test_layer_norm(benchmark, case, impl, mode, device):
     rows, width, with_residual, _ = CASES[case]
     gen = torch.Generator().manual_seed(0)
     x, r = (torch.randn(rows, width, generator=gen).to(device) for _ in range(2))
-    w, b = (1 + 0.1 * torch.randn(width, generator=gen)).to(device), (0.1 * torch.randn(width, generator=gen)).to(device)
+    w, b = (
+        (1 + 0.1 * torch.randn(width, generator=gen)).to(device),
+        (0.1 * torch.randn(width, generator=gen)).to(device),
+    )
     r = r if with_residual else None
     reference = eager_layer_norm(*(None if t is None else t.double() for t in (x, r, w, b)))
     if mode == "forward+backward":

@@ -43,7 +43,13 @@ def test_linear_cross_entropy(benchmark, case, impl, mode, device):
         weight.requires_grad_()
     run = make_run(IMPLS[impl], (hidden, weight, target), mode, device)
     result = benchmark(run)
-    record(benchmark, op="linear_cross_entropy", case=f"{case} {mode}", impl=impl, result=result.detach(),
-           reference=reference)
+    record(
+        benchmark,
+        op="linear_cross_entropy",
+        case=f"{case} {mode}",
+        impl=impl,
+        result=result.detach(),
+        reference=reference,
+    )
     if device == "cpu":
         benchmark.extra_info["peak_mb"] = peak_mb(run)

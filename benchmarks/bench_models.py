@@ -65,8 +65,17 @@ def torch_twin(model: nn.Module) -> nn.Module:
     for parent in list(twin.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, fastdl.nn.Conv2d):
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                                 child.dilation, child.groups, bias=child.bias is not None, padding_mode=child.padding_mode)
+                conv = nn.Conv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    child.groups,
+                    bias=child.bias is not None,
+                    padding_mode=child.padding_mode,
+                )
                 conv.load_state_dict(child.state_dict())
                 setattr(parent, name, conv)
     return twin
@@ -244,11 +253,18 @@ def test_gpt_training_step(benchmark, case, impl, device):
 def greedy(net: nn.Module, impl: str, prompt, new_tokens: int):
     """``new_tokens`` greedy tokens after ``prompt``, KV-cached, exactly ``new_tokens`` of them."""
     if impl == "fastdl":
-        return net.generate(prompt, new_tokens, temperature=0.0)[:, prompt.size(1):]
+        return net.generate(prompt, new_tokens, temperature=0.0)[:, prompt.size(1) :]
     with torch.inference_mode():
-        out = net.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
-    return out[:, prompt.size(1):]
+        out = net.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
+    return out[:, prompt.size(1) :]
 
 
 def prefill(net: nn.Module, impl: str, prompt):
@@ -274,8 +290,9 @@ def test_gpt_generation(benchmark, case, impl, stage, device):
         pytest.skip("transformers is not installed")
     hf.eval()
     net = model if impl == "fastdl" else hf
-    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len),
-                           generator=torch.Generator().manual_seed(1)).to(device)
+    prompt = torch.randint(
+        0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1)
+    ).to(device)
     if stage == "generate":
         reference = greedy(hf, "transformers", prompt, new_tokens)
         run = lambda: greedy(net, impl, prompt, new_tokens)  # noqa: E731
@@ -329,7 +346,9 @@ def make_detector(builder: str, image_sizes, roi_batch: int = 512) -> nn.Module:
     ``max_size`` are the images' own short and long sides)."""
     torch.manual_seed(0)
     detector = getattr(models.detection, builder)(
-        DETECTION_CLASSES, min_size=min(min(s) for s in image_sizes), max_size=max(max(s) for s in image_sizes),
+        DETECTION_CLASSES,
+        min_size=min(min(s) for s in image_sizes),
+        max_size=max(max(s) for s in image_sizes),
         box_batch_size_per_image=roi_batch,
     )
     randomize_batch_norm(detector)
@@ -348,8 +367,10 @@ def detection_inputs(image_sizes, num_proposals: int):
     images = [torch.rand(3, h, w, generator=gen) for h, w in image_sizes]
     proposals = [boxes(num_proposals, h, w) for h, w in image_sizes]
     targets = [
-        {"boxes": boxes(GROUND_TRUTH_PER_IMAGE, h, w),
-         "labels": torch.randint(1, DETECTION_CLASSES, (GROUND_TRUTH_PER_IMAGE,), generator=gen)}
+        {
+            "boxes": boxes(GROUND_TRUTH_PER_IMAGE, h, w),
+            "labels": torch.randint(1, DETECTION_CLASSES, (GROUND_TRUTH_PER_IMAGE,), generator=gen),
+        }
         for h, w in image_sizes
     ]
     return images, proposals, targets
@@ -369,18 +390,21 @@ class TorchRoIAlign(nn.Module):
 
     def forward(self, features, boxes):
         rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
-        return torch.cat([
-            self.roi_align(features, chunk, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
-            for chunk in rois.split(EAGER_ROI_CHUNK)
-        ])
+        return torch.cat(
+            [
+                self.roi_align(features, chunk, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+                for chunk in rois.split(EAGER_ROI_CHUNK)
+            ]
+        )
 
 
 def per_image_postprocess(batched_nms):
     """torchvision's ``postprocess_detections``: each image alone, NMS by ``batched_nms(boxes,
     scores, labels, threshold)``; called as :func:`postprocess_detections` is."""
 
-    def postprocess(class_logits, box_regression, proposals, image_sizes, box_coder, score_thresh, nms_thresh,
-                    detections_per_img):
+    def postprocess(
+        class_logits, box_regression, proposals, image_sizes, box_coder, score_thresh, nms_thresh, detections_per_img
+    ):
         counts = [len(p) for p in proposals]
         all_boxes = box_coder.decode(box_regression, list(proposals))
         all_scores = F.softmax(class_logits, -1)
@@ -417,8 +441,16 @@ def detect_in_stages(detector, images, proposals, postprocess, stage_times: dict
     logits, deltas = timed("head", lambda x: detector.box_predictor(detector.box_head(x)), pooled)
 
     def finish():
-        detections = postprocess(logits, deltas, proposals, image_list.image_sizes, detector.box_coder,
-                                 detector.score_thresh, detector.nms_thresh, detector.detections_per_img)
+        detections = postprocess(
+            logits,
+            deltas,
+            proposals,
+            image_list.image_sizes,
+            detector.box_coder,
+            detector.score_thresh,
+            detector.nms_thresh,
+            detector.detections_per_img,
+        )
         return detector.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
     return timed("postprocess", finish)
@@ -431,11 +463,20 @@ def loop_detect(detector, images, proposals):
     detections = []
     for slot, boxes, size in zip(image_list.tensors, proposals, image_list.image_sizes):
         features = detector.backbone(slot[None])
-        outputs = [detector.box_predictor(detector.box_head(detector.box_roi_pool(features, [box[None]])))
-                   for box in boxes]
+        outputs = [
+            detector.box_predictor(detector.box_head(detector.box_roi_pool(features, [box[None]]))) for box in boxes
+        ]
         logits, deltas = (torch.cat(parts) for parts in zip(*outputs))
-        detections += postprocess_detections(logits, deltas, [boxes], [size], detector.box_coder,
-                                             detector.score_thresh, detector.nms_thresh, detector.detections_per_img)
+        detections += postprocess_detections(
+            logits,
+            deltas,
+            [boxes],
+            [size],
+            detector.box_coder,
+            detector.score_thresh,
+            detector.nms_thresh,
+            detector.detections_per_img,
+        )
     return detector.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
 
@@ -461,7 +502,8 @@ def detector_impl(detector: nn.Module, builder: str, impl: str):
     if impl == "fastdl":
         fused = fused_detector(detector, builder)
         return lambda images, proposals, stage_times=None: (
-            fused(images, proposals) if stage_times is None
+            fused(images, proposals)
+            if stage_times is None
             else detect_in_stages(fused, images, proposals, postprocess_detections, stage_times)
         )
     if impl == "loop":
@@ -475,8 +517,9 @@ def detector_impl(detector: nn.Module, builder: str, impl: str):
             return None
         plain = plain_detector(detector, tv_ops.roi_align).eval()
         postprocess = per_image_postprocess(tv_ops.batched_nms)
-    return lambda images, proposals, stage_times=None: detect_in_stages(plain, images, proposals, postprocess,
-                                                                        stage_times)
+    return lambda images, proposals, stage_times=None: detect_in_stages(
+        plain, images, proposals, postprocess, stage_times
+    )
 
 
 def detections_tensor(detections) -> torch.Tensor:
@@ -532,8 +575,14 @@ def test_detection_inference(benchmark, case, impl, device):
     if impl in ("fastdl", "loop"):
         detect()  # the fused convolutions prepare their Winograd weights on the first call
     result = benchmark(detect)
-    record(benchmark, op="models", case=f"{case} detection", impl=impl, result=detections_tensor(result),
-           reference=plain_detections(case))
+    record(
+        benchmark,
+        op="models",
+        case=f"{case} detection",
+        impl=impl,
+        result=detections_tensor(result),
+        reference=plain_detections(case),
+    )
     benchmark.extra_info["detections"] = sum(len(d["scores"]) for d in result)
     if impl == "fastdl":
         stage_times = {}
@@ -579,5 +628,11 @@ def test_detection_training_step(benchmark, case, impl, device):
     step = detection_sgd_step(detector if impl == "fastdl" else plain_detector(detector, roi_align))
     first_loss = step(images, proposals, targets)
     benchmark(step, images, proposals, targets)
-    record(benchmark, op="models", case=f"{case} detection training step", impl=impl, result=first_loss,
-           reference=reference)
+    record(
+        benchmark,
+        op="models",
+        case=f"{case} detection training step",
+        impl=impl,
+        result=first_loss,
+        reference=reference,
+    )

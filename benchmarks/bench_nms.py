@@ -97,5 +97,11 @@ def test_nms(benchmark, case, impl, device):
     kept = benchmark(run)
     # error column: number of kept indices that differ from fastdl's answer (0 = identical)
     same = kept.numel() == reference.numel() and bool((kept.cpu() == reference.cpu()).all())
-    record(benchmark, op="batched_nms" if classes else "nms", case=case, impl=impl,
-           result=torch.tensor([0.0 if same else 1.0]), reference=torch.tensor([0.0]))
+    record(
+        benchmark,
+        op="batched_nms" if classes else "nms",
+        case=case,
+        impl=impl,
+        result=torch.tensor([0.0 if same else 1.0]),
+        reference=torch.tensor([0.0]),
+    )

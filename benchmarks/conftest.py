@@ -18,7 +18,9 @@ def pytest_addoption(parser):
     group.addoption("--quick", action="store_true", help="only the quick cases")
     group.addoption("--device", default="cpu", choices=["cpu", "cuda"], help="device to benchmark on")
     group.addoption("--threads", type=int, default=0, help="torch threads for both sides (0: all cores)")
-    group.addoption("--keep-freed-memory", action="store_true", help="pin glibc's allocator thresholds (see keep_freed_memory)")
+    group.addoption(
+        "--keep-freed-memory", action="store_true", help="pin glibc's allocator thresholds (see keep_freed_memory)"
+    )
 
 
 def keep_freed_memory() -> None:

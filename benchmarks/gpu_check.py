@@ -66,12 +66,19 @@ DRY_RUN_JUNIT = (
     '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="1" failures="0" '
     'errors="0" skipped="0"><testcase classname="{module}" name="test_dry_run" time="0.01"/></testsuite></testsuites>'
 )
-DRY_RUN_BENCHMARKS = json.dumps({"benchmarks": [
-    {"name": f"test_nms[random-1k-{impl}]", "params": {"case": "random-1k", "impl": impl},
-     "extra_info": {"op": "nms", "case": "random-1k", "impl": impl, "max_abs_err": 0.0, "threads": 1},
-     "stats": {"median": median, "rounds": 5}}
-    for impl, median in (("fastdl", 0.0005), ("eager", 0.04))
-]})
+DRY_RUN_BENCHMARKS = json.dumps(
+    {
+        "benchmarks": [
+            {
+                "name": f"test_nms[random-1k-{impl}]",
+                "params": {"case": "random-1k", "impl": impl},
+                "extra_info": {"op": "nms", "case": "random-1k", "impl": impl, "max_abs_err": 0.0, "threads": 1},
+                "stats": {"median": median, "rounds": 5},
+            }
+            for impl, median in (("fastdl", 0.0005), ("eager", 0.04))
+        ]
+    }
+)
 
 
 @dataclass
@@ -163,10 +170,17 @@ def run_commands(commands: list[Command], timeout: float) -> tuple[list[int | No
             changes = [f"{k}={'' if v is None else shlex.quote(v)}" for k, v in c.env.items()]
             log.write(f"$ {' '.join([*changes, shlex.join(c.argv)])}\n")
             log.flush()
-            procs.append(subprocess.Popen(
-                c.argv, cwd=REPO, env=environment(c.env), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    c.argv,
+                    cwd=REPO,
+                    env=environment(c.env),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         while any(p.poll() is None for p in procs):
             elapsed = time.monotonic() - start
             if elapsed >= timeout:
@@ -193,8 +207,10 @@ def stand_in(command: Command, hang: bool, artifact_text: str | None, printed: s
     """What --dry-run runs instead of ``command``: print it, then either write a small report file
     of the real format where the real command would, or hang like a process stuck in a CUDA call
     (ignoring SIGINT, so only the kill at the stage limit ends it)."""
-    code = ["import os, pathlib, signal, time",
-            f"print('dry run, pid', os.getpid(), 'instead of:', {shlex.join(command.argv)!r}, flush=True)"]
+    code = [
+        "import os, pathlib, signal, time",
+        f"print('dry run, pid', os.getpid(), 'instead of:', {shlex.join(command.argv)!r}, flush=True)",
+    ]
     if hang:
         code += ["signal.signal(signal.SIGINT, signal.SIG_IGN)", "time.sleep(3600)"]
     if printed:
@@ -289,10 +305,18 @@ def summarise_benchmarks(data: dict) -> list[dict]:
             continue
         for name, base in sorted(impls.items()):
             if name != "fastdl":
-                rows.append(dict(
-                    op=op, case=case, baseline=name, baseline_ms=base["median"] * 1e3, fastdl_ms=mine["median"] * 1e3,
-                    ratio=base["median"] / mine["median"], fastdl_tflops=tflops(mine), baseline_tflops=tflops(base),
-                ))
+                rows.append(
+                    dict(
+                        op=op,
+                        case=case,
+                        baseline=name,
+                        baseline_ms=base["median"] * 1e3,
+                        fastdl_ms=mine["median"] * 1e3,
+                        ratio=base["median"] / mine["median"],
+                        fastdl_tflops=tflops(mine),
+                        baseline_tflops=tflops(base),
+                    )
+                )
     return rows
 
 
@@ -378,7 +402,9 @@ def torch_probe() -> dict:
 def probe_environment(dry_run: bool) -> list[tuple[str, str]]:
     """GPU, driver, library versions and CPU, for the top of summary.md. The dry run does not
     start torch (it would only find no GPU)."""
-    gpus = (command_output(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]) or "").splitlines()
+    gpus = (
+        command_output(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]) or ""
+    ).splitlines()
     probe = {} if dry_run else torch_probe()
     if gpus:
         name, _, driver = gpus[0].partition(",")
@@ -393,7 +419,10 @@ def probe_environment(dry_run: bool) -> list[tuple[str, str]]:
         ("commit", command_output(["git", "rev-parse", "--short", "HEAD"]) or "unknown"),
         ("GPU", gpu + (f", {probe['capability']}" if "capability" in probe else "")),
         ("driver", driver),
-        ("torch", package_version("torch") + (f", CUDA {probe['cuda']}, cuDNN {probe['cudnn']}" if "cuda" in probe else "")),
+        (
+            "torch",
+            package_version("torch") + (f", CUDA {probe['cuda']}, cuDNN {probe['cudnn']}" if "cuda" in probe else ""),
+        ),
         ("triton", package_version("triton")),
         ("torchvision", package_version("torchvision")),
         ("nvcc", next((line for line in nvcc if "release" in line), nvcc[-1])),
@@ -420,8 +449,11 @@ def build(args, report: Report, limit: float) -> bool:
     command = Command(
         [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-v", "."],
         Path(args.out) / "build.log",
-        {"FASTDL_CUDA": "ON", "CMAKE_ARGS": f"-DCMAKE_CUDA_ARCHITECTURES={args.cuda_arch}",
-         "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())},
+        {
+            "FASTDL_CUDA": "ON",
+            "CMAKE_ARGS": f"-DCMAKE_CUDA_ARCHITECTURES={args.cuda_arch}",
+            "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count()),
+        },
     )
     if args.dry_run:
         command = stand_in(command, args.dry_run_hang == "build", None)
@@ -434,7 +466,8 @@ def build(args, report: Report, limit: float) -> bool:
 def test_modules() -> list[str]:
     """Test modules that can have CUDA tests (this check's own test is CPU-only)."""
     return sorted(
-        str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+        str(p.relative_to(REPO))
+        for p in (REPO / "tests").glob("test_*.py")
         if p.name != "test_gpu_check.py" and "cuda" in p.read_text()
     )
 
@@ -451,9 +484,21 @@ def tests(args, report: Report, limit: float) -> None:
     for module in modules:
         part = out / "tests" / Path(module).stem
         command = Command(
-            [sys.executable, "-m", "pytest", module, "-v", "-rfE", "-p", "no:cacheprovider",
-             "-p", "benchmarks.per_test_timeout", f"--per-test-timeout={args.per_test_timeout:g}",
-             f"--junitxml={part}.xml", *([] if module in TRITON_TEST_MODULES else ["-k", "cuda"])],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                module,
+                "-v",
+                "-rfE",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "benchmarks.per_test_timeout",
+                f"--per-test-timeout={args.per_test_timeout:g}",
+                f"--junitxml={part}.xml",
+                *([] if module in TRITON_TEST_MODULES else ["-k", "cuda"]),
+            ],
             part.with_suffix(".log"),
             {"TRITON_INTERPRET": None, "OMP_NUM_THREADS": threads},
             part.with_suffix(".xml"),
@@ -511,16 +556,37 @@ def sanitizer(args, report: Report, limit: float) -> None:
     out = Path(args.out)
     test_ids = [test_id for ids in SANITIZER_TESTS.values() for test_id in ids]
     command = Command(
-        [tool, "--tool", "memcheck", "--error-exitcode", "1", "--target-processes", "all", "--print-limit", "20",
-         sys.executable, "-m", "pytest", *test_ids, "-v", "-rfE", "-p", "no:cacheprovider",
-         f"--junitxml={out / 'sanitizer.xml'}"],
+        [
+            tool,
+            "--tool",
+            "memcheck",
+            "--error-exitcode",
+            "1",
+            "--target-processes",
+            "all",
+            "--print-limit",
+            "20",
+            sys.executable,
+            "-m",
+            "pytest",
+            *test_ids,
+            "-v",
+            "-rfE",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={out / 'sanitizer.xml'}",
+        ],
         out / "sanitizer.log",
         {"TRITON_INTERPRET": None, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
         out / "sanitizer.xml",
     )
     if args.dry_run:
-        command = stand_in(command, args.dry_run_hang == "sanitizer", DRY_RUN_JUNIT.format(module="tests.test_nms"),
-                           printed="========= ERROR SUMMARY: 0 errors")
+        command = stand_in(
+            command,
+            args.dry_run_hang == "sanitizer",
+            DRY_RUN_JUNIT.format(module="tests.test_nms"),
+            printed="========= ERROR SUMMARY: 0 errors",
+        )
     run_stage(stage, [command], limit)
     if stage.status == "skipped":
         return
@@ -541,8 +607,19 @@ def benchmarks(args, report: Report, limit: float) -> None:
     stage = report.stages["benchmarks"]
     out = Path(args.out)
     command = Command(
-        [sys.executable, "-m", "fastdl", "bench", "--device", "cuda", "--quick", "--ops", *BENCHMARKED_OPS,
-         "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "fastdl",
+            "bench",
+            "--device",
+            "cuda",
+            "--quick",
+            "--ops",
+            *BENCHMARKED_OPS,
+            "--out",
+            str(out),
+        ],
         out / "bench.log",
         {"TRITON_INTERPRET": None},
         out / "bench-cuda.json",
@@ -552,7 +629,9 @@ def benchmarks(args, report: Report, limit: float) -> None:
     run_stage(stage, [command], limit)
     if stage.status == "skipped":
         return
-    report.failures += [(test_id, f"benchmark {kind}", lines) for test_id, kind, lines in pytest_summary_lines(command.log)]
+    report.failures += [
+        (test_id, f"benchmark {kind}", lines) for test_id, kind, lines in pytest_summary_lines(command.log)
+    ]
     try:
         report.benchmarks = summarise_benchmarks(json.loads(command.artifact.read_text()))
     except (OSError, ValueError, KeyError):
@@ -587,14 +666,21 @@ def render(report: Report) -> str:
         if len(report.failures) > FAILURES_LISTED:
             lines.append(f"- ... and {len(report.failures) - FAILURES_LISTED} more (junit.xml, tests.log)")
     if report.benchmarks:
-        lines += ["", "## Benchmarks", "",
-                  "ratio = baseline median / fastdl median (above 1: fastdl is faster).", "",
-                  "| op | case | baseline | baseline ms | fastdl ms | ratio | fastdl TFLOP/s | baseline TFLOP/s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Benchmarks",
+            "",
+            "ratio = baseline median / fastdl median (above 1: fastdl is faster).",
+            "",
+            "| op | case | baseline | baseline ms | fastdl ms | ratio | fastdl TFLOP/s | baseline TFLOP/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in report.benchmarks:
             tf = ["" if v is None else f"{v:.1f}" for v in (r["fastdl_tflops"], r["baseline_tflops"])]
-            lines.append(f"| {r['op']} | {r['case']} | {r['baseline']} | {r['baseline_ms']:.3f} | {r['fastdl_ms']:.3f} "
-                         f"| {r['ratio']:.2f}x | {tf[0]} | {tf[1]} |")
+            lines.append(
+                f"| {r['op']} | {r['case']} | {r['baseline']} | {r['baseline_ms']:.3f} | {r['fastdl_ms']:.3f} "
+                f"| {r['ratio']:.2f}x | {tf[0]} | {tf[1]} |"
+            )
     lines += ["", f"Result: {'PASS' if report.passed() else 'FAIL'}", ""]
     return "\n".join(lines)
 
@@ -607,19 +693,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="gpu-check-results", help="directory for summary.md, the logs and the results")
     parser.add_argument("--skip-build", action="store_true", help="use the fastdl that is already installed")
     parser.add_argument("--cuda-arch", default="90", help="CMAKE_CUDA_ARCHITECTURES (default: 90, Hopper)")
-    parser.add_argument("--build-timeout", type=float, default=240, metavar="S",
-                        help="build limit (default: %(default)g s)")
-    parser.add_argument("--test-timeout", type=float, default=180, metavar="S", help="tests limit (default: %(default)g s)")
-    parser.add_argument("--sanitizer-timeout", type=float, default=90, metavar="S",
-                        help="compute-sanitizer limit, out of the time the build and tests left unused "
-                        "(default: %(default)g s)")
-    parser.add_argument("--bench-timeout", type=float, default=150, metavar="S",
-                        help="benchmarks limit (default: %(default)g s)")
-    parser.add_argument("--per-test-timeout", type=float, default=60, metavar="S",
-                        help="a test running longer fails; at twice this its pytest process is ended "
-                        "(default: %(default)g s)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="stand-in commands instead of the device work (no GPU needed)")
+    parser.add_argument(
+        "--build-timeout", type=float, default=240, metavar="S", help="build limit (default: %(default)g s)"
+    )
+    parser.add_argument(
+        "--test-timeout", type=float, default=180, metavar="S", help="tests limit (default: %(default)g s)"
+    )
+    parser.add_argument(
+        "--sanitizer-timeout",
+        type=float,
+        default=90,
+        metavar="S",
+        help="compute-sanitizer limit, out of the time the build and tests left unused (default: %(default)g s)",
+    )
+    parser.add_argument(
+        "--bench-timeout", type=float, default=150, metavar="S", help="benchmarks limit (default: %(default)g s)"
+    )
+    parser.add_argument(
+        "--per-test-timeout",
+        type=float,
+        default=60,
+        metavar="S",
+        help="a test running longer fails; at twice this its pytest process is ended (default: %(default)g s)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="stand-in commands instead of the device work (no GPU needed)"
+    )
     parser.add_argument("--dry-run-hang", choices=STAGES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dry_run_hang and not args.dry_run:

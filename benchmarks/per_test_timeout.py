@@ -28,7 +28,10 @@ class PerTestTimeout(Exception):
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--per-test-timeout", type=float, default=0.0, metavar="SECONDS",
+        "--per-test-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
         help="fail a test that runs longer than SECONDS; end the process at twice that (0: no limit)",
     )
 

@@ -121,8 +121,14 @@ def _usable_tiles(kernel, configs, block_d, elem_size, nq_bucket, nk_bucket):
 
 
 def _prune_tiles(kernel, configs, named_args, **kwargs):
-    return _usable_tiles(kernel, configs, kwargs["BLOCK_D"], named_args["Q"].element_size(),
-                         named_args["Nq_bucket"], named_args["Nk_bucket"])
+    return _usable_tiles(
+        kernel,
+        configs,
+        kwargs["BLOCK_D"],
+        named_args["Q"].element_size(),
+        named_args["Nq_bucket"],
+        named_args["Nk_bucket"],
+    )
 
 
 def _autotuned(kernel: str):
@@ -174,9 +180,24 @@ def _dropout_keep(row_counter, offs_n, s1, s2, threshold):
 
 
 @triton.jit
-def _scores(q, k_ptrs, kv_ok, mask_base, offs_m, offs_n, stride_mi, stride_mj, Nq, Nk, qk_scale,
-            HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-            BOUND_MASK: tl.constexpr, PREC: tl.constexpr):
+def _scores(
+    q,
+    k_ptrs,
+    kv_ok,
+    mask_base,
+    offs_m,
+    offs_n,
+    stride_mi,
+    stride_mj,
+    Nq,
+    Nk,
+    qk_scale,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    BOUND_MASK: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Scores of a [BM, BN] tile in base-2 units (-inf where hidden) and the loaded key tile."""
     k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
     s = _mm(q, tl.trans(k), PREC) * qk_scale
@@ -204,17 +225,59 @@ def _scores(q, k_ptrs, kv_ok, mask_base, offs_m, offs_n, stride_mi, stride_mj, N
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_d, d_ok, row_counter, seeds_ptr,
-               lo, hi, Nq, Nk, stride_mi, stride_mj, qk_scale, threshold, rescale,
-               D: tl.constexpr, BN: tl.constexpr,
-               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-               BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    mask_base,
+    offs_m,
+    offs_d,
+    d_ok,
+    row_counter,
+    seeds_ptr,
+    lo,
+    hi,
+    Nq,
+    Nk,
+    stride_mi,
+    stride_mj,
+    qk_scale,
+    threshold,
+    rescale,
+    D: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    BOUND_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     for start_n in range(lo, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
         kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
         kv_off = offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
-        s, k = _scores(q, k_base + kv_off, kv_ok, mask_base, offs_m, offs_n, stride_mi, stride_mj, Nq, Nk,
-                       qk_scale, HAS_MASK, MASK_BOOL, CAUSAL_MASK, BOUND_MASK, PREC)
+        s, k = _scores(
+            q,
+            k_base + kv_off,
+            kv_ok,
+            mask_base,
+            offs_m,
+            offs_n,
+            stride_mi,
+            stride_mj,
+            Nq,
+            Nk,
+            qk_scale,
+            HAS_MASK,
+            MASK_BOOL,
+            CAUSAL_MASK,
+            BOUND_MASK,
+            PREC,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible so far
         alpha = tl.math.exp2(m_i - m_safe)
@@ -246,20 +309,46 @@ def _query_block(H, G, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr)
 
 @_autotuned("fwd")
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, MASK, SEEDS,
-                stride_mb, stride_mh, stride_mi, stride_mj,
-                H, G, Nq, Nk, Nq_bucket, Nk_bucket, qk_scale, threshold, rescale,
-                D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                DROPOUT: tl.constexpr, PREC: tl.constexpr):
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    MASK,
+    SEEDS,
+    stride_mb,
+    stride_mh,
+    stride_mi,
+    stride_mj,
+    H,
+    G,
+    Nq,
+    Nk,
+    Nq_bucket,
+    Nk_bucket,
+    qk_scale,
+    threshold,
+    rescale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     bh, b, h, bhk, start_m, offs_m, offs_d, d_ok = _query_block(H, G, D, BLOCK_D, BM)
     q_base = Q + bh.to(tl.int64) * Nq * D
     k_base = K + bhk.to(tl.int64) * Nk * D
     v_base = V + bhk.to(tl.int64) * Nk * D
     mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     row_ok = offs_m < Nq
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )
     row_counter = (bh.to(tl.int64) * Nq + offs_m) * Nk
 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -276,20 +365,79 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK, SEEDS,
     else:
         hi = Nk
         mid = full_blocks
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_d, d_ok, row_counter,
-                               SEEDS, 0, mid, Nq, Nk, stride_mi, stride_mj, qk_scale, threshold, rescale,
-                               D, BN, HAS_MASK, MASK_BOOL, False, False, DROPOUT, PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_d, d_ok, row_counter,
-                               SEEDS, mid, hi, Nq, Nk, stride_mi, stride_mj, qk_scale, threshold, rescale,
-                               D, BN, HAS_MASK, MASK_BOOL, CAUSAL, True, DROPOUT, PREC)
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        mask_base,
+        offs_m,
+        offs_d,
+        d_ok,
+        row_counter,
+        SEEDS,
+        0,
+        mid,
+        Nq,
+        Nk,
+        stride_mi,
+        stride_mj,
+        qk_scale,
+        threshold,
+        rescale,
+        D,
+        BN,
+        HAS_MASK,
+        MASK_BOOL,
+        False,
+        False,
+        DROPOUT,
+        PREC,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        mask_base,
+        offs_m,
+        offs_d,
+        d_ok,
+        row_counter,
+        SEEDS,
+        mid,
+        hi,
+        Nq,
+        Nk,
+        stride_mi,
+        stride_mj,
+        qk_scale,
+        threshold,
+        rescale,
+        D,
+        BN,
+        HAS_MASK,
+        MASK_BOOL,
+        CAUSAL,
+        True,
+        DROPOUT,
+        PREC,
+    )
 
     empty = l_i == 0.0
     # rows with no visible key are 0 even where v holds NaN (their p is 0, and 0 * NaN is NaN)
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     o_base = O + bh.to(tl.int64) * Nq * D
-    tl.store(o_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        o_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
     tl.store(LSE + bh.to(tl.int64) * Nq + offs_m, lse, mask=row_ok)
 
 
@@ -297,8 +445,9 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK, SEEDS,
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, GLSE, DELTA, Nq, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-                    HAS_GLSE: tl.constexpr):
+def _bwd_preprocess(
+    O, DO, GLSE, DELTA, Nq, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, HAS_GLSE: tl.constexpr
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -323,11 +472,38 @@ def _load_lse2(LSE, row_off, rows_ok):
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, offs_d, d_ok, bh, seeds_ptr,
-                lo, hi, Nq, Nk, stride_mi, stride_mj, qk_scale, threshold, rescale,
-                D: tl.constexpr, BM: tl.constexpr,
-                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-                DROPOUT: tl.constexpr, PREC: tl.constexpr):
+def _dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    mask_base,
+    offs_n,
+    offs_d,
+    d_ok,
+    bh,
+    seeds_ptr,
+    lo,
+    hi,
+    Nq,
+    Nk,
+    stride_mi,
+    stride_mj,
+    qk_scale,
+    threshold,
+    rescale,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     for start_m in range(lo, hi, BM):
         offs_m = start_m + tl.arange(0, BM)
         rows_ok = offs_m < Nq
@@ -368,12 +544,41 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
 
 @_autotuned("dkdv")
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEEDS,
-              stride_mb, stride_mh, stride_mi, stride_mj,
-              H, G, Nq, Nk, Nq_bucket, Nk_bucket, qk_scale, sm_scale, threshold, rescale,
-              D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-              DROPOUT: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    MASK,
+    SEEDS,
+    stride_mb,
+    stride_mh,
+    stride_mi,
+    stride_mj,
+    H,
+    G,
+    Nq,
+    Nk,
+    Nq_bucket,
+    Nk_bucket,
+    qk_scale,
+    sm_scale,
+    threshold,
+    rescale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     hkv = H // G
@@ -409,30 +614,130 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SEEDS,
         lse_base = LSE + bh.to(tl.int64) * Nq
         delta_base = DELTA + bh.to(tl.int64) * Nq
         mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, offs_d, d_ok,
-                             bh, SEEDS, lo, mid, Nq, Nk, stride_mi, stride_mj, qk_scale, threshold, rescale,
-                             D, BM, HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, offs_n, offs_d, d_ok,
-                             bh, SEEDS, mid, n_blocks_end, Nq, Nk, stride_mi, stride_mj, qk_scale, threshold,
-                             rescale, D, BM, HAS_MASK, MASK_BOOL, False, DROPOUT, PREC)
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            mask_base,
+            offs_n,
+            offs_d,
+            d_ok,
+            bh,
+            SEEDS,
+            lo,
+            mid,
+            Nq,
+            Nk,
+            stride_mi,
+            stride_mj,
+            qk_scale,
+            threshold,
+            rescale,
+            D,
+            BM,
+            HAS_MASK,
+            MASK_BOOL,
+            CAUSAL,
+            DROPOUT,
+            PREC,
+        )
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            mask_base,
+            offs_n,
+            offs_d,
+            d_ok,
+            bh,
+            SEEDS,
+            mid,
+            n_blocks_end,
+            Nq,
+            Nk,
+            stride_mi,
+            stride_mj,
+            qk_scale,
+            threshold,
+            rescale,
+            D,
+            BM,
+            HAS_MASK,
+            MASK_BOOL,
+            False,
+            DROPOUT,
+            PREC,
+        )
     dk = dk * sm_scale
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, offs_d, d_ok, row_counter, seeds_ptr,
-              lo, hi, Nq, Nk, stride_mi, stride_mj, qk_scale, threshold, rescale,
-              D: tl.constexpr, BN: tl.constexpr,
-              HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-              DROPOUT: tl.constexpr, PREC: tl.constexpr):
+def _dq_inner(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    mask_base,
+    offs_m,
+    offs_d,
+    d_ok,
+    row_counter,
+    seeds_ptr,
+    lo,
+    hi,
+    Nq,
+    Nk,
+    stride_mi,
+    stride_mj,
+    qk_scale,
+    threshold,
+    rescale,
+    D: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     for start_n in range(lo, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
         kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
         kv_off = offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
         # padding columns (>= Nk) load k = 0, so their ds never reaches dq
-        s, k = _scores(q, k_base + kv_off, kv_ok, mask_base, offs_m, offs_n, stride_mi, stride_mj, Nq, Nk,
-                       qk_scale, HAS_MASK, MASK_BOOL, CAUSAL_MASK, False, PREC)
+        s, k = _scores(
+            q,
+            k_base + kv_off,
+            kv_ok,
+            mask_base,
+            offs_m,
+            offs_n,
+            stride_mi,
+            stride_mj,
+            Nq,
+            Nk,
+            qk_scale,
+            HAS_MASK,
+            MASK_BOOL,
+            CAUSAL_MASK,
+            False,
+            PREC,
+        )
         v = tl.load(v_base + kv_off, mask=kv_ok, other=0.0)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mm(do, tl.trans(v), PREC)
@@ -448,12 +753,40 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, offs_d,
 
 @_autotuned("dq")
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, SEEDS,
-            stride_mb, stride_mh, stride_mi, stride_mj,
-            H, G, Nq, Nk, Nq_bucket, Nk_bucket, qk_scale, sm_scale, threshold, rescale,
-            D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-            DROPOUT: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    MASK,
+    SEEDS,
+    stride_mb,
+    stride_mh,
+    stride_mi,
+    stride_mj,
+    H,
+    G,
+    Nq,
+    Nk,
+    Nq_bucket,
+    Nk_bucket,
+    qk_scale,
+    sm_scale,
+    threshold,
+    rescale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     bh, b, h, bhk, start_m, offs_m, offs_d, d_ok = _query_block(H, G, D, BLOCK_D, BM)
     rows_ok = offs_m < Nq
     off = bh.to(tl.int64) * Nq * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
@@ -475,12 +808,68 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, SEEDS,
     else:
         hi = Nk
         mid = Nk
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, offs_d, d_ok, row_counter, SEEDS,
-                   0, mid, Nq, Nk, stride_mi, stride_mj, qk_scale, threshold, rescale,
-                   D, BN, HAS_MASK, MASK_BOOL, False, DROPOUT, PREC)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, offs_d, d_ok, row_counter, SEEDS,
-                   mid, hi, Nq, Nk, stride_mi, stride_mj, qk_scale, threshold, rescale,
-                   D, BN, HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC)
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        mask_base,
+        offs_m,
+        offs_d,
+        d_ok,
+        row_counter,
+        SEEDS,
+        0,
+        mid,
+        Nq,
+        Nk,
+        stride_mi,
+        stride_mj,
+        qk_scale,
+        threshold,
+        rescale,
+        D,
+        BN,
+        HAS_MASK,
+        MASK_BOOL,
+        False,
+        DROPOUT,
+        PREC,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        mask_base,
+        offs_m,
+        offs_d,
+        d_ok,
+        row_counter,
+        SEEDS,
+        mid,
+        hi,
+        Nq,
+        Nk,
+        stride_mi,
+        stride_mj,
+        qk_scale,
+        threshold,
+        rescale,
+        D,
+        BN,
+        HAS_MASK,
+        MASK_BOOL,
+        CAUSAL,
+        DROPOUT,
+        PREC,
+    )
     dq = dq * sm_scale
     tl.store(DQ + off, dq.to(DQ.dtype.element_ty), mask=ok)
 
@@ -543,10 +932,30 @@ def attention_forward_op(q, k, v, attn_mask, causal, scale, dropout_p, seed):
     mask, (smb, smh, smi, smj), has_mask, mask_bool = _mask_args(attn_mask, q, b, h, nq, nk)
     seeds, threshold, rescale, use_dropout = _dropout_args(seed, float(dropout_p), q.device)
     _fwd_kernel[lambda meta: (triton.cdiv(nq, meta["BM"]), b * h)](
-        q, k, v, out, lse, mask, seeds, smb, smh, smi, smj,
-        h, h // hkv, *_length_args(nq, nk), float(scale) * _LOG2E, threshold, rescale,
-        D=d, BLOCK_D=_block_d(d), CAUSAL=bool(causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool,
-        DROPOUT=use_dropout, PREC=_precision(q.dtype),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        seeds,
+        smb,
+        smh,
+        smi,
+        smj,
+        h,
+        h // hkv,
+        *_length_args(nq, nk),
+        float(scale) * _LOG2E,
+        threshold,
+        rescale,
+        D=d,
+        BLOCK_D=_block_d(d),
+        CAUSAL=bool(causal),
+        HAS_MASK=has_mask,
+        MASK_BOOL=mask_bool,
+        DROPOUT=use_dropout,
+        PREC=_precision(q.dtype),
     )
     return out, lse
 
@@ -572,7 +981,15 @@ def attention_backward_op(grad_out, q, k, v, attn_mask, out, lse, grad_lse, caus
     delta = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     glse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else delta
     _bwd_preprocess[(triton.cdiv(nq, 64), b * h)](
-        out, grad_out, glse, delta, nq, D=d, BLOCK_D=block_d, BM=64, HAS_GLSE=grad_lse is not None,
+        out,
+        grad_out,
+        glse,
+        delta,
+        nq,
+        D=d,
+        BLOCK_D=block_d,
+        BM=64,
+        HAS_GLSE=grad_lse is not None,
     )
 
     mask, (smb, smh, smi, smj), has_mask, mask_bool = _mask_args(attn_mask, q, b, h, nq, nk)
@@ -580,18 +997,62 @@ def attention_backward_op(grad_out, q, k, v, attn_mask, out, lse, grad_lse, caus
     qk_scale = float(scale) * _LOG2E
     lengths = _length_args(nq, nk)
     common = dict(
-        D=d, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool,
-        DROPOUT=use_dropout, PREC=_precision(q.dtype),
+        D=d,
+        BLOCK_D=block_d,
+        CAUSAL=bool(causal),
+        HAS_MASK=has_mask,
+        MASK_BOOL=mask_bool,
+        DROPOUT=use_dropout,
+        PREC=_precision(q.dtype),
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _bwd_dkdv[lambda meta: (triton.cdiv(nk, meta["BN"]), b * hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, mask, seeds, smb, smh, smi, smj,
-        h, h // hkv, *lengths, qk_scale, float(scale), threshold, rescale, **common,
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        mask,
+        seeds,
+        smb,
+        smh,
+        smi,
+        smj,
+        h,
+        h // hkv,
+        *lengths,
+        qk_scale,
+        float(scale),
+        threshold,
+        rescale,
+        **common,
     )
     dq = torch.empty_like(q)
     _bwd_dq[lambda meta: (triton.cdiv(nq, meta["BM"]), b * h)](
-        q, k, v, grad_out, lse, delta, dq, mask, seeds, smb, smh, smi, smj,
-        h, h // hkv, *lengths, qk_scale, float(scale), threshold, rescale, **common,
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        mask,
+        seeds,
+        smb,
+        smh,
+        smi,
+        smj,
+        h,
+        h // hkv,
+        *lengths,
+        qk_scale,
+        float(scale),
+        threshold,
+        rescale,
+        **common,
     )
     return dq, dk, dv

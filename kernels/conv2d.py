@@ -111,8 +111,27 @@ def _split_taps(q, CH, KH: tl.constexpr, KW: tl.constexpr, CHANNEL_FASTEST: tl.c
 
 
 @triton.jit
-def _gather(ptr, row_base, row_h, row_w, row_ok, ch, r, s, col_ok, s_c, s_h, s_w, HEIGHT, WIDTH,
-            stride_h, stride_w, dil_h, dil_w, TRANSPOSED: tl.constexpr):
+def _gather(
+    ptr,
+    row_base,
+    row_h,
+    row_w,
+    row_ok,
+    ch,
+    r,
+    s,
+    col_ok,
+    s_c,
+    s_h,
+    s_w,
+    HEIGHT,
+    WIDTH,
+    stride_h,
+    stride_w,
+    dil_h,
+    dil_w,
+    TRANSPOSED: tl.constexpr,
+):
     """Load the implicit-GEMM tile T[i, j] = t[image of row i, ch[j], h, w] (zero outside the image).
 
     Rows are pixels: ``row_base`` is the offset of their image (and group's first channel),
@@ -156,14 +175,54 @@ def _activate(x, ACTIVATION: tl.constexpr):
 
 @_autotuned
 @triton.jit
-def _conv_fwd_kernel(X, Wt, BIAS, RES, Y,
-                     ROWS, COLS, RED, C_GROUP, H, W, HO, WO,
-                     sxn, sxc, sxh, sxw, swk, swc, swh, sww, sb, srn, srk, srh, srw, syn, syk, syh, syw,
-                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                     KH: tl.constexpr, KW: tl.constexpr, CHANNEL_FASTEST: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-                     PREC: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _conv_fwd_kernel(
+    X,
+    Wt,
+    BIAS,
+    RES,
+    Y,
+    ROWS,
+    COLS,
+    RED,
+    C_GROUP,
+    H,
+    W,
+    HO,
+    WO,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    swk,
+    swc,
+    swh,
+    sww,
+    sb,
+    srn,
+    srk,
+    srh,
+    srw,
+    syn,
+    syk,
+    syh,
+    syw,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    CHANNEL_FASTEST: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     g = tl.program_id(2)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     m_ok = offs_m < ROWS
@@ -182,8 +241,27 @@ def _conv_fwd_kernel(X, Wt, BIAS, RES, Y,
         offs_q = q0 + tl.arange(0, BK)
         q_ok = offs_q < RED
         c, r, s = _split_taps(offs_q, C_GROUP, KH, KW, CHANNEL_FASTEST)
-        a = _gather(X, x_base, anchor_h, anchor_w, m_ok, c, r, s, q_ok, sxc, sxh, sxw, H, W,
-                    stride_h, stride_w, dil_h, dil_w, False)
+        a = _gather(
+            X,
+            x_base,
+            anchor_h,
+            anchor_w,
+            m_ok,
+            c,
+            r,
+            s,
+            q_ok,
+            sxc,
+            sxh,
+            sxw,
+            H,
+            W,
+            stride_h,
+            stride_w,
+            dil_h,
+            dil_w,
+            False,
+        )
         w_rows = c.to(tl.int64) * swc + r * swh + s * sww
         b = tl.load(Wt + w_rows[:, None] + w_cols[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _mm(a, b, PREC)
@@ -202,12 +280,44 @@ def _conv_fwd_kernel(X, Wt, BIAS, RES, Y,
 
 @_autotuned
 @triton.jit
-def _conv_bwd_input_kernel(DY, Wt, DX,
-                           ROWS, COLS, RED, K_GROUP, H, W, HO, WO,
-                           syn, syk, syh, syw, swk, swc, swh, sww, sxn, sxc, sxh, sxw,
-                           stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                           KH: tl.constexpr, KW: tl.constexpr, CHANNEL_FASTEST: tl.constexpr,
-                           PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _conv_bwd_input_kernel(
+    DY,
+    Wt,
+    DX,
+    ROWS,
+    COLS,
+    RED,
+    K_GROUP,
+    H,
+    W,
+    HO,
+    WO,
+    syn,
+    syk,
+    syh,
+    syw,
+    swk,
+    swc,
+    swh,
+    sww,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    CHANNEL_FASTEST: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     g = tl.program_id(2)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     m_ok = offs_m < ROWS
@@ -224,8 +334,27 @@ def _conv_bwd_input_kernel(DY, Wt, DX,
         offs_q = q0 + tl.arange(0, BK)
         q_ok = offs_q < RED
         k, r, s = _split_taps(offs_q, K_GROUP, KH, KW, CHANNEL_FASTEST)
-        a = _gather(DY, dy_base, h + pad_h, w + pad_w, m_ok, k, r, s, q_ok, syk, syh, syw, HO, WO,
-                    stride_h, stride_w, dil_h, dil_w, True)
+        a = _gather(
+            DY,
+            dy_base,
+            h + pad_h,
+            w + pad_w,
+            m_ok,
+            k,
+            r,
+            s,
+            q_ok,
+            syk,
+            syh,
+            syw,
+            HO,
+            WO,
+            stride_h,
+            stride_w,
+            dil_h,
+            dil_w,
+            True,
+        )
         w_rows = (g * K_GROUP + k).to(tl.int64) * swk + r * swh + s * sww
         b = tl.load(Wt + w_rows[:, None] + w_cols[None, :], mask=q_ok[:, None] & c_ok[None, :], other=0.0)
         acc += _mm(a, b, PREC)
@@ -238,12 +367,42 @@ def _conv_bwd_input_kernel(DY, Wt, DX,
 
 @_autotuned
 @triton.jit
-def _conv_bwd_weight_kernel(DY, X, PARTIAL,
-                            ROWS, COLS, RED, C_GROUP, GROUPS, PIXELS_PER_SPLIT, H, W, HO, WO,
-                            syn, syk, syh, syw, sxn, sxc, sxh, sxw,
-                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                            KH: tl.constexpr, KW: tl.constexpr, CHANNEL_FASTEST: tl.constexpr,
-                            PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _conv_bwd_weight_kernel(
+    DY,
+    X,
+    PARTIAL,
+    ROWS,
+    COLS,
+    RED,
+    C_GROUP,
+    GROUPS,
+    PIXELS_PER_SPLIT,
+    H,
+    W,
+    HO,
+    WO,
+    syn,
+    syk,
+    syh,
+    syw,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    CHANNEL_FASTEST: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     g = tl.program_id(2) % GROUPS
     split = tl.program_id(2) // GROUPS
 
@@ -266,8 +425,27 @@ def _conv_bwd_weight_kernel(DY, X, PARTIAL,
         dy_cols = n.to(tl.int64) * syn + ho * syh + wo * syw
         dy = tl.load(DY + dy_rows[:, None] + dy_cols[None, :], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         x_base = n.to(tl.int64) * sxn + (g * C_GROUP).to(tl.int64) * sxc
-        a = _gather(X, x_base, ho * stride_h - pad_h, wo * stride_w - pad_w, m_ok, c, r, s, q_ok,
-                    sxc, sxh, sxw, H, W, stride_h, stride_w, dil_h, dil_w, False)
+        a = _gather(
+            X,
+            x_base,
+            ho * stride_h - pad_h,
+            wo * stride_w - pad_w,
+            m_ok,
+            c,
+            r,
+            s,
+            q_ok,
+            sxc,
+            sxh,
+            sxw,
+            H,
+            W,
+            stride_h,
+            stride_w,
+            dil_h,
+            dil_w,
+            False,
+        )
         acc += _mm(dy, a, PREC)
 
     # PARTIAL is [splits, K, C_GROUP * KH * KW] contiguous: the weight's own [K, Cg, kh, kw] order
@@ -313,20 +491,42 @@ def conv2d_forward_op(input, weight, bias, stride, padding, dilation, groups, ac
     k, c_group, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
-    out = torch.empty((n, k, ho, wo), dtype=input.dtype, device=input.device,
-                      memory_format=output_memory_format(input))
+    out = torch.empty((n, k, ho, wo), dtype=input.dtype, device=input.device, memory_format=output_memory_format(input))
     if out.numel() == 0:
         return out
     rows, cols = n * ho * wo, k // groups
     grid = lambda meta: (triton.cdiv(rows, meta["BM"]), triton.cdiv(cols, meta["BN"]), groups)  # noqa: E731
     _conv_fwd_kernel[grid](
-        input, weight, input if bias is None else bias, out if residual is None else residual, out,
-        rows, cols, c_group * kh * kw, c_group, h, w, ho, wo,
-        *input.stride(), *weight.stride(), 0 if bias is None else bias.stride(0),
-        *(out if residual is None else residual).stride(), *out.stride(),
-        sh, sw, ph, pw, dh, dw,
-        KH=kh, KW=kw, CHANNEL_FASTEST=_channels_innermost(input), HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, ACTIVATION="none" if activation is None else activation,
+        input,
+        weight,
+        input if bias is None else bias,
+        out if residual is None else residual,
+        out,
+        rows,
+        cols,
+        c_group * kh * kw,
+        c_group,
+        h,
+        w,
+        ho,
+        wo,
+        *input.stride(),
+        *weight.stride(),
+        0 if bias is None else bias.stride(0),
+        *(out if residual is None else residual).stride(),
+        *out.stride(),
+        sh,
+        sw,
+        ph,
+        pw,
+        dh,
+        dw,
+        KH=kh,
+        KW=kw,
+        CHANNEL_FASTEST=_channels_innermost(input),
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        ACTIVATION="none" if activation is None else activation,
         PREC=_precision(input.dtype),
     )
     return out
@@ -367,16 +567,32 @@ def conv2d_backward_op(grad_output, input, weight, stride, padding, dilation, gr
 
     grad_input = empty
     if output_mask[0]:
-        grad_input = torch.empty((n, c, h, w), dtype=input.dtype, device=input.device,
-                                 memory_format=output_memory_format(input))
+        grad_input = torch.empty(
+            (n, c, h, w), dtype=input.dtype, device=input.device, memory_format=output_memory_format(input)
+        )
         rows, red = n * h * w, k_group * kh * kw
         if grad_input.numel():
             grid = lambda meta: (triton.cdiv(rows, meta["BM"]), triton.cdiv(c_group, meta["BN"]), groups)  # noqa: E731
             _conv_bwd_input_kernel[grid](
-                grad_output, weight, grad_input,
-                rows, c_group, red, k_group, h, w, ho, wo,
-                *grad_output.stride(), *weight.stride(), *grad_input.stride(), *geometry,
-                KH=kh, KW=kw, CHANNEL_FASTEST=_channels_innermost(grad_output), PREC=prec,
+                grad_output,
+                weight,
+                grad_input,
+                rows,
+                c_group,
+                red,
+                k_group,
+                h,
+                w,
+                ho,
+                wo,
+                *grad_output.stride(),
+                *weight.stride(),
+                *grad_input.stride(),
+                *geometry,
+                KH=kh,
+                KW=kw,
+                CHANNEL_FASTEST=_channels_innermost(grad_output),
+                PREC=prec,
             )
 
     grad_weight = empty
@@ -389,12 +605,31 @@ def conv2d_backward_op(grad_output, input, weight, stride, padding, dilation, gr
             splits, per_split = _weight_grad_split(pixels, weight_tiles, input.device)
             partial = torch.empty((splits, k, taps), dtype=torch.float32, device=input.device)
             grid = lambda meta: (  # noqa: E731
-                triton.cdiv(k_group, meta["BM"]), triton.cdiv(taps, meta["BN"]), groups * splits)
+                triton.cdiv(k_group, meta["BM"]),
+                triton.cdiv(taps, meta["BN"]),
+                groups * splits,
+            )
             _conv_bwd_weight_kernel[grid](
-                grad_output, input, partial,
-                k_group, taps, pixels, c_group, groups, per_split, h, w, ho, wo,
-                *grad_output.stride(), *input.stride(), *geometry,
-                KH=kh, KW=kw, CHANNEL_FASTEST=_channels_innermost(input), PREC=prec,
+                grad_output,
+                input,
+                partial,
+                k_group,
+                taps,
+                pixels,
+                c_group,
+                groups,
+                per_split,
+                h,
+                w,
+                ho,
+                wo,
+                *grad_output.stride(),
+                *input.stride(),
+                *geometry,
+                KH=kh,
+                KW=kw,
+                CHANNEL_FASTEST=_channels_innermost(input),
+                PREC=prec,
             )
             grad_weight = partial.sum(0).view(k, c_group, kh, kw).to(input.dtype)
 

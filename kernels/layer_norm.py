@@ -77,8 +77,7 @@ def _load_sum(X, RES, RES_OUT, offs, ok, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_kernel(X, RES, RES_OUT, MEAN, RSTD, N, eps,
-                      HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _row_stats_kernel(X, RES, RES_OUT, MEAN, RSTD, N, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """Mean and rstd of one long row (program_id 0), walked in blocks of BLOCK_N."""
     row = tl.program_id(0)
     base = row.to(tl.int64) * N
@@ -103,9 +102,25 @@ def _row_stats_kernel(X, RES, RES_OUT, MEAN, RSTD, N, eps,
 
 
 @triton.jit
-def _normalize_kernel(X, RES, W, B, Y, RES_OUT, MEAN, RSTD, ROWS, N, eps,
-                      HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      STATS_INLINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _normalize_kernel(
+    X,
+    RES,
+    W,
+    B,
+    Y,
+    RES_OUT,
+    MEAN,
+    RSTD,
+    ROWS,
+    N,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STATS_INLINE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """y = (x - mean) * rstd * weight + bias on one tile. STATS_INLINE: the tile holds whole rows
     (one column block), so the statistics are computed here and stored; otherwise they are read
     from MEAN / RSTD and X already holds the residual sum."""
@@ -159,9 +174,26 @@ def _grad_row_sums_kernel(DY, X, W, MEAN, RSTD, SUMS, ROWS, N, HAS_WEIGHT: tl.co
 
 
 @triton.jit
-def _grad_kernel(DY, X, W, MEAN, RSTD, SUMS, DX, DW_PARTIAL, DB_PARTIAL, ROWS, N, ROWS_PER_PROGRAM,
-                 HAS_WEIGHT: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                 SUMS_INLINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _grad_kernel(
+    DY,
+    X,
+    W,
+    MEAN,
+    RSTD,
+    SUMS,
+    DX,
+    DW_PARTIAL,
+    DB_PARTIAL,
+    ROWS,
+    N,
+    ROWS_PER_PROGRAM,
+    HAS_WEIGHT: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    SUMS_INLINE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dx of the rows [program_id 1 * ROWS_PER_PROGRAM, + ROWS_PER_PROGRAM) in column block
     program_id 0, and their partial dweight / dbias in row program_id 1 of the partial buffers.
     SUMS_INLINE: the column block is the whole row, so the two row means are computed here."""
@@ -234,12 +266,16 @@ def _check_backward_inputs(grad_output, input, mean, rstd, rows):
     one rstd per row, all on input's device."""
     op = "_layer_norm_backward"
     if grad_output.shape != input.shape or grad_output.device != input.device:
-        raise RuntimeError(f"{op}: grad_output has shape {list(grad_output.shape)} on {grad_output.device}, "
-                           f"expected input's shape {list(input.shape)} on {input.device}")
+        raise RuntimeError(
+            f"{op}: grad_output has shape {list(grad_output.shape)} on {grad_output.device}, "
+            f"expected input's shape {list(input.shape)} on {input.device}"
+        )
     for name, t in (("mean", mean), ("rstd", rstd)):
         if t.numel() != rows or t.device != input.device:
-            raise RuntimeError(f"{op}: expected {name} with {rows} elements (one per row) on {input.device}, "
-                               f"got shape {list(t.shape)} on {t.device}")
+            raise RuntimeError(
+                f"{op}: expected {name} with {rows} elements (one per row) on {input.device}, "
+                f"got shape {list(t.shape)} on {t.device}"
+            )
 
 
 def layer_norm_forward_op(input, normalized_shape, weight, bias, residual, eps):
@@ -262,16 +298,41 @@ def layer_norm_forward_op(input, normalized_shape, weight, bias, residual, eps):
         b = bias.contiguous() if bias is not None else x
         block_m, block_n, one_block = _blocks(rows, row_size)
         if not one_block:
-            _row_stats_kernel[(rows,)](x, res, residual_out, mean, rstd, row_size, eps,
-                                       HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
-                                       num_warps=_num_warps(block_n))
+            _row_stats_kernel[(rows,)](
+                x,
+                res,
+                residual_out,
+                mean,
+                rstd,
+                row_size,
+                eps,
+                HAS_RESIDUAL=residual is not None,
+                BLOCK_N=block_n,
+                num_warps=_num_warps(block_n),
+            )
             if residual is not None:  # the sum is what gets normalised
                 x = residual_out
         grid = (triton.cdiv(rows, block_m), triton.cdiv(row_size, block_n))
-        _normalize_kernel[grid](x, res, w, b, out, residual_out, mean, rstd, rows, row_size, eps,
-                                HAS_RESIDUAL=one_block and residual is not None, HAS_WEIGHT=weight is not None,
-                                HAS_BIAS=bias is not None, STATS_INLINE=one_block, BLOCK_M=block_m, BLOCK_N=block_n,
-                                num_warps=_num_warps(block_m * block_n))
+        _normalize_kernel[grid](
+            x,
+            res,
+            w,
+            b,
+            out,
+            residual_out,
+            mean,
+            rstd,
+            rows,
+            row_size,
+            eps,
+            HAS_RESIDUAL=one_block and residual is not None,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            STATS_INLINE=one_block,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=_num_warps(block_m * block_n),
+        )
     if residual is not None:
         residual_out = residual_out.view(input.shape)
     return out.view(input.shape), residual_out, mean, rstd
@@ -312,14 +373,41 @@ def layer_norm_backward_op(grad_output, input, weight, mean, rstd, normalized_sh
     sums = mean  # unused placeholder when the row means are computed inline
     if not one_block:
         sums = torch.empty((rows, 2), dtype=torch.float32, device=input.device)
-        _grad_row_sums_kernel[(rows,)](dy, x, w, mean, rstd, sums, rows, row_size, HAS_WEIGHT=weight is not None,
-                                       BLOCK_N=block_n, num_warps=_num_warps(block_n))
+        _grad_row_sums_kernel[(rows,)](
+            dy,
+            x,
+            w,
+            mean,
+            rstd,
+            sums,
+            rows,
+            row_size,
+            HAS_WEIGHT=weight is not None,
+            BLOCK_N=block_n,
+            num_warps=_num_warps(block_n),
+        )
     partial_w = torch.empty((row_groups, row_size), dtype=torch.float32, device=input.device) if weight_grad else mean
     partial_b = torch.empty((row_groups, row_size), dtype=torch.float32, device=input.device) if bias_grad else mean
     _grad_kernel[(col_blocks, row_groups)](
-        dy, x, w, mean, rstd, sums, grad_input, partial_w, partial_b, rows, row_size, rows_per_program,
-        HAS_WEIGHT=weight is not None, WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad, SUMS_INLINE=one_block,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),
+        dy,
+        x,
+        w,
+        mean,
+        rstd,
+        sums,
+        grad_input,
+        partial_w,
+        partial_b,
+        rows,
+        row_size,
+        rows_per_program,
+        HAS_WEIGHT=weight is not None,
+        WEIGHT_GRAD=weight_grad,
+        BIAS_GRAD=bias_grad,
+        SUMS_INLINE=one_block,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=_num_warps(block_m * block_n),
     )
     grad_weight = partial_w.sum(0).to(input.dtype).view(normalized_shape) if weight_grad else empty
     grad_bias = partial_b.sum(0).to(input.dtype).view(normalized_shape) if bias_grad else empty

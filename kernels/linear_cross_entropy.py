@@ -48,8 +48,18 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _cross_entropy_kernel(LOGITS, TARGET, ROW_SCALE, LOSS, LSE, V, ignore_index,
-                          COMPUTE_LSE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _cross_entropy_kernel(
+    LOGITS,
+    TARGET,
+    ROW_SCALE,
+    LOSS,
+    LSE,
+    V,
+    ignore_index,
+    COMPUTE_LSE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """Row program_id 0 of LOGITS [rows, V]: LSE and LOSS (COMPUTE_LSE; otherwise LSE is read),
     and with COMPUTE_GRAD the row overwritten by (softmax - onehot(target)) * ROW_SCALE[row].
     Exponentials are exp2 of logits times log2(e) = 1.4426950408889634; ln(2) = 0.6931471805599453
@@ -120,8 +130,16 @@ def _launch(logits, target, row_scale, losses, lse, ignore_index, compute_lse, c
     rows, v = logits.shape
     block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(v))
     _cross_entropy_kernel[(rows,)](
-        logits, target, row_scale, losses, lse, v, ignore_index,
-        COMPUTE_LSE=compute_lse, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
+        logits,
+        target,
+        row_scale,
+        losses,
+        lse,
+        v,
+        ignore_index,
+        COMPUTE_LSE=compute_lse,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
     )
 
@@ -184,8 +202,16 @@ def linear_cross_entropy_forward_op(hidden, weight, target, bias, ignore_index, 
     head = _ChunkedHead(hidden, weight, bias, compute_grad)
     for start, stop in head.chunks():
         logits = head.logits(start, stop)
-        _launch(logits, target[start:stop], row_scale[start:stop], losses[start:stop], lse[start:stop],
-                ignore_index, True, compute_grad)
+        _launch(
+            logits,
+            target[start:stop],
+            row_scale[start:stop],
+            losses[start:stop],
+            lse[start:stop],
+            ignore_index,
+            True,
+            compute_grad,
+        )
         if compute_grad:
             head.accumulate(logits, start, stop)
     if reduction == "none":
@@ -214,8 +240,10 @@ def linear_cross_entropy_backward_op(grad_loss, hidden, weight, target, bias, ls
     if list(grad_loss.shape) != expected_shape:
         raise RuntimeError(f"{op}: grad_loss has shape {list(grad_loss.shape)}, expected {expected_shape}")
     if list(lse.shape) != [n] or lse.device != hidden.device:
-        raise RuntimeError(f"{op}: expected lse of shape [{n}] on {hidden.device} (one per row of hidden), "
-                           f"got shape {list(lse.shape)} on {lse.device}")
+        raise RuntimeError(
+            f"{op}: expected lse of shape [{n}] on {hidden.device} (one per row of hidden), "
+            f"got shape {list(lse.shape)} on {lse.device}"
+        )
     target = target.contiguous()
     lse = lse.to(torch.float32).contiguous()
     row_scale = _row_scale(valid, reduction, grad_loss).contiguous()

@@ -29,8 +29,11 @@ def run(args) -> int:
             raise SystemExit(f"fastdl bench: no benchmark module {t}")
     pytest_args = [
         *targets,
-        "-o", "python_files=bench_*.py",
-        "-q", "-p", "no:cacheprovider",
+        "-o",
+        "python_files=bench_*.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
         f"--device={args.device}",
         f"--threads={args.threads}",
         *(["--keep-freed-memory"] if args.keep_freed_memory else []),
@@ -72,10 +75,15 @@ def summarise(data: dict) -> list[dict]:
                 continue
             rows.append(
                 dict(
-                    op=op, case=case, baseline=name,
-                    baseline_ms=base["median"] * 1e3, fastdl_ms=mine["median"] * 1e3,
-                    speedup=base["median"] / mine["median"], max_abs_err=mine["err"],
-                    fastdl_peak_mb=mine["peak_mb"], baseline_peak_mb=base["peak_mb"],
+                    op=op,
+                    case=case,
+                    baseline=name,
+                    baseline_ms=base["median"] * 1e3,
+                    fastdl_ms=mine["median"] * 1e3,
+                    speedup=base["median"] / mine["median"],
+                    max_abs_err=mine["err"],
+                    fastdl_peak_mb=mine["peak_mb"],
+                    baseline_peak_mb=base["peak_mb"],
                 )
             )
     return rows
@@ -87,8 +95,18 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         peak = "" if r["fastdl_peak_mb"] is None else f"{r['baseline_peak_mb'] or 0:.0f} / {r['fastdl_peak_mb']:.0f}"
         err = "" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}"
-        lines.append([r["op"], r["case"], r["baseline"], f"{r['baseline_ms']:.2f}", f"{r['fastdl_ms']:.2f}",
-                      f"{r['speedup']:.2f}x", err, peak])
+        lines.append(
+            [
+                r["op"],
+                r["case"],
+                r["baseline"],
+                f"{r['baseline_ms']:.2f}",
+                f"{r['fastdl_ms']:.2f}",
+                f"{r['speedup']:.2f}x",
+                err,
+                peak,
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join(" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
 

@@ -17,7 +17,9 @@ def cmd_info(args) -> int:
     from fastdl.ops import _library
 
     print(f"fastdl {fastdl.__version__}   torch {torch.__version__}   python {platform.python_version()}")
-    print(f"cpu: {platform.machine()}, {torch.get_num_threads()} threads, torch capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"cpu: {platform.machine()}, {torch.get_num_threads()} threads, torch capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     supported = fastdl.backends.cpu.supported_cpu_capabilities()[-1]
     print(f"fastdl CPU kernels: {fastdl.backends.cpu.get_cpu_capability()} (this CPU supports up to {supported})")
     if torch.cuda.is_available():
@@ -30,7 +32,9 @@ def cmd_info(args) -> int:
     print(f"triton: {'installed' if importlib.util.find_spec('triton') else 'not installed'}")
     print()
     rows = [("op", "CPU", "CUDA", "MPS")]
-    rows += [(name, *(_library.implementation(name, d) for d in ("cpu", "cuda", "mps"))) for name in _library.public_ops()]
+    rows += [
+        (name, *(_library.implementation(name, d) for d in ("cpu", "cuda", "mps"))) for name in _library.public_ops()
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -69,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (benchmark module names, e.g. roi_align)")
     bench.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: all cores)")
     bench.add_argument(
-        "--keep-freed-memory", action="store_true",
+        "--keep-freed-memory",
+        action="store_true",
         help="have glibc keep freed memory (no page faults on reallocated outputs), for both sides",
     )
     bench.add_argument("--out", default="bench-results", help="directory for the JSON results and the PNG chart")
@@ -77,26 +82,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fastdl.train import cli as train_cli
 
-    train = sub.add_parser("train", help="train a ResNet (CIFAR, MNIST, image folders, digits); "
-                           "`train gpt` and `train fast-rcnn` have their own options",
-                           description=train_cli.DESCRIPTION, epilog=train_cli.EPILOG,
-                           formatter_class=train_cli.HelpFormatter)
+    train = sub.add_parser(
+        "train",
+        help="train a ResNet (CIFAR, MNIST, image folders, digits); "
+        "`train gpt` and `train fast-rcnn` have their own options",
+        description=train_cli.DESCRIPTION,
+        epilog=train_cli.EPILOG,
+        formatter_class=train_cli.HelpFormatter,
+    )
     train_cli.add_arguments(train)
     train.set_defaults(func=cmd_train)
 
     from fastdl import generate as generate_cli
 
-    generate = sub.add_parser("generate", help="continue a prompt with a GPT-2 model",
-                              description=generate_cli.DESCRIPTION, epilog=generate_cli.EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate = sub.add_parser(
+        "generate",
+        help="continue a prompt with a GPT-2 model",
+        description=generate_cli.DESCRIPTION,
+        epilog=generate_cli.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     generate_cli.add_arguments(generate)
     generate.set_defaults(func=generate_cli.run)
 
     from fastdl.train import detect as detect_cli
 
-    detect = sub.add_parser("detect", help="draw a trained detector's boxes on images",
-                            description=detect_cli.DESCRIPTION, epilog=detect_cli.EPILOG,
-                            formatter_class=train_cli.HelpFormatter)
+    detect = sub.add_parser(
+        "detect",
+        help="draw a trained detector's boxes on images",
+        description=detect_cli.DESCRIPTION,
+        epilog=detect_cli.EPILOG,
+        formatter_class=train_cli.HelpFormatter,
+    )
     detect_cli.add_arguments(detect)
     detect.set_defaults(func=detect_cli.run)
 

@@ -26,20 +26,31 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="PATH|PRESET",
-                        help="a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin), "
-                             "or a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-tiny, bytes-tiny) with "
-                             "random weights drawn from --seed")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH|PRESET",
+        help="a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin), "
+        "or a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-tiny, bytes-tiny) with "
+        "random weights drawn from --seed",
+    )
     parser.add_argument("--prompt", default="", help="the text to continue (empty: start from <|endoftext|>)")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None,
-                        help="sample among the most likely tokens that make up P of the probability")
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="sample among the most likely tokens that make up P of the probability",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling (and a preset's weights)")
-    parser.add_argument("--tokenizer", default="auto", metavar="auto|gpt2|bytes|PATH",
-                        help="auto: the model folder's vocab.json if it has one, bytes for a 257-token "
-                             "vocabulary, else GPT-2's BPE")
+    parser.add_argument(
+        "--tokenizer",
+        default="auto",
+        metavar="auto|gpt2|bytes|PATH",
+        help="auto: the model folder's vocab.json if it has one, bytes for a 257-token vocabulary, else GPT-2's BPE",
+    )
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA if available, else CPU")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations")
 
@@ -63,8 +74,9 @@ def _load_tokenizer(spec: str, model_spec: str, vocab_size: int):
 
     if spec != "auto":
         tokenizer = get_tokenizer(spec)
-    elif Path(model_spec).is_dir() and ((Path(model_spec) / "vocab.json").is_file()
-                                         or any(Path(model_spec).glob("*.tiktoken"))):
+    elif Path(model_spec).is_dir() and (
+        (Path(model_spec) / "vocab.json").is_file() or any(Path(model_spec).glob("*.tiktoken"))
+    ):
         tokenizer = GPT2Tokenizer.from_file(model_spec)
     elif vocab_size == ByteTokenizer.vocab_size:
         tokenizer = ByteTokenizer()
@@ -101,8 +113,16 @@ def run(args: argparse.Namespace, prog: str = "fastdl generate") -> int:
                 sys.stdout.flush()
 
         start = time.perf_counter()
-        model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_token_id=tokenizer.eot_token, generator=generator, stream=show)
+        model.generate(
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=tokenizer.eot_token,
+            generator=generator,
+            stream=show,
+        )
         if times:
             sys.stdout.write(text.decode(b"", final=True) + "\n")
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
@@ -115,4 +135,3 @@ def run(args: argparse.Namespace, prog: str = "fastdl generate") -> int:
             report += f"; {len(times)} tokens, {rate:.1f} tokens/s after the first"
         print(report, file=sys.stderr)
     return 0
-

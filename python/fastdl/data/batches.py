@@ -43,9 +43,16 @@ class TensorBatches:
     Yields ``(transform(images[idx]), labels[idx])``: ``Tensor[B, C, H, W]`` and ``Tensor[B]``.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None, transform: Callable[[Tensor], Tensor] | None = None,
-                 drop_last: bool = False, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        drop_last: bool = False,
+        device: torch.device | str | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.images, self.labels = _tensors(dataset)

@@ -77,8 +77,10 @@ class COCODetection(DetectionDataset):
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from None
         if not isinstance(content, dict):
-            raise ValueError(f"{path}: expected a JSON object with images, annotations and categories, "
-                             f"got a {type(content).__name__}")
+            raise ValueError(
+                f"{path}: expected a JSON object with images, annotations and categories, "
+                f"got a {type(content).__name__}"
+            )
         images = _ids(_entries(content, "images", path), "images", path)
         categories = _ids(_entries(content, "categories", path), "categories", path)
         annotations = _entries(content, "annotations", path)
@@ -98,8 +100,9 @@ class COCODetection(DetectionDataset):
             if image_id not in images:
                 problems.add("annotations of image ids not in 'images', skipped", f"{entry} (image {image_id})")
             elif category not in label_of:
-                problems.add("annotations of category ids not in 'categories', skipped",
-                             f"{entry} (category {category})")
+                problems.add(
+                    "annotations of category ids not in 'categories', skipped", f"{entry} (category {category})"
+                )
             else:
                 x, y, w, h = (float(v) for v in bbox)
                 by_image[image_id].append(([x, y, x + w, y + h], label_of[category], bool(annotation.get("iscrowd"))))
@@ -122,19 +125,23 @@ class COCODetection(DetectionDataset):
             boxes = torch.tensor([box for box, _, _ in objects], dtype=torch.float32).reshape(-1, 4)
             boxes, valid = clip_boxes(boxes, height, width)
             for number in (~valid).nonzero().flatten().tolist():
-                problems.add("boxes with no area inside the image, skipped",
-                             f"{image_path.name} {[round(v, 2) for v in objects[number][0]]}")
+                problems.add(
+                    "boxes with no area inside the image, skipped",
+                    f"{image_path.name} {[round(v, 2) for v in objects[number][0]]}",
+                )
             if not valid.any() and not keep_empty:
                 problems.add("images without annotations, skipped", image_path.name)
                 continue
             self.image_paths.append(image_path)
             self.image_sizes.append((height, width))
-            self.targets.append({
-                "boxes": boxes[valid],
-                "labels": torch.tensor([label for _, label, _ in objects], dtype=torch.int64)[valid],
-                "iscrowd": torch.tensor([crowd for *_, crowd in objects], dtype=torch.bool)[valid],
-                "image_id": image_id,
-            })
+            self.targets.append(
+                {
+                    "boxes": boxes[valid],
+                    "labels": torch.tensor([label for _, label, _ in objects], dtype=torch.int64)[valid],
+                    "iscrowd": torch.tensor([crowd for *_, crowd in objects], dtype=torch.bool)[valid],
+                    "image_id": image_id,
+                }
+            )
         problems.warn()
         if not self.targets:
             raise ValueError(f"{where}: no usable annotated image among {len(images)} images (see the warnings)")
@@ -142,6 +149,8 @@ class COCODetection(DetectionDataset):
     def load_image(self, index: int) -> Tensor:
         image = read_image(self.image_paths[index], "RGB")
         if tuple(image.shape[1:]) != self.image_sizes[index]:
-            raise ValueError(f"{self.image_paths[index]}: decoded as {list(image.shape[1:])} (height, width), but "
-                             f"the annotation file says {list(self.image_sizes[index])}")
+            raise ValueError(
+                f"{self.image_paths[index]}: decoded as {list(image.shape[1:])} (height, width), but "
+                f"the annotation file says {list(self.image_sizes[index])}"
+            )
         return image

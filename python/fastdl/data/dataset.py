@@ -24,8 +24,13 @@ class ImageTensorDataset(Dataset):
     stacks these. :class:`fastdl.data.TensorBatches` slices whole batches instead, faster.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str],
-                 transform: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        classes: Sequence[str],
+        transform: Callable[[Tensor], Tensor] | None = None,
+    ):
         if images.dim() != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {list(images.shape)}")
         if labels.shape != (images.size(0),):

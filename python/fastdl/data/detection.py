@@ -29,8 +29,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["DetectionDataset", "DetectionSubset", "DetectionDataWarning", "collate_detection", "ignored_objects",
-           "image_size", "clip_boxes"]
+__all__ = [
+    "DetectionDataset",
+    "DetectionSubset",
+    "DetectionDataWarning",
+    "collate_detection",
+    "ignored_objects",
+    "image_size",
+    "clip_boxes",
+]
 
 
 class DetectionDataWarning(UserWarning):
@@ -64,8 +71,9 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"{type(self).__name__}: index {index} out of range for {len(self)} images")
-        target = {key: value.clone() if isinstance(value, Tensor) else value
-                  for key, value in self.targets[index].items()}
+        target = {
+            key: value.clone() if isinstance(value, Tensor) else value for key, value in self.targets[index].items()
+        }
         return self.load_image(index), target
 
     def __repr__(self) -> str:
@@ -110,8 +118,15 @@ def clip_boxes(boxes: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """Clip ``Tensor[M, 4]`` xyxy boxes into a ``height`` x ``width`` image; returns the clipped
     boxes and ``Tensor[M]`` bool, True for those with a positive width and height after clipping
     (a NaN coordinate counts as degenerate)."""
-    clipped = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
-                           boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=1)
+    clipped = torch.stack(
+        [
+            boxes[:, 0].clamp(0, width),
+            boxes[:, 1].clamp(0, height),
+            boxes[:, 2].clamp(0, width),
+            boxes[:, 3].clamp(0, height),
+        ],
+        dim=1,
+    )
     valid = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     return clipped, valid
 
@@ -144,10 +159,12 @@ class Problems:
 
     def warn(self, stacklevel: int = 3) -> None:
         for reason, items in self.found.items():
-            shown = ", ".join(items[: self.SHOWN]) + (f" and {len(items) - self.SHOWN} more"
-                                                      if len(items) > self.SHOWN else "")
-            warnings.warn(f"{self.where}: {reason} ({len(items)}): {shown}", DetectionDataWarning,
-                          stacklevel=stacklevel)
+            shown = ", ".join(items[: self.SHOWN]) + (
+                f" and {len(items) - self.SHOWN} more" if len(items) > self.SHOWN else ""
+            )
+            warnings.warn(
+                f"{self.where}: {reason} ({len(items)}): {shown}", DetectionDataWarning, stacklevel=stacklevel
+            )
 
 
 def check_classes(classes: Sequence[str] | None, where: str) -> list[str] | None:

@@ -42,8 +42,13 @@ class ImageFiles(Dataset):
     :meth:`load` decodes them all into an in-memory :class:`ImageTensorDataset`.
     """
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], classes: Sequence[str], mode: str = "RGB",
-                 transform: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        classes: Sequence[str],
+        mode: str = "RGB",
+        transform: Callable[[Tensor], Tensor] | None = None,
+    ):
         self.samples = list(samples)
         self.classes = list(classes)
         self.mode = mode

@@ -108,6 +108,5 @@ class FashionMNIST(MNIST):
     """Fashion-MNIST: MNIST's file names and format (``root/FashionMNIST/raw/`` is found too),
     ten clothing classes."""
 
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                       "Ankle boot"]
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     folder_name = "FashionMNIST"

@@ -52,10 +52,23 @@ class Shapes(DetectionDataset):
 
     CLASSES = ("rectangle", "ellipse", "triangle")
 
-    def __init__(self, num_images: int, image_size: int = 128, seed: int = 0, min_objects: int = 1,
-                 max_objects: int = 6, min_scale: float = 0.15, max_scale: float = 0.45, masks: bool = False):
-        for name, value, least in (("num_images", num_images, 0), ("image_size", image_size, 16),
-                                   ("min_objects", min_objects, 1), ("max_objects", max_objects, min_objects)):
+    def __init__(
+        self,
+        num_images: int,
+        image_size: int = 128,
+        seed: int = 0,
+        min_objects: int = 1,
+        max_objects: int = 6,
+        min_scale: float = 0.15,
+        max_scale: float = 0.45,
+        masks: bool = False,
+    ):
+        for name, value, least in (
+            ("num_images", num_images, 0),
+            ("image_size", image_size, 16),
+            ("min_objects", min_objects, 1),
+            ("max_objects", max_objects, min_objects),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"Shapes: {name} must be an integer >= {least}, got {value!r}")
         if not 0 < min_scale <= max_scale <= 0.9:
@@ -69,8 +82,9 @@ class Shapes(DetectionDataset):
         self.images = torch.empty(num_images, 3, image_size, image_size, dtype=torch.uint8)
         self.targets = []
         # pixel centres, shared by every mask
-        self._ys, self._xs = torch.meshgrid(torch.arange(image_size) + 0.5, torch.arange(image_size) + 0.5,
-                                            indexing="ij")
+        self._ys, self._xs = torch.meshgrid(
+            torch.arange(image_size) + 0.5, torch.arange(image_size) + 0.5, indexing="ij"
+        )
         for index in range(num_images):
             self.images[index], target = self._generate(index)
             if not masks:
@@ -113,8 +127,10 @@ class Shapes(DetectionDataset):
             w, h = torch.randint(low, high + 1, (2,), generator=g).tolist()
             x = torch.randint(0, size - w + 1, (), generator=g).item()
             y = torch.randint(0, size - h + 1, (), generator=g).item()
-            if all(x + w + _GAP <= ox or ox + ow + _GAP <= x or y + h + _GAP <= oy or oy + oh + _GAP <= y
-                   for ox, oy, ow, oh in taken):
+            if all(
+                x + w + _GAP <= ox or ox + ow + _GAP <= x or y + h + _GAP <= oy or oy + oh + _GAP <= y
+                for ox, oy, ow, oh in taken
+            ):
                 return x, y, w, h
         return None
 
@@ -175,9 +191,12 @@ class Shapes(DetectionDataset):
             boxes.append([columns[0].item(), rows[0].item(), columns[-1].item() + 1, rows[-1].item() + 1])
             labels.append(label)
             masks.append(mask)
-        target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                  "labels": torch.tensor(labels, dtype=torch.int64), "image_id": index,
-                  "masks": torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool)}
+        target = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "image_id": index,
+            "masks": torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool),
+        }
         return (image * 255).round().to(torch.uint8), target
 
     # ---- writing ------------------------------------------------------------------------------------

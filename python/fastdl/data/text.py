@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PYDOC", "TextCorpus", "read_documents", "load_corpus", "split_tokens", "TokenWindows",
-           "evaluation_windows"]
+__all__ = ["PYDOC", "TextCorpus", "read_documents", "load_corpus", "split_tokens", "TokenWindows", "evaluation_windows"]
 
 PYDOC = "pydoc"  # the bundled corpus: CPython's help topics
 
@@ -95,8 +94,10 @@ def read_documents(source: str | os.PathLike) -> tuple[list[str], list[str]]:
         else:
             documents.append(text)
     if not documents:
-        raise ValueError(f"{path}: no UTF-8 text file in the folder"
-                         + (f" ({len(skipped)} binary or non-UTF-8 files skipped)" if skipped else ""))
+        raise ValueError(
+            f"{path}: no UTF-8 text file in the folder"
+            + (f" ({len(skipped)} binary or non-UTF-8 files skipped)" if skipped else "")
+        )
     return documents, skipped
 
 
@@ -116,8 +117,9 @@ def load_corpus(source: str | os.PathLike, tokenizer) -> TextCorpus:
     for text in documents:
         ids = np.asarray(tokenizer.encode(text, disallowed_special=()) + [eot], dtype=np.int64)
         if ids.min() < 0 or ids.max() >= vocab_size:
-            raise ValueError(f"the tokenizer gave ids in [{ids.min()}, {ids.max()}], outside its vocab_size "
-                             f"{vocab_size}")
+            raise ValueError(
+                f"the tokenizer gave ids in [{ids.min()}, {ids.max()}], outside its vocab_size {vocab_size}"
+            )
         pieces.append(ids.astype(dtype))
     tokens = torch.from_numpy(np.concatenate(pieces))
     return TextCorpus(tokens, vocab_size, len(documents), characters, skipped)
@@ -137,8 +139,9 @@ def _check_stream(tokens: Tensor, block_size: int, name: str) -> None:
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if tokens.numel() < block_size + 1:
-        raise ValueError(f"the {name} has {tokens.numel():,} tokens, fewer than one window of block_size + 1 = "
-                         f"{block_size + 1:,}")
+        raise ValueError(
+            f"the {name} has {tokens.numel():,} tokens, fewer than one window of block_size + 1 = {block_size + 1:,}"
+        )
 
 
 def _gather(tokens: Tensor, starts: Tensor, length: int) -> Tensor:
@@ -162,8 +165,15 @@ class TokenWindows:
     on the number of processes.
     """
 
-    def __init__(self, tokens: Tensor, block_size: int, batch_size: int, generator: torch.Generator,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        tokens: Tensor,
+        block_size: int,
+        batch_size: int,
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         _check_stream(tokens, block_size, "training split")
         if batch_size < world_size:
             raise ValueError(f"batch_size {batch_size} gives some of the {world_size} processes no window")
@@ -211,16 +221,28 @@ class TokenWindows:
 
     def state_dict(self) -> dict:
         """Where the sequence stands (generator included): :meth:`load_state_dict` continues it."""
-        return {"generator": self.generator.get_state(), "epoch": self.epoch, "position": self.position,
-                "phase": self.phase, "order": self.order, "windows_per_epoch": self.windows_per_epoch}
+        return {
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "position": self.position,
+            "phase": self.phase,
+            "order": self.order,
+            "windows_per_epoch": self.windows_per_epoch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["windows_per_epoch"] != self.windows_per_epoch:
-            raise ValueError(f"the saved windows cut {state['windows_per_epoch']} per epoch, these "
-                             f"{self.windows_per_epoch}: another corpus, split or block_size")
+            raise ValueError(
+                f"the saved windows cut {state['windows_per_epoch']} per epoch, these "
+                f"{self.windows_per_epoch}: another corpus, split or block_size"
+            )
         self.generator.set_state(state["generator"])
-        self.epoch, self.position, self.phase, self.order = (state["epoch"], state["position"], state["phase"],
-                                                             state["order"])
+        self.epoch, self.position, self.phase, self.order = (
+            state["epoch"],
+            state["position"],
+            state["phase"],
+            state["order"],
+        )
 
 
 def evaluation_windows(tokens: Tensor, block_size: int, max_windows: int | None = None) -> Tensor:

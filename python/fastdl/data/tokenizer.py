@@ -32,8 +32,9 @@ GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}
 Special = Literal["all"] | Collection[str]
 
 
-def _special_tokens_to_allow(text: str, specials: Iterable[str], allowed_special: Special,
-                             disallowed_special: Special) -> set[str]:
+def _special_tokens_to_allow(
+    text: str, specials: Iterable[str], allowed_special: Special, disallowed_special: Special
+) -> set[str]:
     """tiktoken's rule: the specials that ``text`` may contain as specials; a ValueError for a
     disallowed one that it contains."""
     specials = set(specials)
@@ -192,8 +193,9 @@ class GPT2Tokenizer:
         self.special_tokens = {token: encoding.encode_single_token(token) for token in encoding.special_tokens_set}
 
     @classmethod
-    def from_ranks(cls, ranks: dict[bytes, int], special_tokens: dict[str, int] | None = None,
-                   name: str = "gpt2") -> GPT2Tokenizer:
+    def from_ranks(
+        cls, ranks: dict[bytes, int], special_tokens: dict[str, int] | None = None, name: str = "gpt2"
+    ) -> GPT2Tokenizer:
         """From tiktoken ranks (token bytes -> id) with GPT-2's pre-tokenizer. ``special_tokens``
         defaults to ``<|endoftext|>`` = the next free id (50256 for GPT-2's ranks)."""
         tiktoken = _import_tiktoken()
@@ -201,8 +203,11 @@ class GPT2Tokenizer:
             special_tokens = {END_OF_TEXT: max(ranks.values()) + 1}
         if END_OF_TEXT not in special_tokens:
             raise ValueError(f"the vocabulary has no {END_OF_TEXT!r} token; specials seen: {sorted(special_tokens)}")
-        return cls(tiktoken.Encoding(name=name, pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
-                                     special_tokens=special_tokens))
+        return cls(
+            tiktoken.Encoding(
+                name=name, pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special_tokens
+            )
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> GPT2Tokenizer:

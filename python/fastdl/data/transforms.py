@@ -14,10 +14,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "MNIST_MEAN", "MNIST_STD",
-    "IMAGENET_MEAN", "IMAGENET_STD",
-    "to_float", "normalize", "pad", "crop", "random_crop", "random_horizontal_flip", "resize",
-    "train_transform", "eval_transform",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "to_float",
+    "normalize",
+    "pad",
+    "crop",
+    "random_crop",
+    "random_horizontal_flip",
+    "resize",
+    "train_transform",
+    "eval_transform",
 ]
 
 # Per-channel mean and standard deviation of the training images, scaled to [0, 1].
@@ -92,8 +105,13 @@ def crop(images: Tensor, top: Tensor, left: Tensor, size: int | Sequence[int]) -
     return images.gather(2, rows).gather(3, cols)
 
 
-def random_crop(images: Tensor, size: int | Sequence[int], padding: int = 0, fill: float = 0,
-                generator: torch.Generator | None = None) -> Tensor:
+def random_crop(
+    images: Tensor,
+    size: int | Sequence[int],
+    padding: int = 0,
+    fill: float = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Pad by ``padding`` (``fill``), then cut a ``size`` crop at a uniformly random offset drawn
     for each image (the notes' ``RandomCrop(32, padding=4)``). Returns ``Tensor[N, C, h, w]``."""
     padded = pad(images, padding, fill)
@@ -119,13 +137,19 @@ def resize(images: Tensor, size: int | Sequence[int], mode: str = "bilinear", an
     _check_batch(images, "resize")
     x = images if images.is_floating_point() else images.float()
     smooth = mode in ("bilinear", "bicubic")
-    out = F.interpolate(x, size=_pair(size), mode=mode, antialias=antialias and smooth,
-                        **({"align_corners": False} if smooth else {}))
+    out = F.interpolate(
+        x, size=_pair(size), mode=mode, antialias=antialias and smooth, **({"align_corners": False} if smooth else {})
+    )
     return out if images.is_floating_point() else out.round_().clamp_(0, 255).to(images.dtype)
 
 
-def train_transform(mean: Sequence[float], std: Sequence[float], padding: int = 4, flip: bool = True,
-                    generator: torch.Generator | None = None) -> Transform:
+def train_transform(
+    mean: Sequence[float],
+    std: Sequence[float],
+    padding: int = 4,
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> Transform:
     """The notes' training augmentation as one batch function: random crop of the input size
     after ``padding``, random horizontal flip (if ``flip``; not for digits), then
     :func:`normalize`. ``uint8 Tensor[N, C, H, W] -> float32 Tensor[N, C, H, W]``."""

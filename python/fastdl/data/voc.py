@@ -121,15 +121,21 @@ class VOCDetection(DetectionDataset):
     folder or split file raises FileNotFoundError, and ValueError if no image is left.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str | None = None, classes: Sequence[str] | None = None,
-                 keep_empty: bool = False):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str | None = None,
+        classes: Sequence[str] | None = None,
+        keep_empty: bool = False,
+    ):
         self.root, annotations, images_dir = _find_layout(resolve_path(root))
         where = f"VOCDetection({self.root}" + (f", split={split!r})" if split else ")")
         wanted = check_classes(classes, where)
         problems = Problems(where)
         xml_files = self._xml_files(annotations, split, problems)
-        images_by_stem = {path.stem: path for path in sorted(images_dir.iterdir())
-                          if path.suffix.lower() in IMAGE_EXTENSIONS}
+        images_by_stem = {
+            path.stem: path for path in sorted(images_dir.iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS
+        }
 
         parsed = []  # (xml path, image path, (height, width), objects)
         for xml_path in xml_files:
@@ -161,24 +167,29 @@ class VOCDetection(DetectionDataset):
             boxes = torch.tensor([obj.box for obj in known], dtype=torch.float32).reshape(-1, 4)
             boxes, valid = clip_boxes(boxes, height, width)
             for number in (~valid).nonzero().flatten().tolist():
-                problems.add("boxes with no area inside the image, skipped",
-                             f"{xml_path} ({known[number].name} {known[number].box})")
+                problems.add(
+                    "boxes with no area inside the image, skipped",
+                    f"{xml_path} ({known[number].name} {known[number].box})",
+                )
             if not valid.any() and not keep_empty:
                 problems.add("images without objects, skipped", xml_path)
                 continue
             self.ids.append(xml_path.stem)
             self.image_paths.append(image_path)
             self.image_sizes.append((height, width))
-            self.targets.append({
-                "boxes": boxes[valid],
-                "labels": torch.tensor([label_of[obj.name] for obj in known], dtype=torch.int64)[valid],
-                "difficult": torch.tensor([obj.difficult for obj in known], dtype=torch.bool)[valid],
-                "image_id": xml_path.stem,
-            })
+            self.targets.append(
+                {
+                    "boxes": boxes[valid],
+                    "labels": torch.tensor([label_of[obj.name] for obj in known], dtype=torch.int64)[valid],
+                    "difficult": torch.tensor([obj.difficult for obj in known], dtype=torch.bool)[valid],
+                    "image_id": xml_path.stem,
+                }
+            )
         problems.warn()
         if not self.targets:
-            raise ValueError(f"{where}: no usable annotated image among {len(xml_files)} annotation files "
-                             "(see the warnings)")
+            raise ValueError(
+                f"{where}: no usable annotated image among {len(xml_files)} annotation files (see the warnings)"
+            )
 
     @staticmethod
     def _xml_files(annotations: Path, split: str | None, problems: Problems) -> list[Path]:
@@ -190,8 +201,10 @@ class VOCDetection(DetectionDataset):
         listing = main / f"{split}.txt"
         if not listing.is_file():
             found = sorted(path.stem for path in main.glob("*.txt") if "_" not in path.stem) if main.is_dir() else []
-            raise FileNotFoundError(f"{listing}: no such split file" + (f"; the splits there: {', '.join(found)}"
-                                                                       if found else "; pass split=None for all files"))
+            raise FileNotFoundError(
+                f"{listing}: no such split file"
+                + (f"; the splits there: {', '.join(found)}" if found else "; pass split=None for all files")
+            )
         files = []
         for line in listing.read_text().splitlines():
             if not line.strip():
@@ -206,6 +219,8 @@ class VOCDetection(DetectionDataset):
     def load_image(self, index: int) -> Tensor:
         image = read_image(self.image_paths[index], "RGB")
         if tuple(image.shape[1:]) != self.image_sizes[index]:
-            raise ValueError(f"{self.image_paths[index]}: decoded as {list(image.shape[1:])}, but its header said "
-                             f"{list(self.image_sizes[index])}")
+            raise ValueError(
+                f"{self.image_paths[index]}: decoded as {list(image.shape[1:])}, but its header said "
+                f"{list(self.image_sizes[index])}"
+            )
         return image

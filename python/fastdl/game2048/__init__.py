@@ -18,8 +18,19 @@ from . import _engine
 from ._engine import Rng, SearchCancelled
 from .ntuple import NTupleNetwork
 
-__all__ = ["Board", "Direction", "Engine", "GameResult", "IllegalMoveError", "NTupleNetwork", "Rng", "SearchCancelled",
-           "SearchResult", "play_game", "play_games"]
+__all__ = [
+    "Board",
+    "Direction",
+    "Engine",
+    "GameResult",
+    "IllegalMoveError",
+    "NTupleNetwork",
+    "Rng",
+    "SearchCancelled",
+    "SearchResult",
+    "play_game",
+    "play_games",
+]
 
 MAX_TILE = 1 << _engine.MAX_RANK  # 32768: the largest tile one 4-bit cell can hold
 
@@ -192,16 +203,16 @@ class Board:
 
 @dataclass(frozen=True)
 class SearchResult:
-    move: Direction | None           # None: no move is possible
-    values: dict[Direction, float]   # expectimax value of every available root move
-    depth: int                       # root depth of the values: the deepest completed search
-    nodes: int                       # every node visited, an interrupted last depth included
+    move: Direction | None  # None: no move is possible
+    values: dict[Direction, float]  # expectimax value of every available root move
+    depth: int  # root depth of the values: the deepest completed search
+    nodes: int  # every node visited, an interrupted last depth included
     evaluations: int
     cache_hits: int
     seconds: float
-    target_depth: int = 0            # the configured or adaptive depth
-    budget_exhausted: bool = False   # the budget stopped the search before target_depth
-    threads: int = 1                 # threads that searched (0: nothing to search; small trees: 1)
+    target_depth: int = 0  # the configured or adaptive depth
+    budget_exhausted: bool = False  # the budget stopped the search before target_depth
+    threads: int = 1  # threads that searched (0: nothing to search; small trees: 1)
 
 
 @dataclass
@@ -215,7 +226,7 @@ class GameResult:
     final_board: Board
     hit_65536_limit: bool
     move_log: list[Direction] | None = field(default=None, repr=False)
-    budget_stops: int = 0            # decisions whose search the budget cut short
+    budget_stops: int = 0  # decisions whose search the budget cut short
 
     @property
     def moves_per_second(self) -> float:
@@ -246,12 +257,27 @@ class Engine:
         budget the search deepens iteratively and returns the deepest completed depth.
     """
 
-    DEFAULT_WEIGHTS = {"lost_penalty": 200000.0, "empty": 270.0, "merges": 700.0, "monotonicity": 47.0,
-                       "monotonicity_power": 4.0, "sum": 11.0, "sum_power": 3.5}
+    DEFAULT_WEIGHTS = {
+        "lost_penalty": 200000.0,
+        "empty": 270.0,
+        "merges": 700.0,
+        "monotonicity": 47.0,
+        "monotonicity_power": 4.0,
+        "sum": 11.0,
+        "sum_power": 3.5,
+    }
 
-    def __init__(self, depth: int | None = None, threads: int | None = None, heuristic: str = "default",
-                 prob_cutoff: float = 1e-4, cache: bool = True, weights: dict | None = None,
-                 max_nodes: int | None = None, time_limit: float | None = None):
+    def __init__(
+        self,
+        depth: int | None = None,
+        threads: int | None = None,
+        heuristic: str = "default",
+        prob_cutoff: float = 1e-4,
+        cache: bool = True,
+        weights: dict | None = None,
+        max_nodes: int | None = None,
+        time_limit: float | None = None,
+    ):
         if heuristic == "ntuple":
             weights = _network_from(weights)
         elif weights is not None and not isinstance(weights, dict):
@@ -265,8 +291,16 @@ class Engine:
 
     def _make_core(self, threads):
         weights = self.weights._core if isinstance(self.weights, NTupleNetwork) else self.weights
-        return _engine.Engine(self.heuristic, 0 if self.depth is None else self.depth, self.prob_cutoff, self.cache,
-                              0 if threads is None else threads, weights, self.max_nodes, self.time_limit)
+        return _engine.Engine(
+            self.heuristic,
+            0 if self.depth is None else self.depth,
+            self.prob_cutoff,
+            self.cache,
+            0 if threads is None else threads,
+            weights,
+            self.max_nodes,
+            self.time_limit,
+        )
 
     @staticmethod
     def max_depth(heuristic: str = "default") -> int:
@@ -279,10 +313,15 @@ class Engine:
         return cls(depth=2, threads=threads)
 
     def __repr__(self) -> str:
-        budget = "".join(f", {name}={getattr(self, name)!r}" for name in ("max_nodes", "time_limit")
-                         if getattr(self, name) is not None)
-        return (f"Engine(depth={self.depth}, threads={self.threads}, heuristic={self.heuristic!r}, "
-                f"prob_cutoff={self.prob_cutoff}, cache={self.cache}{budget})")
+        budget = "".join(
+            f", {name}={getattr(self, name)!r}"
+            for name in ("max_nodes", "time_limit")
+            if getattr(self, name) is not None
+        )
+        return (
+            f"Engine(depth={self.depth}, threads={self.threads}, heuristic={self.heuristic!r}, "
+            f"prob_cutoff={self.prob_cutoff}, cache={self.cache}{budget})"
+        )
 
     def evaluate(self, board) -> float:
         """The heuristic value of a position."""
@@ -300,11 +339,18 @@ class Engine:
 
     def _play(self, seed: int, record_moves: bool, core=None, cancel=None) -> GameResult:
         raw = (core or self._core).play_game(seed, record_moves, cancel)
-        return GameResult(seed=seed, max_tile=raw["max_tile"], score=raw["score"], moves=raw["moves"],
-                          seconds=raw["seconds"], nodes=raw["stats"]["nodes"], final_board=Board(raw["final_board"],
-                          score=raw["score"]), hit_65536_limit=raw["hit_65536_limit"],
-                          move_log=[Direction(m) for m in raw["move_log"]] if record_moves else None,
-                          budget_stops=raw["budget_stops"])
+        return GameResult(
+            seed=seed,
+            max_tile=raw["max_tile"],
+            score=raw["score"],
+            moves=raw["moves"],
+            seconds=raw["seconds"],
+            nodes=raw["stats"]["nodes"],
+            final_board=Board(raw["final_board"], score=raw["score"]),
+            hit_65536_limit=raw["hit_65536_limit"],
+            move_log=[Direction(m) for m in raw["move_log"]] if record_moves else None,
+            budget_stops=raw["budget_stops"],
+        )
 
 
 def _network_from(weights) -> NTupleNetwork:
@@ -313,19 +359,30 @@ def _network_from(weights) -> NTupleNetwork:
     if isinstance(weights, (str, os.PathLike)):
         return NTupleNetwork.load(weights)
     if weights is None:
-        raise ValueError("weights must name the network of the ntuple heuristic (a weights file or an "
-                         "NTupleNetwork); none ships with fastdl: train one with `fastdl 2048 train`")
-    raise ValueError(f"weights must be a weights file path or an NTupleNetwork for the ntuple heuristic, "
-                     f"got {weights!r}")
+        raise ValueError(
+            "weights must name the network of the ntuple heuristic (a weights file or an "
+            "NTupleNetwork); none ships with fastdl: train one with `fastdl 2048 train`"
+        )
+    raise ValueError(
+        f"weights must be a weights file path or an NTupleNetwork for the ntuple heuristic, got {weights!r}"
+    )
 
 
 def _search_result(raw) -> SearchResult:
     values = {d: v for d, v in zip(Direction, raw["values"]) if v == v}  # drop NaN (unavailable)
     stats = raw["stats"]
-    return SearchResult(move=Direction(raw["move"]) if raw["move"] >= 0 else None, values=values,
-                        depth=raw["depth"], nodes=stats["nodes"], evaluations=stats["evaluations"],
-                        cache_hits=stats["cache_hits"], seconds=raw["seconds"], target_depth=raw["target_depth"],
-                        budget_exhausted=raw["budget_exhausted"], threads=raw["threads"])
+    return SearchResult(
+        move=Direction(raw["move"]) if raw["move"] >= 0 else None,
+        values=values,
+        depth=raw["depth"],
+        nodes=stats["nodes"],
+        evaluations=stats["evaluations"],
+        cache_hits=stats["cache_hits"],
+        seconds=raw["seconds"],
+        target_depth=raw["target_depth"],
+        budget_exhausted=raw["budget_exhausted"],
+        threads=raw["threads"],
+    )
 
 
 def _check_seed(seed) -> int:
@@ -346,16 +403,23 @@ def game_seeds(n: int, seed: int = 0) -> list[int]:
     return [rng.next() for _ in range(n)]
 
 
-def play_games(n: int, seed: int = 0, engine: Engine | None = None, threads: int | None = None,
-               record_moves: bool = False, progress=None) -> list[GameResult]:
+def play_games(
+    n: int,
+    seed: int = 0,
+    engine: Engine | None = None,
+    threads: int | None = None,
+    record_moves: bool = False,
+    progress=None,
+) -> list[GameResult]:
     """n games in parallel, one search thread per game, ``threads`` games at a time (None = all
     cores, else 1..256). Game i is play_game(game_seeds(n, seed)[i]), so results do not depend on
     ``threads``. ``progress(result)`` is called as each game ends. An exception in the calling
     thread (Ctrl-C: KeyboardInterrupt) stops the running games promptly and is re-raised."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or not 1 <= threads <= _engine.MAX_THREADS):
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= _engine.MAX_THREADS
+    ):
         raise ValueError(f"threads must be None or an integer in [1, {_engine.MAX_THREADS}], got {threads!r}")
     seeds = game_seeds(n, seed)
     engine = engine or Engine()

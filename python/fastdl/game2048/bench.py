@@ -38,6 +38,7 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
 
 # ---- records -----------------------------------------------------------------------------------
 
+
 def append_record(path: str, record: dict) -> None:
     """Appends one game as a JSON line; each line is written whole, so an interrupted run keeps
     every game it finished."""
@@ -92,8 +93,7 @@ def _play_in_worker(seed: int) -> dict:
     from . import play_game
 
     game = play_game(seed, engine=_worker_engine)
-    return {"seed": seed, "max_tile": game.max_tile, "score": game.score, "moves": game.moves,
-            "seconds": game.seconds}
+    return {"seed": seed, "max_tile": game.max_tile, "score": game.score, "moves": game.moves, "seconds": game.seconds}
 
 
 def play_in_processes(engine_kwargs: dict, seeds: list[int], jobs: int, on_game) -> None:
@@ -102,8 +102,9 @@ def play_in_processes(engine_kwargs: dict, seeds: list[int], jobs: int, on_game)
     Engine(**engine_kwargs)  # bad settings fail here, once, not in every worker
     # spawn, not fork: the parent may run threads, and a forked copy of a locked mutex deadlocks.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(engine_kwargs,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(engine_kwargs,)
+    ) as pool:
         futures = [pool.submit(_play_in_worker, seed) for seed in seeds]
         try:
             for future in as_completed(futures):
@@ -115,6 +116,7 @@ def play_in_processes(engine_kwargs: dict, seeds: list[int], jobs: int, on_game)
 
 
 # ---- external engines --------------------------------------------------------------------------
+
 
 class ExternalEngineError(RuntimeError):
     """The external engine broke the protocol, timed out or died."""
@@ -132,21 +134,24 @@ def _ask(process, board: Board, command: str, timeout: float) -> Direction:
         raise ExternalEngineError(f"external engine {command!r} did not answer within {timeout:g} s")
     answer = process.stdout.readline()
     if not answer:
-        raise ExternalEngineError(f"external engine {command!r} exited (status {process.wait()}) instead of "
-                                  f"answering {line!r}")
+        raise ExternalEngineError(
+            f"external engine {command!r} exited (status {process.wait()}) instead of answering {line!r}"
+        )
     try:
         return Direction.parse(answer.strip())
     except ValueError:
-        raise ExternalEngineError(f"external engine {command!r} answered {answer.strip()!r} to {line!r}: expected "
-                                  "up, down, left or right") from None
+        raise ExternalEngineError(
+            f"external engine {command!r} answered {answer.strip()!r} to {line!r}: expected up, down, left or right"
+        ) from None
 
 
 def play_external(command: str, seed: int, timeout: float) -> dict:
     """One game of the external engine: the tiles of play_game(seed), one process per game."""
     start = time.perf_counter()
     try:
-        process = subprocess.Popen(shlex.split(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                   bufsize=1)
+        process = subprocess.Popen(
+            shlex.split(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
     except OSError as error:
         raise ExternalEngineError(f"cannot start external engine {command!r}: {error}") from None
     try:
@@ -157,8 +162,9 @@ def play_external(command: str, seed: int, timeout: float) -> dict:
             try:
                 board = board.move(direction).spawn(rng)
             except IllegalMoveError:
-                raise ExternalEngineError(f"external engine {command!r} played the illegal move {direction} on "
-                                          f"{board.to_list()}") from None
+                raise ExternalEngineError(
+                    f"external engine {command!r} played the illegal move {direction} on {board.to_list()}"
+                ) from None
             except OverflowError:
                 break  # only a 65536 merge is left: the game ends as fastdl's does
             moves += 1
@@ -175,8 +181,13 @@ def play_external(command: str, seed: int, timeout: float) -> dict:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    return {"seed": seed, "max_tile": board.max_tile, "score": board.score, "moves": moves,
-            "seconds": time.perf_counter() - start}
+    return {
+        "seed": seed,
+        "max_tile": board.max_tile,
+        "score": board.score,
+        "moves": moves,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def play_external_games(command: str, seeds: list[int], jobs: int, timeout: float, on_game) -> None:
@@ -189,8 +200,9 @@ def play_external_games(command: str, seeds: list[int], jobs: int, timeout: floa
         raise ValueError("--versus must be a command line, got an empty one")
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(lambda s=seed: None if stop.is_set() else play_external(command, s, timeout))
-                   for seed in seeds]
+        futures = [
+            pool.submit(lambda s=seed: None if stop.is_set() else play_external(command, s, timeout)) for seed in seeds
+        ]
         try:
             for future in as_completed(futures):
                 record = future.result()

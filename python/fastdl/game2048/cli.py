@@ -42,11 +42,19 @@ def register(subparsers) -> None:
     bench.add_argument("--parallel", type=int, default=None, help="games played at once (default: all cores)")
     bench.add_argument("--out", default=None, help="directory for bench_2048.json and bench_2048_max_tiles.png")
     bench.add_argument("--jobs", type=int, default=None, help="play the games in this many processes")
-    bench.add_argument("--results", default=None, metavar="FILE",
-                       help="append each finished game to FILE as a JSON line and report every game recorded there "
-                            "with 95%% confidence intervals")
-    bench.add_argument("--versus", default=None, metavar="COMMAND",
-                       help="also play the same seeds with an external engine (the line protocol of docs/game2048.md)")
+    bench.add_argument(
+        "--results",
+        default=None,
+        metavar="FILE",
+        help="append each finished game to FILE as a JSON line and report every game recorded there "
+        "with 95%% confidence intervals",
+    )
+    bench.add_argument(
+        "--versus",
+        default=None,
+        metavar="COMMAND",
+        help="also play the same seeds with an external engine (the line protocol of docs/game2048.md)",
+    )
     bench.set_defaults(func=cmd_bench)
 
     train = commands.add_parser("train", help="train an n-tuple network by TD(0) afterstate learning")
@@ -55,26 +63,49 @@ def register(subparsers) -> None:
     train.add_argument("--out", required=True, metavar="FILE", help="the weights file (checkpointed as it trains)")
     train.add_argument("--resume", action="store_true", help="continue training the network in FILE")
     train.add_argument("--alpha", type=float, default=0.1, help="TD step of the value as a whole, in (0, 1]")
-    train.add_argument("--seed", type=int, default=None, help="seed of the training games (default 0; "
-                       "with --resume, the file's)")
-    train.add_argument("--tuples", default=None, metavar="SPEC", help="the network's tuples, e.g. "
-                       "'0,1,2,3,4,5 4,5,6,7,8,9' (cells 4*row+column; default: docs/game2048.md's four 6-tuples)")
-    train.add_argument("--checkpoint-every", type=int, default=10000, metavar="GAMES",
-                       help="save FILE and the learning curve every this many games")
-    train.add_argument("--window", type=int, default=1000, metavar="GAMES",
-                       help="games behind each running rate and learning-curve point")
+    train.add_argument(
+        "--seed", type=int, default=None, help="seed of the training games (default 0; with --resume, the file's)"
+    )
+    train.add_argument(
+        "--tuples",
+        default=None,
+        metavar="SPEC",
+        help="the network's tuples, e.g. "
+        "'0,1,2,3,4,5 4,5,6,7,8,9' (cells 4*row+column; default: docs/game2048.md's four 6-tuples)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10000,
+        metavar="GAMES",
+        help="save FILE and the learning curve every this many games",
+    )
+    train.add_argument(
+        "--window",
+        type=int,
+        default=1000,
+        metavar="GAMES",
+        help="games behind each running rate and learning-curve point",
+    )
     train.set_defaults(func=cmd_train)
 
 
 def _add_engine_arguments(parser) -> None:
-    parser.add_argument("--preset", choices=("default", "fast"), default="default",
-                        help="fast = default heuristic at depth 2")
+    parser.add_argument(
+        "--preset", choices=("default", "fast"), default="default", help="fast = default heuristic at depth 2"
+    )
     parser.add_argument("--depth", type=int, default=None, help="search depth (default: the heuristic's policy)")
     parser.add_argument("--heuristic", choices=("default", "snake", "notes", "ntuple"), default="default")
     parser.add_argument("--weights", default=None, metavar="FILE", help="the ntuple heuristic's network")
     parser.add_argument("--threads", type=int, default=None, help="search threads (default: all cores)")
-    parser.add_argument("--time-limit", "--move-time", type=float, default=None, metavar="SECONDS",
-                        help="time budget per move: deepen iteratively, keep the deepest completed depth")
+    parser.add_argument(
+        "--time-limit",
+        "--move-time",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="time budget per move: deepen iteratively, keep the deepest completed depth",
+    )
     parser.add_argument("--max-nodes", type=int, default=None, metavar="N", help="node budget per move")
 
 
@@ -84,8 +115,14 @@ def _engine_from(args) -> Engine:
         if args.weights is not None and args.heuristic != "ntuple":
             raise ValueError("--weights applies to --heuristic ntuple only")
         weights = args.weights if args.heuristic == "ntuple" else None
-        return Engine(depth=depth, threads=args.threads, heuristic=args.heuristic, time_limit=args.time_limit,
-                      max_nodes=args.max_nodes, weights=weights)
+        return Engine(
+            depth=depth,
+            threads=args.threads,
+            heuristic=args.heuristic,
+            time_limit=args.time_limit,
+            max_nodes=args.max_nodes,
+            weights=weights,
+        )
     except (ValueError, OSError) as error:
         raise SystemExit(f"fastdl 2048: {error}") from None
 
@@ -95,6 +132,7 @@ def _seed_from(args) -> int:
 
 
 # ---- play -------------------------------------------------------------------------------------
+
 
 def cmd_play(args) -> int:
     import curses
@@ -109,9 +147,16 @@ def cmd_play(args) -> int:
 def _play_loop(screen, seed: int) -> int:
     import curses
 
-    keys = {curses.KEY_UP: Direction.UP, curses.KEY_DOWN: Direction.DOWN, curses.KEY_LEFT: Direction.LEFT,
-            curses.KEY_RIGHT: Direction.RIGHT, ord("w"): Direction.UP, ord("s"): Direction.DOWN,
-            ord("a"): Direction.LEFT, ord("d"): Direction.RIGHT}
+    keys = {
+        curses.KEY_UP: Direction.UP,
+        curses.KEY_DOWN: Direction.DOWN,
+        curses.KEY_LEFT: Direction.LEFT,
+        curses.KEY_RIGHT: Direction.RIGHT,
+        ord("w"): Direction.UP,
+        ord("s"): Direction.DOWN,
+        ord("a"): Direction.LEFT,
+        ord("d"): Direction.RIGHT,
+    }
     rng = Rng(seed)
     board = Board.new_game(rng)
     message = "arrows or WASD to move, q to quit"
@@ -140,6 +185,7 @@ def _play_loop(screen, seed: int) -> int:
 
 # ---- watch ------------------------------------------------------------------------------------
 
+
 def cmd_watch(args) -> int:
     engine = _engine_from(args)
     rng = Rng(_seed_from(args))
@@ -154,8 +200,9 @@ def cmd_watch(args) -> int:
             moves += 1
             rate = moves / (time.perf_counter() - start)
             depth = f"depth {result.depth}" + (f" of {result.target_depth} (budget)" if result.budget_exhausted else "")
-            sys.stdout.write(f"{_CLEAR}{board}\nmove {moves} ({result.move}), {rate:.0f} moves/s, "
-                             f"{depth}, {result.nodes} nodes\n")
+            sys.stdout.write(
+                f"{_CLEAR}{board}\nmove {moves} ({result.move}), {rate:.0f} moves/s, {depth}, {result.nodes} nodes\n"
+            )
             sys.stdout.flush()
             if args.delay:
                 time.sleep(args.delay)
@@ -166,6 +213,7 @@ def cmd_watch(args) -> int:
 
 
 # ---- bench ------------------------------------------------------------------------------------
+
 
 def _progress_bar(done: int, total: int, width: int = 30) -> str:
     filled = width * done // max(total, 1)
@@ -183,8 +231,7 @@ def cmd_bench(args) -> int:
     def progress(result):
         nonlocal done
         done += 1
-        sys.stderr.write(f"\r{_progress_bar(done, args.games)} last: max tile {result.max_tile}, "
-                         f"score {result.score}")
+        sys.stderr.write(f"\r{_progress_bar(done, args.games)} last: max tile {result.max_tile}, score {result.score}")
         sys.stderr.flush()
 
     start = time.perf_counter()
@@ -197,8 +244,15 @@ def cmd_bench(args) -> int:
     sys.stderr.write("\n")
 
     summary = summarize(results, wall)
-    summary["settings"] = {"games": args.games, "seed": args.seed, "preset": args.preset, "depth": args.depth,
-                           "heuristic": args.heuristic, "time_limit": args.time_limit, "max_nodes": args.max_nodes}
+    summary["settings"] = {
+        "games": args.games,
+        "seed": args.seed,
+        "preset": args.preset,
+        "depth": args.depth,
+        "heuristic": args.heuristic,
+        "time_limit": args.time_limit,
+        "max_nodes": args.max_nodes,
+    }
     print(format_summary(summary))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -219,13 +273,20 @@ def _bench_records(args) -> int:
     if args.jobs is not None and not 1 <= args.jobs <= 256:
         raise SystemExit(f"fastdl 2048: --jobs must be in [1, 256], got {args.jobs}")
     if args.out is not None:
-        raise SystemExit("fastdl 2048: --out writes the summary of one run; with --jobs, --results or --versus "
-                         "the games go to --results FILE")
+        raise SystemExit(
+            "fastdl 2048: --out writes the summary of one run; with --jobs, --results or --versus "
+            "the games go to --results FILE"
+        )
     jobs = args.jobs or bench.default_jobs()
     _engine_from(args)  # every setting is checked before a game starts
     depth = args.depth if args.depth is not None else (2 if args.preset == "fast" else None)
-    engine_kwargs = {"depth": depth, "threads": 1 if args.threads is None else args.threads,
-                     "heuristic": args.heuristic, "time_limit": args.time_limit, "max_nodes": args.max_nodes}
+    engine_kwargs = {
+        "depth": depth,
+        "threads": 1 if args.threads is None else args.threads,
+        "heuristic": args.heuristic,
+        "time_limit": args.time_limit,
+        "max_nodes": args.max_nodes,
+    }
     if args.heuristic == "ntuple":
         engine_kwargs["weights"] = os.path.abspath(args.weights) if args.weights else None
     settings = {"engine": "fastdl", **engine_kwargs}
@@ -238,16 +299,19 @@ def _bench_records(args) -> int:
             records.append(record)
             if args.results:
                 bench.append_record(args.results, record)
-            sys.stderr.write(f"\r{_progress_bar(len(records), total)} last: max tile {game['max_tile']}, "
-                             f"score {game['score']}  ")
+            sys.stderr.write(
+                f"\r{_progress_bar(len(records), total)} last: max tile {game['max_tile']}, score {game['score']}  "
+            )
             sys.stderr.flush()
+
         return record_game
 
     try:
         bench.play_in_processes(engine_kwargs, seeds, jobs, on_game(settings))
         if args.versus:
-            bench.play_external_games(args.versus, seeds, jobs, EXTERNAL_MOVE_TIMEOUT,
-                                      on_game({"engine": "external", "command": args.versus}))
+            bench.play_external_games(
+                args.versus, seeds, jobs, EXTERNAL_MOVE_TIMEOUT, on_game({"engine": "external", "command": args.versus})
+            )
     except KeyboardInterrupt:
         sys.stderr.write(f"\ninterrupted after {len(records)} of {total} games\n")
         return 130
@@ -271,23 +335,28 @@ def summarize(results, wall_seconds: float) -> dict:
         "max_tiles": sorted(r.max_tile for r in results),
         "score": {"min": min(scores), "median": statistics.median(scores), "max": max(scores)},
         "moves": moves,
-        "moves_per_second": moves / game_seconds,         # per game thread
+        "moves_per_second": moves / game_seconds,  # per game thread
         "nodes_per_second": sum(r.nodes for r in results) / game_seconds,
         "wall_seconds": wall_seconds,
         "budget_stops": sum(r.budget_stops for r in results),  # moves whose search the budget cut short
-        "games": [{"seed": r.seed, "max_tile": r.max_tile, "score": r.score, "moves": r.moves,
-                   "seconds": r.seconds} for r in results],
+        "games": [
+            {"seed": r.seed, "max_tile": r.max_tile, "score": r.score, "moves": r.moves, "seconds": r.seconds}
+            for r in results
+        ],
     }
 
 
 def format_summary(summary: dict) -> str:
     lines = [f"games: {len(summary['games'])} in {summary['wall_seconds']:.1f} s"]
-    lines += [f"  reached {tile:>5}: {share:6.1%}" for tile, share in
-              ((int(t), s) for t, s in summary["reached"].items())]
+    lines += [
+        f"  reached {tile:>5}: {share:6.1%}" for tile, share in ((int(t), s) for t, s in summary["reached"].items())
+    ]
     score = summary["score"]
     lines.append(f"score: min {score['min']}, median {score['median']}, max {score['max']}")
-    lines.append(f"speed: {summary['moves_per_second']:.0f} moves/s, "
-                 f"{summary['nodes_per_second'] / 1e6:.1f} M search nodes/s (per game thread)")
+    lines.append(
+        f"speed: {summary['moves_per_second']:.0f} moves/s, "
+        f"{summary['nodes_per_second'] / 1e6:.1f} M search nodes/s (per game thread)"
+    )
     if summary.get("budget_stops"):
         lines.append(f"budget: {summary['budget_stops']} of {summary['moves']} moves stopped before the full depth")
     return "\n".join(lines)
@@ -318,9 +387,13 @@ def _plot_max_tiles(results, path: str) -> bool:
 
 # ---- train ------------------------------------------------------------------------------------
 
+
 def cmd_train(args) -> int:
-    for name, value, low in (("--games", args.games, 1), ("--checkpoint-every", args.checkpoint_every, 1),
-                             ("--window", args.window, 1)):
+    for name, value, low in (
+        ("--games", args.games, 1),
+        ("--checkpoint-every", args.checkpoint_every, 1),
+        ("--window", args.window, 1),
+    ):
         if value < low:
             raise SystemExit(f"fastdl 2048: {name} must be at least {low}, got {value}")
     curve_path = _sibling(args.out, ".curve.json")
@@ -363,8 +436,13 @@ def cmd_train(args) -> int:
             for index, game in enumerate(network.train(todo, threads=args.threads, alpha=args.alpha)):
                 recent.append(game)
                 if len(recent) == args.window:  # a learning-curve point every `window` games
-                    curve.append({"games": first + index + 1, "mean_score": statistics.fmean(g.score for g in recent),
-                                  **{str(tile): rate for tile, rate in rates(recent).items()}})
+                    curve.append(
+                        {
+                            "games": first + index + 1,
+                            "mean_score": statistics.fmean(g.score for g in recent),
+                            **{str(tile): rate for tile, rate in rates(recent).items()},
+                        }
+                    )
                     recent = []
             # Chunks of about half a second: a steady progress bar, and Ctrl-C is served promptly.
             elapsed = time.perf_counter() - tick
@@ -375,8 +453,12 @@ def cmd_train(args) -> int:
             done = network.games_trained - start_games
             rate = done / (time.perf_counter() - start)
             last = curve[-1] if curve else None
-            shares = (f"last {args.window}: 2048 {last['2048']:.1%}, 8192 {last['8192']:.1%}, "
-                      f"16384 {last['16384']:.1%}, mean score {last['mean_score']:.0f}" if last else "")
+            shares = (
+                f"last {args.window}: 2048 {last['2048']:.1%}, 8192 {last['8192']:.1%}, "
+                f"16384 {last['16384']:.1%}, mean score {last['mean_score']:.0f}"
+                if last
+                else ""
+            )
             sys.stderr.write(f"\r{_progress_bar(network.games_trained, args.games)} {rate:.0f} games/s {shares}  ")
             sys.stderr.flush()
     except KeyboardInterrupt:
@@ -386,8 +468,10 @@ def cmd_train(args) -> int:
         return 130
     sys.stderr.write("\n")
     checkpoint()
-    print(f"wrote {args.out} ({network.games_trained} games trained, "
-          f"{(network.games_trained - start_games) / (time.perf_counter() - start):.0f} games/s)")
+    print(
+        f"wrote {args.out} ({network.games_trained} games trained, "
+        f"{(network.games_trained - start_games) / (time.perf_counter() - start):.0f} games/s)"
+    )
     return 0
 
 
@@ -395,7 +479,9 @@ def _parse_tuples(spec: str) -> list[list[int]]:
     try:
         return [[int(cell) for cell in item.split(",")] for item in spec.split()]
     except ValueError:
-        raise ValueError(f"--tuples must be tuples of cells separated by spaces, cells by commas, got {spec!r}") from None
+        raise ValueError(
+            f"--tuples must be tuples of cells separated by spaces, cells by commas, got {spec!r}"
+        ) from None
 
 
 def _sibling(path: str, suffix: str) -> str:

@@ -116,7 +116,7 @@ class NTupleNetwork:
             if offset >= len(blob):
                 fail(f"truncated in the shape of tuple {i}")
             length = blob[offset]
-            cells = list(blob[offset + 1:offset + 1 + length])
+            cells = list(blob[offset + 1 : offset + 1 + length])
             if len(cells) != length:
                 fail(f"truncated in the shape of tuple {i}")
             tuples.append(cells)

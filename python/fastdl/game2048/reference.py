@@ -9,8 +9,7 @@ from __future__ import annotations
 DIRECTIONS = ("up", "down", "left", "right")
 
 # Position weights of the snake and notes evaluations: largest in the top-left corner.
-SNAKE_WEIGHTS = [[65536, 32768, 16384, 8192], [512, 1024, 2048, 4096], [256, 512, 1024, 2048],
-                 [128, 256, 512, 1024]]
+SNAKE_WEIGHTS = [[65536, 32768, 16384, 8192], [512, 1024, 2048, 4096], [256, 512, 1024, 2048], [128, 256, 512, 1024]]
 
 
 def slide_row_left(row):
@@ -97,8 +96,9 @@ def expectimax(grid, depth, is_max, evaluate, max_costs_depth):
 
 def best_move(grid, depth, evaluate, max_costs_depth):
     """(best direction or None, {direction: value}); ties go to the first of up, down, left, right."""
-    values = {d: expectimax(m, depth - max_costs_depth, False, evaluate, max_costs_depth)
-              for d, m in legal_children(grid)}
+    values = {
+        d: expectimax(m, depth - max_costs_depth, False, evaluate, max_costs_depth) for d, m in legal_children(grid)
+    }
     best = max(values, key=values.__getitem__) if values else None
     return best, values
 
@@ -121,6 +121,7 @@ def notes_best_move(grid, depth=None):
 # tuple's index puts the rank (log2 of the tile, 0 = empty) of its j-th cell in bits 4j..4j+3,
 # weights are per-tuple float32 arrays (numpy), and the value sums them in double, tuple by
 # tuple, symmetry by symmetry, as the engine does.
+
 
 def symmetric_cell(cell, symmetry):
     """Symmetry s: transpose when s & 4, then flip the rows when s & 1, then the columns when s & 2."""
@@ -187,8 +188,9 @@ def td_training_game(tuples, weights, rng, alpha):
                 best = (value, moved, gained)
         target = 0.0 if best is None else best[0]
         if previous is not None:
-            ntuple_update(previous, tuples, weights,
-                          np.float32(step * (target - ntuple_value(previous, tuples, weights))))
+            ntuple_update(
+                previous, tuples, weights, np.float32(step * (target - ntuple_value(previous, tuples, weights)))
+            )
         if best is None:
             return score, max(max(row) for row in grid), moves
         _, previous, gained = best

@@ -116,7 +116,9 @@ class GPTConfig:
         if hf.get("model_type", "gpt2") != "gpt2":
             raise ValueError(f"expected a GPT-2 config (model_type 'gpt2'), got model_type {hf.get('model_type')!r}")
         unsupported = {
-            "scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False, "add_cross_attention": True,
+            "scale_attn_by_inverse_layer_idx": True,
+            "scale_attn_weights": False,
+            "add_cross_attention": True,
             "tie_word_embeddings": False,
         }
         for key, value in unsupported.items():
@@ -124,12 +126,19 @@ class GPTConfig:
                 raise ValueError(f"GPT-2 config option {key}={value} is not supported")
         activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
         if hf.get("activation_function", "gelu_new") not in activations:
-            raise ValueError(f"activation_function {hf['activation_function']!r} is not supported; "
-                             f"supported: {', '.join(activations)}")
+            raise ValueError(
+                f"activation_function {hf['activation_function']!r} is not supported; "
+                f"supported: {', '.join(activations)}"
+            )
         fields = dict(
-            vocab_size=hf.get("vocab_size", 50257), n_ctx=hf.get("n_positions", 1024), n_embd=hf.get("n_embd", 768),
-            n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_inner=hf.get("n_inner"),
-            dropout=float(hf.get("resid_pdrop", 0.1)), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            vocab_size=hf.get("vocab_size", 50257),
+            n_ctx=hf.get("n_positions", 1024),
+            n_embd=hf.get("n_embd", 768),
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            n_inner=hf.get("n_inner"),
+            dropout=float(hf.get("resid_pdrop", 0.1)),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
             activation=activations[hf.get("activation_function", "gelu_new")],
         )
         return cls(**{**fields, **overrides})
@@ -140,11 +149,22 @@ class GPTConfig:
             raise ValueError("GPT-2 in Hugging Face always has biases; a bias=False model has no HF equivalent")
         eot = self.vocab_size - 1
         return dict(
-            model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=self.vocab_size,
-            n_positions=self.n_ctx, n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head,
-            n_inner=self.n_inner, activation_function="gelu_new" if self.activation == "gelu_tanh" else "gelu",
-            resid_pdrop=self.dropout, embd_pdrop=self.dropout, attn_pdrop=self.dropout,
-            layer_norm_epsilon=self.layer_norm_epsilon, bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True,
+            model_type="gpt2",
+            architectures=["GPT2LMHeadModel"],
+            vocab_size=self.vocab_size,
+            n_positions=self.n_ctx,
+            n_embd=self.n_embd,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_inner=self.n_inner,
+            activation_function="gelu_new" if self.activation == "gelu_tanh" else "gelu",
+            resid_pdrop=self.dropout,
+            embd_pdrop=self.dropout,
+            attn_pdrop=self.dropout,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            bos_token_id=eot,
+            eos_token_id=eot,
+            tie_word_embeddings=True,
         )
 
 
@@ -175,8 +195,8 @@ class KVCache:
         end = self.length + k.size(2)
         if end > self.capacity:
             raise ValueError(f"KVCache: {end} positions do not fit its capacity of {self.capacity}")
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
@@ -204,8 +224,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.layer_index, k, v)
         # causal is aligned to the end: query i (position past + i) sees keys 0 .. past + i
-        y = ops.attention(q, k, v, causal=True, attn_mask=key_mask,
-                          dropout_p=self.attn_dropout if self.training else 0.0)
+        y = ops.attention(
+            q, k, v, causal=True, attn_mask=key_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, E)))
 
 
@@ -255,13 +276,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.n_ctx, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.n_ctx, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         self._init_weights()
@@ -294,15 +317,18 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = 0 if cache is None else cache.length
         if past + T > self.config.n_ctx:
-            raise ValueError(f"sequence of {past + T} tokens is longer than the model's context "
-                             f"n_ctx = {self.config.n_ctx}")
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than the model's context n_ctx = {self.config.n_ctx}"
+            )
         if attention_mask is None:
             key_mask = None
             positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
         else:
             if tuple(attention_mask.shape) != (B, past + T):
-                raise ValueError(f"expected attention_mask of shape [B, past + T] = {[B, past + T]}, "
-                                 f"got {list(attention_mask.shape)}")
+                raise ValueError(
+                    f"expected attention_mask of shape [B, past + T] = {[B, past + T]}, "
+                    f"got {list(attention_mask.shape)}"
+                )
             key_mask = attention_mask.bool()[:, None, None, :]
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
@@ -312,8 +338,14 @@ class GPT(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, attention_mask: Tensor | None = None, *,
-                return_logits: bool = False) -> tuple[Tensor | None, Tensor | None]:
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        return_logits: bool = False,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Next-token logits and loss for ``idx: Tensor[B, T]``.
 
         Without ``targets``: ``(logits: Tensor[B, T, vocab_size], None)``.
@@ -330,17 +362,26 @@ class GPT(nn.Module):
             raise ValueError(f"expected targets of idx's shape {list(idx.shape)}, got {list(targets.shape)}")
         if attention_mask is not None:
             targets = targets.masked_fill(attention_mask == 0, -100)
-        loss = ops.linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                        ignore_index=-100)
+        loss = ops.linear_cross_entropy(
+            h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1), ignore_index=-100
+        )
         return (self.lm_head(h) if return_logits else None), loss
 
     # ---- generation ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None, attention_mask: Tensor | None = None,
-                 stream: Callable[[Tensor], None] | None = None) -> Tensor:
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        attention_mask: Tensor | None = None,
+        stream: Callable[[Tensor], None] | None = None,
+    ) -> Tensor:
         """Continue the prompts ``idx: Tensor[B, T]``; returns ``Tensor[B, T + n]`` (prompts first).
 
         Args:
@@ -367,8 +408,10 @@ class GPT(nn.Module):
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if T + max_new_tokens > self.config.n_ctx:
-            raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {T + max_new_tokens} exceeds "
-                             f"the model's context n_ctx = {self.config.n_ctx}")
+            raise ValueError(
+                f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {T + max_new_tokens} exceeds "
+                f"the model's context n_ctx = {self.config.n_ctx}"
+            )
         if eos_token_id is not None and not 0 <= eos_token_id < self.config.vocab_size:
             raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {self.config.vocab_size})")
         _check_sampling(temperature, top_k, top_p)
@@ -389,7 +432,7 @@ class GPT(nn.Module):
             pieces = [idx]
             tokens = idx
             for _ in range(max_new_tokens):
-                visible = None if mask is None else mask[:, :cache.length + tokens.size(1)]
+                visible = None if mask is None else mask[:, : cache.length + tokens.size(1)]
                 # only the last position's hidden state becomes logits
                 logits = self.lm_head(self.hidden_states(tokens, visible, cache)[:, -1])
                 next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -437,16 +480,19 @@ class GPT(nn.Module):
             if name == "lm_head.weight":
                 wte = state_dict.get("transformer.wte.weight", state_dict.get("wte.weight"))
                 if wte is None or tensor.shape != wte.shape or not torch.equal(tensor, wte):
-                    problems.append("lm_head.weight differs from transformer.wte.weight: only the tied GPT-2 head is "
-                                    "supported")
+                    problems.append(
+                        "lm_head.weight differs from transformer.wte.weight: only the tied GPT-2 head is supported"
+                    )
                 continue
             if name not in expected:
                 problems.append(f"unexpected key {key}")
                 continue
             if _is_conv1d(name):
                 if tensor.dim() != 2 or tensor.shape[::-1] != expected[name]:
-                    problems.append(f"{key}: checkpoint {list(tensor.shape)} (Conv1D, in x out) vs model "
-                                    f"{list(expected[name])} (nn.Linear, out x in)")
+                    problems.append(
+                        f"{key}: checkpoint {list(tensor.shape)} (Conv1D, in x out) vs model "
+                        f"{list(expected[name])} (nn.Linear, out x in)"
+                    )
                     mis_shaped.add(name)
                     continue
                 tensor = tensor.t()
@@ -455,8 +501,11 @@ class GPT(nn.Module):
                 mis_shaped.add(name)
                 continue
             converted[name] = tensor
-        problems += [f"missing key {name} (shape {list(shape)})" for name, shape in expected.items()
-                     if name not in converted and name not in mis_shaped]
+        problems += [
+            f"missing key {name} (shape {list(shape)})"
+            for name, shape in expected.items()
+            if name not in converted and name not in mis_shaped
+        ]
         if problems:
             raise ValueError(f"{source} does not fit this GPT-2 configuration:\n  " + "\n  ".join(problems))
         converted["lm_head.weight"] = converted["transformer.wte.weight"]
@@ -465,8 +514,7 @@ class GPT(nn.Module):
     def to_hf_state_dict(self) -> dict[str, Tensor]:
         """The weights under Hugging Face ``GPT2LMHeadModel``'s keys and layouts (Conv1D weights
         transposed to ``in x out``); ``GPT2LMHeadModel.load_state_dict(..., strict=True)`` takes it."""
-        return {name: (t.t().contiguous() if _is_conv1d(name) else t).detach()
-                for name, t in self.state_dict().items()}
+        return {name: (t.t().contiguous() if _is_conv1d(name) else t).detach() for name, t in self.state_dict().items()}
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` in Hugging Face's GPT-2 format (readable
@@ -481,8 +529,9 @@ class GPT(nn.Module):
 
 def _check_token_ids(idx: Tensor) -> None:
     if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"expected idx to be integer token ids of shape [B, T], got {idx.dtype} of shape "
-                         f"{list(idx.shape)}")
+        raise ValueError(
+            f"expected idx to be integer token ids of shape [B, T], got {idx.dtype} of shape {list(idx.shape)}"
+        )
 
 
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -496,8 +545,9 @@ def _import_safetensors():
     try:
         import safetensors.torch
     except ImportError:
-        raise ImportError("reading and writing model.safetensors needs the safetensors package: "
-                          "pip install safetensors") from None
+        raise ImportError(
+            "reading and writing model.safetensors needs the safetensors package: pip install safetensors"
+        ) from None
     return safetensors.torch
 
 
@@ -529,8 +579,13 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+def sample_next_token(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """One token per row from ``logits: Tensor[B, V]``: ``Tensor[B]`` int64.
 
     ``temperature == 0`` is greedy (argmax). Otherwise the logits are divided by ``temperature``,
@@ -575,8 +630,9 @@ class GPTClassifier(nn.Module):
         nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.score.bias)
 
-    def forward(self, idx: Tensor, labels: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """``idx: Tensor[B, T]``, ``labels: Tensor[B]`` int64, ``attention_mask: Tensor[B, T]``
         (1 = token; left or right padding). Returns ``(logits: Tensor[B, num_labels], loss)``,
         the loss the mean cross-entropy (``None`` without labels)."""
@@ -590,4 +646,3 @@ class GPTClassifier(nn.Module):
         logits = self.score(last)
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return logits, loss
-

@@ -34,8 +34,9 @@ NormLayer = Callable[[int], nn.Module]
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> Conv2d:
     """3x3 convolution without bias; padding = dilation keeps the size at stride 1."""
-    return Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation, groups=groups, bias=False,
-                  dilation=dilation)
+    return Conv2d(
+        in_planes, out_planes, 3, stride=stride, padding=dilation, groups=groups, bias=False, dilation=dilation
+    )
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> Conv2d:
@@ -62,8 +63,17 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer: NormLayer | None = None):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: NormLayer | None = None,
+    ):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError(f"BasicBlock supports only groups=1 and width_per_group=64, got {groups} and {base_width}")
@@ -105,8 +115,17 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer: NormLayer | None = None):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: NormLayer | None = None,
+    ):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
@@ -224,12 +243,30 @@ class ResNet(nn.Module):
                 conv1x1(self.inplanes, planes * block.expansion, stride),
                 self._norm_layer(planes * block.expansion),
             )
-        stage = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, first_dilation,
-                       self._norm_layer)]
+        stage = [
+            block(
+                self.inplanes,
+                planes,
+                stride,
+                downsample,
+                self.groups,
+                self.base_width,
+                first_dilation,
+                self._norm_layer,
+            )
+        ]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
-            stage.append(block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
-                               dilation=self.dilation, norm_layer=self._norm_layer))
+            stage.append(
+                block(
+                    self.inplanes,
+                    planes,
+                    groups=self.groups,
+                    base_width=self.base_width,
+                    dilation=self.dilation,
+                    norm_layer=self._norm_layer,
+                )
+            )
         return nn.Sequential(*stage)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
@@ -336,7 +373,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     unexpected = [k for k in state if k not in expected]
     mismatched = [
         f"{k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
-        for k in expected if k in state and torch.is_tensor(state[k]) and state[k].shape != expected[k].shape
+        for k in expected
+        if k in state and torch.is_tensor(state[k]) and state[k].shape != expected[k].shape
     ]
     if missing or unexpected or mismatched:
         problems = []
@@ -348,8 +386,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             problems.append(f"shape mismatches: {_describe_keys(mismatched)}")
         hint = ""
         if any(m.startswith(("conv1.weight", "fc.")) for m in mismatched):
-            hint = (" (conv1 differs with small_input/in_channels, fc with num_classes: build the model as the "
-                    "checkpoint was trained, load, then replace model.fc for a new number of classes)")
+            hint = (
+                " (conv1 differs with small_input/in_channels, fc with num_classes: build the model as the "
+                "checkpoint was trained, load, then replace model.fc for a new number of classes)"
+            )
         raise ValueError(f"{path}: checkpoint does not match the model: " + "; ".join(problems) + hint)
     model.load_state_dict(state, strict=True)
     return model

@@ -49,7 +49,9 @@ class MultiheadAttention(nn.Module):
     ):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be positive, got embed_dim={embed_dim} and num_heads={num_heads}")
+            raise ValueError(
+                f"embed_dim and num_heads must be positive, got embed_dim={embed_dim} and num_heads={num_heads}"
+            )
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         factory = dict(device=device, dtype=dtype)

@@ -24,8 +24,12 @@ def _winograd_applies(conv: nn.Conv2d, weight: Tensor) -> bool:
     """Whether the CPU kernel may run ``conv`` as Winograd F(2x2, 3x3), so a prepacked transform
     of ``weight`` can serve it."""
     return (
-        conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-        and weight.device.type == "cpu" and weight.dtype == torch.float32
+        conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
         and not torch.compiler.is_compiling()  # a traced graph keeps no per-module cache
     )
 
@@ -70,13 +74,25 @@ class Conv2d(nn.Conv2d):
         such as a ResNet block's shortcut) is added in the same pass, before the activation."""
         return self._conv_forward(input, self.weight, self.bias, residual)
 
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
+    def _conv_forward(
+        self, input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None
+    ) -> Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return ops.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups, self.activation,
-                          residual=residual, winograd_weight=self._winograd_weight(weight))
+        return ops.conv2d(
+            input,
+            weight,
+            bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            self.activation,
+            residual=residual,
+            winograd_weight=self._winograd_weight(weight),
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
@@ -88,7 +104,9 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     if bn.running_var is None or bn.running_mean is None:
         raise ValueError("fuse_conv_bn: the BatchNorm2d must track running statistics")
     if bn.num_features != conv.out_channels:
-        raise ValueError(f"fuse_conv_bn: conv has {conv.out_channels} output channels but bn has {bn.num_features} features")
+        raise ValueError(
+            f"fuse_conv_bn: conv has {conv.out_channels} output channels but bn has {bn.num_features} features"
+        )
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
@@ -105,9 +123,18 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str | None = N
     mode, its running statistics folded into the weight and bias), in a single output pass.
     The result is in eval mode and prepacked (:meth:`Conv2d.prepack`)."""
     fused = Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-        conv.groups, bias=True, padding_mode=conv.padding_mode, activation=activation,
-        device=conv.weight.device, dtype=conv.weight.dtype,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        activation=activation,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
     )
     weight, bias = _folded(conv, bn)
     fused.weight.copy_(weight)
@@ -162,12 +189,24 @@ class Conv2dNormActivation(nn.Sequential):
         dtype=None,
     ):
         if padding is None:
-            padding = tuple((k - 1) // 2 * d for k, d in zip(pair(kernel_size, "kernel_size"), pair(dilation, "dilation")))
+            padding = tuple(
+                (k - 1) // 2 * d for k, d in zip(pair(kernel_size, "kernel_size"), pair(dilation, "dilation"))
+            )
         if bias is None:
             bias = norm_layer is None
         layers: list[nn.Module] = [
-            Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias,
-                   device=device, dtype=dtype)
+            Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                groups,
+                bias=bias,
+                device=device,
+                dtype=dtype,
+            )
         ]
         if norm_layer is not None:
             layers.append(norm_layer(out_channels).to(device=device, dtype=dtype))
@@ -212,5 +251,6 @@ class Conv2dNormActivation(nn.Sequential):
             return super().forward(x)
         conv, bn, activation = parts
         weight, bias, winograd = self._fused_parameters(conv, bn)
-        return ops.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation,
-                          winograd_weight=winograd)
+        return ops.conv2d(
+            x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation, winograd_weight=winograd
+        )

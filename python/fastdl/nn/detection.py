@@ -57,8 +57,16 @@ class MultiScaleRoIAlign(nn.Module):
     :func:`fastdl.ops.roi_align`.
     """
 
-    def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int = -1, *, aligned: bool = False,
-                 canonical_scale: float = 224.0, canonical_level: int = 4):
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size,
+        sampling_ratio: int = -1,
+        *,
+        aligned: bool = False,
+        canonical_scale: float = 224.0,
+        canonical_level: int = 4,
+    ):
         super().__init__()
         self.featmap_names = list(featmap_names)
         self.output_size = pair(output_size, "output_size")
@@ -77,8 +85,17 @@ class MultiScaleRoIAlign(nn.Module):
         max_height = max(shape[0] for shape in image_shapes)
         scales = [2.0 ** round(math.log2(m.shape[-2] / max_height)) for m in maps]
         return ops.multiscale_roi_align(
-            maps, boxes, self.output_size, scales, self.sampling_ratio, self.aligned, self.canonical_scale, self.canonical_level
+            maps,
+            boxes,
+            self.output_size,
+            scales,
+            self.sampling_ratio,
+            self.aligned,
+            self.canonical_scale,
+            self.canonical_level,
         )
 
     def extra_repr(self) -> str:
-        return f"featmap_names={self.featmap_names}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}"
+        return (
+            f"featmap_names={self.featmap_names}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}"
+        )

@@ -68,7 +68,9 @@ def merge_masks(
         masks.append(attn_mask)
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (batch, nk):
-            raise RuntimeError(f"key_padding_mask must be [B, Nk] = [{batch}, {nk}], got {list(key_padding_mask.shape)}")
+            raise RuntimeError(
+                f"key_padding_mask must be [B, Nk] = [{batch}, {nk}], got {list(key_padding_mask.shape)}"
+            )
         masks.append(key_padding_mask.view(batch, 1, 1, nk))
     if not masks:
         return None
@@ -79,13 +81,23 @@ def merge_masks(
         return allowed
     total = None
     for m in masks:
-        add = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m
+        add = (
+            torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(m, float("-inf"))
+            if m.dtype == torch.bool
+            else m
+        )
         total = add if total is None else total + add
     return total
 
 
 def in_projection(
-    query: Tensor, key: Tensor, value: Tensor, num_heads: int, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    num_heads: int,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    v_weight: Tensor,
     in_bias: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Project batch-first ``[B, N, E]`` inputs and split heads: ``q, k, v`` as ``Tensor[B, heads, N, E / heads]``."""

@@ -22,30 +22,58 @@ _CONV_DTYPES = {
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
 
 
 def _conv_replacement(conv: nn.Conv2d) -> tuple[nn.Module | None, str]:
     supported = _CONV_DTYPES.get(conv.weight.device.type)
     if supported is not None and conv.weight.dtype not in supported:
         return None, f"dtype {conv.weight.dtype} on {conv.weight.device.type}"
-    return Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta"), ""
+    return Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+    ), ""
 
 
 def _lstm_replacement(lstm: nn.LSTM) -> tuple[nn.Module | None, str]:
-    return LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias, batch_first=lstm.batch_first,
-                dropout=lstm.dropout, bidirectional=lstm.bidirectional, proj_size=lstm.proj_size, device="meta"), ""
+    return LSTM(
+        lstm.input_size,
+        lstm.hidden_size,
+        lstm.num_layers,
+        bias=lstm.bias,
+        batch_first=lstm.batch_first,
+        dropout=lstm.dropout,
+        bidirectional=lstm.bidirectional,
+        proj_size=lstm.proj_size,
+        device="meta",
+    ), ""
 
 
 def _attention_replacement(attention: nn.MultiheadAttention) -> tuple[nn.Module | None, str]:
     if attention.head_dim not in SUPPORTED_HEAD_DIMS:
         return None, f"head dim {attention.head_dim} (the kernels take multiples of 8 from 8 to 256)"
-    return MultiheadAttention(attention.embed_dim, attention.num_heads, attention.dropout,
-                              bias=attention.in_proj_bias is not None, add_bias_kv=attention.bias_k is not None,
-                              add_zero_attn=attention.add_zero_attn, kdim=attention.kdim, vdim=attention.vdim,
-                              batch_first=attention.batch_first, device="meta"), ""
+    return MultiheadAttention(
+        attention.embed_dim,
+        attention.num_heads,
+        attention.dropout,
+        bias=attention.in_proj_bias is not None,
+        add_bias_kv=attention.bias_k is not None,
+        add_zero_attn=attention.add_zero_attn,
+        kdim=attention.kdim,
+        vdim=attention.vdim,
+        batch_first=attention.batch_first,
+        device="meta",
+    ), ""
 
 
 # exact types: a subclass of these may change forward, so it is kept

@@ -31,8 +31,10 @@ def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """``3`` -> ``(3, 3)``; ``(3, 5)`` stays; anything else is an error naming ``name``."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value, value
-    if not isinstance(value, Sequence) or len(value) != 2 or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+    if (
+        not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     return tuple(value)
@@ -58,16 +60,15 @@ def boxes_to_rois(boxes: BoxesLike, like: Tensor) -> Tensor:
             raise ValueError(f"boxes[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got {shape}")
     if not boxes:
         return like.new_zeros((0, 5))
-    index = torch.cat(
-        [torch.full((b.size(0), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)]
-    )
+    index = torch.cat([torch.full((b.size(0), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
     return torch.cat([index, torch.cat(boxes)], dim=1)
 
 
 def check_rois(op: str, input: Tensor, rois: Tensor, *, check_values: bool = True) -> None:
     """The Python twin of ``csrc/common/rois.h``: used by composites and fake kernels."""
     torch._check(
-        input.dim() == 4, lambda: f"{op}: expected input to be a 4-D tensor [N, C, H, W], but got shape {tuple(input.shape)}"
+        input.dim() == 4,
+        lambda: f"{op}: expected input to be a 4-D tensor [N, C, H, W], but got shape {tuple(input.shape)}",
     )
     torch._check(
         rois.dim() == 2 and rois.size(1) == 5,
@@ -90,11 +91,15 @@ def check_roi_rows(op: str, rois: Tensor, batch_size: int, images: str) -> None:
         return
     index = rois[:, 0]
     torch._check(bool(torch.isfinite(rois).all()), lambda: f"{op}: rois contain NaN or infinite values")
-    torch._check(bool((index == index.floor()).all()), lambda: f"{op}: rois[:, 0] (batch index) must hold whole numbers")
+    torch._check(
+        bool((index == index.floor()).all()), lambda: f"{op}: rois[:, 0] (batch index) must hold whole numbers"
+    )
     lo, hi = float(index.min()), float(index.max())
     torch._check(
         lo >= 0 and hi < batch_size,
-        lambda: f"{op}: rois[:, 0] (batch index) must lie in [0, {batch_size}) for {images}, but ranges over [{lo}, {hi}]",
+        lambda: (
+            f"{op}: rois[:, 0] (batch index) must lie in [0, {batch_size}) for {images}, but ranges over [{lo}, {hi}]"
+        ),
     )
 
 

@@ -281,8 +281,17 @@ def attention_composite(q, k, v, attn_mask, causal, scale, dropout_p, seed):
     step = _chunk_rows(q, nk)
     for i0 in range(0, nq, step):
         i1 = min(nq, i0 + step)
-        s = _chunk_scores(qg[:, :, :, i0:i1].to(cdt), kt, None if mask is None else mask[:, :, :, i0:i1],
-                          causal, i0, nq, nk, scale, cdt)
+        s = _chunk_scores(
+            qg[:, :, :, i0:i1].to(cdt),
+            kt,
+            None if mask is None else mask[:, :, :, i0:i1],
+            causal,
+            i0,
+            nq,
+            nk,
+            scale,
+            cdt,
+        )
         row_lse = torch.logsumexp(s, dim=-1)
         p = _probs(s, row_lse)
         if dropout_p > 0:
@@ -343,5 +352,8 @@ if triton_available():
     from fastdl.kernels import attention as triton_attention
 
     register_triton_kernels(
-        {"attention": triton_attention.attention_forward_op, "_attention_backward": triton_attention.attention_backward_op}
+        {
+            "attention": triton_attention.attention_forward_op,
+            "_attention_backward": triton_attention.attention_backward_op,
+        }
     )

@@ -126,7 +126,9 @@ class BoxCoder:
         """Per image: matched ground-truth ``Tensor[L_i, 4]`` and proposals ``Tensor[L_i, 4]`` (xyxy)
         -> a tuple of ``Tensor[L_i, 4]`` targets."""
         if len(reference_boxes) != len(proposals):
-            raise ValueError(f"BoxCoder.encode: {len(reference_boxes)} lists of reference boxes for {len(proposals)} of proposals")
+            raise ValueError(
+                f"BoxCoder.encode: {len(reference_boxes)} lists of reference boxes for {len(proposals)} of proposals"
+            )
         counts = [len(b) for b in reference_boxes]
         targets = self.encode_single(torch.cat(reference_boxes, dim=0), torch.cat(proposals, dim=0))
         return targets.split(counts, 0)

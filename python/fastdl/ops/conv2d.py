@@ -99,7 +99,9 @@ def conv2d_winograd_weight(weight: Tensor) -> Tensor:
     (inference); :meth:`fastdl.nn.Conv2d.prepack` does this for a module. Computed in float64.
     """
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
-        raise ValueError(f"conv2d_winograd_weight: expected weight to be a Tensor[K, C, 3, 3], got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"conv2d_winograd_weight: expected weight to be a Tensor[K, C, 3, 3], got shape {tuple(weight.shape)}"
+        )
     g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
     u = torch.einsum("ia,kcab,jb->ijck", g, weight.double(), g)
     return u.reshape(16, weight.size(1), weight.size(0)).float().contiguous()
@@ -112,16 +114,25 @@ def _check_winograd_weight(op, weight, groups, winograd_weight):
     k, c, kh, kw = weight.shape
     torch._check(
         (kh, kw) == (3, 3) and groups == 1,
-        lambda: f"{op}: winograd_weight is only for 3x3 convolutions with groups=1, got weight of shape {tuple(weight.shape)} and groups={groups}",
+        lambda: (
+            f"{op}: winograd_weight is only for 3x3 convolutions with groups=1, got weight of shape {tuple(weight.shape)} and groups={groups}"
+        ),
     )
     torch._check(
         tuple(winograd_weight.shape) == (16, c, k),
-        lambda: f"{op}: expected winograd_weight to be a Tensor[16, {c}, {k}] (conv2d_winograd_weight of the weight), got shape {tuple(winograd_weight.shape)}",
+        lambda: (
+            f"{op}: expected winograd_weight to be a Tensor[16, {c}, {k}] (conv2d_winograd_weight of the weight), got shape {tuple(winograd_weight.shape)}"
+        ),
     )
-    torch._check(winograd_weight.dtype == torch.float32, lambda: f"{op}: winograd_weight must be float32, got {winograd_weight.dtype}")
+    torch._check(
+        winograd_weight.dtype == torch.float32,
+        lambda: f"{op}: winograd_weight must be float32, got {winograd_weight.dtype}",
+    )
     torch._check(
         winograd_weight.device == weight.device,
-        lambda: f"{op}: weight is on {weight.device} but winograd_weight is on {winograd_weight.device}; move them to the same device",
+        lambda: (
+            f"{op}: weight is on {weight.device} but winograd_weight is on {winograd_weight.device}; move them to the same device"
+        ),
     )
 
 
@@ -135,7 +146,9 @@ def _resolve_padding_mode(input, weight, mode, stride, dilation):
     if stride != (1, 1):
         raise ValueError(f"conv2d: padding='same' needs stride 1, got stride={stride}")
     if weight.dim() != 4:
-        raise ValueError(f"conv2d: expected weight to be a 4-D tensor [K, C / groups, kh, kw], got {tuple(weight.shape)}")
+        raise ValueError(
+            f"conv2d: expected weight to be a 4-D tensor [K, C / groups, kh, kw], got {tuple(weight.shape)}"
+        )
     totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
     extra = [t % 2 for t in totals]
     if any(extra):
@@ -145,31 +158,66 @@ def _resolve_padding_mode(input, weight, mode, stride, dilation):
 
 def _output_size(op, input, weight, bias, stride, padding, dilation, groups):
     """The Python twin of the C++ argument checks; returns ``(Ho, Wo)``."""
-    torch._check(input.dim() == 4, lambda: f"{op}: expected input to be a 4-D tensor [N, C, H, W], but got shape {tuple(input.shape)}")
-    torch._check(weight.dim() == 4, lambda: f"{op}: expected weight to be a 4-D tensor [K, C / groups, kh, kw], but got shape {tuple(weight.shape)}")
+    torch._check(
+        input.dim() == 4,
+        lambda: f"{op}: expected input to be a 4-D tensor [N, C, H, W], but got shape {tuple(input.shape)}",
+    )
+    torch._check(
+        weight.dim() == 4,
+        lambda: (
+            f"{op}: expected weight to be a 4-D tensor [K, C / groups, kh, kw], but got shape {tuple(weight.shape)}"
+        ),
+    )
     torch._check(input.dtype.is_floating_point, lambda: f"{op}: input has unsupported dtype {input.dtype}")
-    torch._check(input.dtype == weight.dtype, lambda: f"{op}: input has dtype {input.dtype} but weight has dtype {weight.dtype}")
-    torch._check(input.device == weight.device, lambda: f"{op}: input is on {input.device} but weight is on {weight.device}; move them to the same device")
+    torch._check(
+        input.dtype == weight.dtype, lambda: f"{op}: input has dtype {input.dtype} but weight has dtype {weight.dtype}"
+    )
+    torch._check(
+        input.device == weight.device,
+        lambda: f"{op}: input is on {input.device} but weight is on {weight.device}; move them to the same device",
+    )
     torch._check(all(s > 0 for s in stride), lambda: f"{op}: stride must be positive, got {list(stride)}")
     torch._check(all(d > 0 for d in dilation), lambda: f"{op}: dilation must be positive, got {list(dilation)}")
     torch._check(all(p >= 0 for p in padding), lambda: f"{op}: padding must be non-negative, got {list(padding)}")
     torch._check(groups > 0, lambda: f"{op}: groups must be positive, got {groups}")
     n, c, h, w = input.shape
     k, cg, kh, kw = weight.shape
-    torch._check(c % groups == 0, lambda: f"{op}: groups={groups} must divide the input channels, got input of shape {tuple(input.shape)}")
-    torch._check(k % groups == 0, lambda: f"{op}: groups={groups} must divide the output channels, got weight of shape {tuple(weight.shape)}")
-    torch._check(cg * groups == c, lambda: f"{op}: input has {c} channels but weight of shape {tuple(weight.shape)} with groups={groups} expects {cg * groups}")
+    torch._check(
+        c % groups == 0,
+        lambda: f"{op}: groups={groups} must divide the input channels, got input of shape {tuple(input.shape)}",
+    )
+    torch._check(
+        k % groups == 0,
+        lambda: f"{op}: groups={groups} must divide the output channels, got weight of shape {tuple(weight.shape)}",
+    )
+    torch._check(
+        cg * groups == c,
+        lambda: (
+            f"{op}: input has {c} channels but weight of shape {tuple(weight.shape)} with groups={groups} expects {cg * groups}"
+        ),
+    )
     if bias is not None:
-        torch._check(bias.dim() == 1 and bias.size(0) == k, lambda: f"{op}: bias must be a Tensor[{k}], got shape {tuple(bias.shape)}")
-        torch._check(bias.dtype == input.dtype, lambda: f"{op}: input has dtype {input.dtype} but bias has dtype {bias.dtype}")
+        torch._check(
+            bias.dim() == 1 and bias.size(0) == k,
+            lambda: f"{op}: bias must be a Tensor[{k}], got shape {tuple(bias.shape)}",
+        )
+        torch._check(
+            bias.dtype == input.dtype, lambda: f"{op}: input has dtype {input.dtype} but bias has dtype {bias.dtype}"
+        )
     span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    for what, value in (("the dilated kernel height", span_h), ("the dilated kernel width", span_w),
-                        ("the padded input height", h + 2 * padding[0]), ("the padded input width", w + 2 * padding[1])):
+    for what, value in (
+        ("the dilated kernel height", span_h),
+        ("the dilated kernel width", span_w),
+        ("the padded input height", h + 2 * padding[0]),
+        ("the padded input width", w + 2 * padding[1]),
+    ):
         torch._check(value <= INT64_MAX, lambda: f"{op}: {what} overflows int64 ({value})")
     torch._check(
         span_h <= h + 2 * padding[0] and span_w <= w + 2 * padding[1],
-        lambda: f"{op}: kernel of size {span_h}x{span_w} (dilated) is larger than the padded input "
-        f"{h + 2 * padding[0]}x{w + 2 * padding[1]}",
+        lambda: (
+            f"{op}: kernel of size {span_h}x{span_w} (dilated) is larger than the padded input "
+            f"{h + 2 * padding[0]}x{w + 2 * padding[1]}"
+        ),
     )
     return (h + 2 * padding[0] - span_h) // stride[0] + 1, (w + 2 * padding[1] - span_w) // stride[1] + 1
 
@@ -183,7 +231,10 @@ def _check_residual(op, input, weight, out_h, out_w, residual):
         tuple(residual.shape) == shape,
         lambda: f"{op}: residual must have the output's shape {list(shape)}, got {list(residual.shape)}",
     )
-    torch._check(residual.dtype == input.dtype, lambda: f"{op}: input has dtype {input.dtype} but residual has dtype {residual.dtype}")
+    torch._check(
+        residual.dtype == input.dtype,
+        lambda: f"{op}: input has dtype {input.dtype} but residual has dtype {residual.dtype}",
+    )
     torch._check(
         residual.device == input.device,
         lambda: f"{op}: input is on {input.device} but residual is on {residual.device}; move them to the same device",
@@ -196,7 +247,9 @@ def _new_output(input, weight, out_h, out_w):
 
 
 @torch.library.register_fake("fastdl::conv2d")
-def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None, residual=None):
+def _conv2d_fake(
+    input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None, residual=None
+):
     out_h, out_w = _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
     _check_winograd_weight("conv2d", weight, groups, winograd_weight)
     _check_residual("conv2d", input, weight, out_h, out_w, residual)
@@ -253,7 +306,9 @@ torch.library.register_autograd("fastdl::conv2d", _backward, setup_context=_setu
 
 
 @register_composite("conv2d", cuda_kernel="Triton")
-def _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None, residual=None):
+def _conv2d_composite(
+    input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None, residual=None
+):
     out_h, out_w = _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
     _check_winograd_weight("conv2d", weight, groups, winograd_weight)
     _check_residual("conv2d", input, weight, out_h, out_w, residual)
@@ -283,19 +338,29 @@ def _register_triton():
     """Serve CUDA with fastdl.kernels.conv2d (float64 inputs are passed on to the composite)."""
     from fastdl.kernels import conv2d as triton_conv2d
 
-    def forward(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None, residual=None):
+    def forward(
+        input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight=None, residual=None
+    ):
         if input.dtype == torch.float64 or weight.size(1) == 0:
-            return _conv2d_composite(input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight, residual)
+            return _conv2d_composite(
+                input, weight, bias, stride, padding, dilation, groups, activation, winograd_weight, residual
+            )
         out_h, out_w = _output_size("conv2d", input, weight, bias, stride, padding, dilation, groups)
         _check_winograd_weight("conv2d", weight, groups, winograd_weight)
         _check_residual("conv2d", input, weight, out_h, out_w, residual)
-        return triton_conv2d.conv2d_forward_op(input, weight, bias, stride, padding, dilation, groups, activation, residual)
+        return triton_conv2d.conv2d_forward_op(
+            input, weight, bias, stride, padding, dilation, groups, activation, residual
+        )
 
     def backward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
         if input.dtype == torch.float64:
-            return _conv2d_backward_composite(grad_output, input, weight, stride, padding, dilation, groups, output_mask)
+            return _conv2d_backward_composite(
+                grad_output, input, weight, stride, padding, dilation, groups, output_mask
+            )
         _output_size("conv2d_backward", input, weight, None, stride, padding, dilation, groups)
-        return triton_conv2d.conv2d_backward_op(grad_output, input, weight, stride, padding, dilation, groups, output_mask)
+        return triton_conv2d.conv2d_backward_op(
+            grad_output, input, weight, stride, padding, dilation, groups, output_mask
+        )
 
     register_triton_kernels({"conv2d": forward, "_conv2d_backward": backward})
 

@@ -75,7 +75,7 @@ def check_inputs(op, input, normalized_shape, weight, bias, residual, eps) -> tu
     shape = list(normalized_shape)
     if not shape or any(s <= 0 for s in shape):
         _fail(op, f"normalized_shape must be a non-empty list of positive sizes, got {shape}")
-    if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape):]) != shape:
+    if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape) :]) != shape:
         _fail(op, f"normalized_shape {shape} does not match the trailing dimensions of input {list(input.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and list(t.shape) != shape:
@@ -137,7 +137,9 @@ def _backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
         )
         grad_weight = grad_weight if mask[1] else None
         grad_bias = grad_bias if mask[2] else None
-    if ctx.has_residual and grad_residual_out is not None:  # the sum is an output too: its gradient reaches both addends
+    if (
+        ctx.has_residual and grad_residual_out is not None
+    ):  # the sum is an output too: its gradient reaches both addends
         grad_input = grad_residual_out if grad_input is None else grad_input + grad_residual_out
     return grad_input, None, grad_weight, grad_bias, grad_input if ctx.has_residual else None, None
 

@@ -91,7 +91,9 @@ def check_inputs(op, hidden, weight, target, bias, reduction) -> tuple[int, int,
     n, e = hidden.shape
     v = weight.size(0)
     if weight.size(1) != e:
-        _fail(op, f"hidden {list(hidden.shape)} has E={e} features but weight {list(weight.shape)} has {weight.size(1)}")
+        _fail(
+            op, f"hidden {list(hidden.shape)} has E={e} features but weight {list(weight.shape)} has {weight.size(1)}"
+        )
     if v == 0:
         _fail(op, f"weight has no classes (shape {list(weight.shape)})")
     if target.dim() != 1 or target.size(0) != n:
@@ -165,7 +167,11 @@ def _setup_context(ctx, inputs, output):
 def _is_one(grad: Tensor) -> bool:
     """Whether an upstream gradient is exactly 1 (``loss.backward()``), read only where it holds a
     value: a plain tensor, not one that torch.compile, opcheck or torch.func traces."""
-    if type(grad) is not Tensor or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(grad):
+    if (
+        type(grad) is not Tensor
+        or torch.compiler.is_compiling()
+        or torch._C._functorch.is_functorch_wrapped_tensor(grad)
+    ):
         return False
     return bool(grad == 1)
 
@@ -268,14 +274,17 @@ def linear_cross_entropy_composite(hidden, weight, target, bias, ignore_index, r
         picked = logits.gather(1, safe_target[start:stop, None])[:, 0]
         losses[start:stop] = torch.where(valid[start:stop], lse[start:stop] - picked, 0)
         if compute_grad:
-            dlogits = _softmax_minus_onehot(logits, lse[start:stop], target[start:stop], valid[start:stop],
-                                            scale[start:stop])
+            dlogits = _softmax_minus_onehot(
+                logits, lse[start:stop], target[start:stop], valid[start:stop], scale[start:stop]
+            )
             _accumulate_grads(dlogits, hidden, weight, start, stop, grads, cdt)
     if reduction == "none":
         loss = losses
     else:
         loss = losses.sum() / valid.sum() if reduction == "mean" else losses.sum()
-    grad_outputs = _grads_out(grads, hidden, weight, bias) if compute_grad else _grad_buffers(hidden, weight, bias, False)
+    grad_outputs = (
+        _grads_out(grads, hidden, weight, bias) if compute_grad else _grad_buffers(hidden, weight, bias, False)
+    )
     return loss.to(hidden.dtype), lse, *grad_outputs
 
 
@@ -285,16 +294,19 @@ def linear_cross_entropy_backward_composite(grad_loss, hidden, weight, target, b
     valid = check_targets("_linear_cross_entropy_backward", target, v, ignore_index)
     cdt = loss_dtype(hidden.dtype)
     if list(grad_loss.shape) != list(_loss_shape(n, reduction)):
-        _fail("_linear_cross_entropy_backward",
-              f"grad_loss has shape {list(grad_loss.shape)}, expected {list(_loss_shape(n, reduction))}")
+        _fail(
+            "_linear_cross_entropy_backward",
+            f"grad_loss has shape {list(grad_loss.shape)}, expected {list(_loss_shape(n, reduction))}",
+        )
     scale = _row_scale(valid, reduction, grad_loss, cdt)
     grads = _new_grads(hidden, weight, bias, cdt)
     step = chunk_rows(n, v)
     for start in range(0, n, step):
         stop = min(n, start + step)
         logits = _chunks(hidden, weight, bias, start, stop, cdt)
-        dlogits = _softmax_minus_onehot(logits, lse[start:stop].to(cdt), target[start:stop], valid[start:stop],
-                                        scale[start:stop])
+        dlogits = _softmax_minus_onehot(
+            logits, lse[start:stop].to(cdt), target[start:stop], valid[start:stop], scale[start:stop]
+        )
         _accumulate_grads(dlogits, hidden, weight, start, stop, grads, cdt)
     return _grads_out(grads, hidden, weight, bias)
 

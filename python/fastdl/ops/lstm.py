@@ -96,8 +96,17 @@ def lstm(
     """
     if lengths is not None:
         return _lstm_with_lengths(
-            input, weights, hx, lengths, num_layers=num_layers, bidirectional=bidirectional, bias=bias,
-            proj_size=proj_size, dropout=dropout, training=training, batch_first=batch_first,
+            input,
+            weights,
+            hx,
+            lengths,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            bias=bias,
+            proj_size=proj_size,
+            dropout=dropout,
+            training=training,
+            batch_first=batch_first,
         )
     directions = 2 if bidirectional else 1
     per_layer = 2 + 2 * bool(bias) + (proj_size > 0)
@@ -246,8 +255,7 @@ def _check_layer(op, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, *, check_valu
         rows = steps * batch
     if input.size(-1) != input_size:
         fail(
-            f"input has {input.size(-1)} features (shape {list(input.shape)}) "
-            f"but w_ih expects input_size={input_size}"
+            f"input has {input.size(-1)} features (shape {list(input.shape)}) but w_ih expects input_size={input_size}"
         )
     if tuple(h0.shape) != (batch, out_size):
         fail(f"expected h0 of shape [{batch}, {out_size}], got {list(h0.shape)}")
@@ -320,9 +328,17 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     )
     has_ih, has_hh = ctx.has_bias
     return (
-        d_input, None, d_h0, d_c0, d_w_ih, d_w_hh,
-        d_bias if has_ih else None, d_bias if has_hh else None,
-        d_w_hr if w_hr is not None else None, None, None,
+        d_input,
+        None,
+        d_h0,
+        d_c0,
+        d_w_ih,
+        d_w_hh,
+        d_bias if has_ih else None,
+        d_bias if has_hh else None,
+        d_w_hr if w_hr is not None else None,
+        None,
+        None,
     )
 
 

@@ -99,7 +99,9 @@ def _batched_nms_by_offset(nms_op, boxes, scores, idxs, iou_threshold):
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     if idxs.dim() != 1 or idxs.size(0) != boxes.size(0) or idxs.is_floating_point():
-        raise RuntimeError(f"batched_nms: expected integer idxs of shape [{boxes.size(0)}], got {idxs.dtype} {tuple(idxs.shape)}")
+        raise RuntimeError(
+            f"batched_nms: expected integer idxs of shape [{boxes.size(0)}], got {idxs.dtype} {tuple(idxs.shape)}"
+        )
     # every class gets its own stretch of the plane, wider than all boxes together
     span = boxes.max() - torch.minimum(boxes.min(), torch.zeros((), dtype=boxes.dtype, device=boxes.device)) + 1
     shifted = boxes + (idxs.to(boxes.dtype) * span)[:, None]
@@ -110,8 +112,13 @@ def _batched_nms_by_offset(nms_op, boxes, scores, idxs, iou_threshold):
 
 
 def _fake(op, boxes, scores, idxs=None):
-    torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: f"{op}: expected boxes of shape [N, 4], got {tuple(boxes.shape)}")
-    torch._check(scores.dim() == 1 and scores.size(0) == boxes.size(0), lambda: f"{op}: scores must have shape [{boxes.size(0)}]")
+    torch._check(
+        boxes.dim() == 2 and boxes.size(1) == 4,
+        lambda: f"{op}: expected boxes of shape [N, 4], got {tuple(boxes.shape)}",
+    )
+    torch._check(
+        scores.dim() == 1 and scores.size(0) == boxes.size(0), lambda: f"{op}: scores must have shape [{boxes.size(0)}]"
+    )
     kept = torch.library.get_ctx().new_dynamic_size()
     return boxes.new_empty((kept,), dtype=torch.long)
 
@@ -134,13 +141,22 @@ register_autocast("batched_nms", "float32")
 
 
 def _check(op, boxes, scores, iou_threshold):
-    torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: f"{op}: expected boxes of shape [N, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+    torch._check(
+        boxes.dim() == 2 and boxes.size(1) == 4,
+        lambda: f"{op}: expected boxes of shape [N, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}",
+    )
     torch._check(
         scores.dim() == 1 and scores.size(0) == boxes.size(0),
-        lambda: f"{op}: expected scores of shape [{boxes.size(0)}] to match boxes {tuple(boxes.shape)}, got {tuple(scores.shape)}",
+        lambda: (
+            f"{op}: expected scores of shape [{boxes.size(0)}] to match boxes {tuple(boxes.shape)}, got {tuple(scores.shape)}"
+        ),
     )
-    torch._check(boxes.device == scores.device, lambda: f"{op}: boxes is on {boxes.device} but scores is on {scores.device}")
-    torch._check(boxes.dtype == scores.dtype, lambda: f"{op}: boxes has dtype {boxes.dtype} but scores has dtype {scores.dtype}")
+    torch._check(
+        boxes.device == scores.device, lambda: f"{op}: boxes is on {boxes.device} but scores is on {scores.device}"
+    )
+    torch._check(
+        boxes.dtype == scores.dtype, lambda: f"{op}: boxes has dtype {boxes.dtype} but scores has dtype {scores.dtype}"
+    )
     torch._check(0 <= iou_threshold <= 1, lambda: f"{op}: iou_threshold must lie in [0, 1], got {iou_threshold}")
     if boxes.numel():
         torch._check(bool(torch.isfinite(boxes).all()), lambda: f"{op}: boxes contain NaN or infinite values")

@@ -55,7 +55,9 @@ def multiscale_roi_align(
         ``Tensor[K, C, PH, PW]``, in the order of the boxes.
     """
     if len(features) == 0 or len(features) != len(spatial_scales):
-        raise ValueError(f"multiscale_roi_align: need one spatial scale per feature map, got {len(features)} maps and {len(spatial_scales)} scales")
+        raise ValueError(
+            f"multiscale_roi_align: need one spatial scale per feature map, got {len(features)} maps and {len(spatial_scales)} scales"
+        )
     for s in spatial_scales:
         if s <= 0 or abs(math.log2(s) - round(math.log2(s))) > 1e-6:
             raise ValueError(f"multiscale_roi_align: spatial scales must be powers of two, got {list(spatial_scales)}")

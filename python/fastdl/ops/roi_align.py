@@ -69,8 +69,10 @@ def _check_params(pooled_height, pooled_width, spatial_scale, sampling_ratio) ->
     check_spatial_scale("roi_align", spatial_scale)
     torch._check(
         sampling_ratio <= MAX_SAMPLING_RATIO,
-        lambda: f"roi_align: sampling_ratio must be at most {MAX_SAMPLING_RATIO} (or <= 0 for the adaptive grid), "
-        f"got {sampling_ratio}",
+        lambda: (
+            f"roi_align: sampling_ratio must be at most {MAX_SAMPLING_RATIO} (or <= 0 for the adaptive grid), "
+            f"got {sampling_ratio}"
+        ),
     )
 
 
@@ -89,14 +91,35 @@ def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sam
 def _roi_align_backward_fake(
     grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio, aligned
 ):
-    _check_backward_args(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
-                         sampling_ratio, check_values=False)
+    _check_backward_args(
+        grad,
+        rois,
+        spatial_scale,
+        pooled_height,
+        pooled_width,
+        batch_size,
+        channels,
+        height,
+        width,
+        sampling_ratio,
+        check_values=False,
+    )
     return grad.new_empty((batch_size, channels, height, width))
 
 
 def _check_backward_args(
-    grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
-    *, check_values: bool = True,
+    grad,
+    rois,
+    spatial_scale,
+    pooled_height,
+    pooled_width,
+    batch_size,
+    channels,
+    height,
+    width,
+    sampling_ratio,
+    *,
+    check_values: bool = True,
 ) -> None:
     """``check_backward_args`` of ``csrc/ops/roi_align/roi_align.h``."""
     op = "roi_align_backward"
@@ -241,8 +264,9 @@ def roi_align_composite(input, rois, spatial_scale, pooled_height, pooled_width,
 def roi_align_backward_composite(
     grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio, aligned
 ):
-    _check_backward_args(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
-                         sampling_ratio)
+    _check_backward_args(
+        grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio
+    )
     grad_input = grad.new_zeros((batch_size, channels, height, width))
     if grad.numel() == 0 or grad_input.numel() == 0:
         return grad_input
@@ -253,4 +277,3 @@ def roi_align_backward_composite(
         per_box = wy[sl, None].transpose(-1, -2) @ grad[sl] @ wx[sl, None]  # [k, C, H, W]
         grad_input.index_add_(0, image[sl], per_box)
     return grad_input
-

@@ -51,9 +51,12 @@ def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
 
 
 @torch.library.register_fake("fastdl::_roi_pool_backward")
-def _roi_pool_backward_fake(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width):
-    _check_backward_args(grad, rois, argmax, pooled_height, pooled_width, batch_size, channels, height, width,
-                         check_values=False)
+def _roi_pool_backward_fake(
+    grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width
+):
+    _check_backward_args(
+        grad, rois, argmax, pooled_height, pooled_width, batch_size, channels, height, width, check_values=False
+    )
     return grad.new_empty((batch_size, channels, height, width))
 
 
@@ -71,8 +74,10 @@ def _check_backward_args(
     )
     torch._check(
         grad.dim() == 4 and grad.size(0) == rois.size(0) and grad.size(1) == channels,
-        lambda: f"{op}: expected grad of shape [{rois.size(0)}, {channels}, {pooled_height}, {pooled_width}], "
-        f"got {list(grad.shape)}",
+        lambda: (
+            f"{op}: expected grad of shape [{rois.size(0)}, {channels}, {pooled_height}, {pooled_width}], "
+            f"got {list(grad.shape)}"
+        ),
     )
     if check_values and argmax.numel() > 0:
         torch._check(
@@ -140,7 +145,9 @@ def roi_pool_composite(input, rois, spatial_scale, pooled_height, pooled_width):
     span_x = max(int((x_hi - x_lo).max()), 1)
     ys = y_lo[..., None] + torch.arange(span_y, device=input.device)  # [K, PH, SY]
     xs = x_lo[..., None] + torch.arange(span_x, device=input.device)  # [K, PW, SX]
-    inside = (ys < y_hi[..., None])[:, :, None, :, None] & (xs < x_hi[..., None])[:, None, :, None, :]  # [K, PH, PW, SY, SX]
+    inside = (ys < y_hi[..., None])[:, :, None, :, None] & (xs < x_hi[..., None])[
+        :, None, :, None, :
+    ]  # [K, PH, PW, SY, SX]
     flat = ys.clamp(max=h - 1)[:, :, None, :, None] * w + xs.clamp(max=w - 1)[:, None, :, None, :]
     flat = flat.expand_as(inside).reshape(k, -1)  # [K, PH*PW*SY*SX] pixel index of each window slot
     neg_inf = torch.tensor(float("-inf"), dtype=input.dtype, device=input.device)
@@ -161,7 +168,9 @@ def roi_pool_composite(input, rois, spatial_scale, pooled_height, pooled_width):
 
 
 @register_composite("_roi_pool_backward")
-def roi_pool_backward_composite(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width):
+def roi_pool_backward_composite(
+    grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width
+):
     _check_backward_args(grad, rois, argmax, pooled_height, pooled_width, batch_size, channels, height, width)
     grad_input = grad.new_zeros((batch_size, channels, height * width))
     if grad.numel() == 0 or grad_input.numel() == 0:

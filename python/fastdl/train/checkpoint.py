@@ -31,12 +31,12 @@ __all__ = ["FORMAT", "rng_state", "restore_rng_state", "save", "load_last", "che
 FORMAT = "fastdl.train/1"
 
 
-
 def write_json(content: dict, path: Path) -> None:
     """Write ``content`` to ``path`` through a temporary file, so a reader never sees half of it."""
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(content, indent=1))
     os.replace(partial, path)
+
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
     """Every random state a training epoch may draw from, as tensors and plain values."""
@@ -44,8 +44,13 @@ def rng_state(generators: dict[str, torch.Generator]) -> dict:
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "generators": {key: generator.get_state() for key, generator in generators.items()},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -59,8 +64,15 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator]) -> No
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy["name"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     missing = sorted(set(generators) - set(state["generators"]))
     if missing:
         raise ValueError(f"the checkpoint has no state for the generators {missing}")
@@ -91,8 +103,9 @@ def load_last(out: str | os.PathLike, expected_format: str = FORMAT) -> dict:
         raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(content, dict) or content.get("format") != expected_format:
         found = content.get("format") if isinstance(content, dict) else type(content).__name__
-        raise ConfigError(f"--resume: {path} is not a fastdl train checkpoint (format {found!r}, expected "
-                          f"{expected_format!r})")
+        raise ConfigError(
+            f"--resume: {path} is not a fastdl train checkpoint (format {found!r}, expected {expected_format!r})"
+        )
     return content
 
 
@@ -103,14 +116,18 @@ def _flag(field: str) -> str:
 _MAY_CHANGE = "--epochs, --patience, --device, --compile, --amp, --workers, --channels-last and --no-progress"
 
 
-def check_same_recipe(saved: dict, config: TrainConfig, path: str, fields: tuple[str, ...] = RECIPE_FIELDS,
-                      may_change: str = _MAY_CHANGE) -> None:
+def check_same_recipe(
+    saved: dict, config: TrainConfig, path: str, fields: tuple[str, ...] = RECIPE_FIELDS, may_change: str = _MAY_CHANGE
+) -> None:
     """Refuse to resume with settings that change the trajectory: ``fields`` of ``config`` (any
     object with ``to_dict()``; :data:`RECIPE_FIELDS` of a :class:`TrainConfig` by default) that
     differ from the ``saved`` settings. ``may_change`` lists, for the message, the flags that may."""
     current = config.to_dict()
-    changed = [f"{_flag(field)} {saved.get(field)!r} -> {current[field]!r}"
-               for field in fields if saved.get(field) != current[field]]
+    changed = [
+        f"{_flag(field)} {saved.get(field)!r} -> {current[field]!r}"
+        for field in fields
+        if saved.get(field) != current[field]
+    ]
     if changed:
         raise ConfigError(
             f"--resume: {path} was trained with other settings ({'; '.join(changed)}); an exact continuation needs "

@@ -35,44 +35,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     kinds = ", ".join([f"{kind}=PATH" for kind in DATA_KINDS_WITH_PATH] + list(DATA_KINDS_BUNDLED))
     parser.add_argument("model", metavar="MODEL", help=f"one of {', '.join(MODELS)}")
-    parser.add_argument("--data", required=True, metavar="KIND[=PATH]",
-                        help=f"{kinds}; folder=PATH holds train/ and val/ class folders, or Tiny ImageNet")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="KIND[=PATH]",
+        help=f"{kinds}; folder=PATH holds train/ and val/ class folders, or Tiny ImageNet",
+    )
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="length of the cosine schedule")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help="global batch, shared by the processes under torchrun")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="global batch, shared by the processes under torchrun",
+    )
     parser.add_argument("--lr", type=float, default=defaults.lr, help="initial learning rate")
     parser.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="SGD weight decay")
-    parser.add_argument("--device", default=defaults.device, metavar="|".join(DEVICES),
-                        help="auto: CUDA, else MPS, else CPU")
+    parser.add_argument(
+        "--device", default=defaults.device, metavar="|".join(DEVICES), help="auto: CUDA, else MPS, else CPU"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    parser.add_argument("--amp", action="store_true",
-                        help="autocast: float16 with gradient scaling on CUDA/MPS, bfloat16 on CPU")
-    parser.add_argument("--workers", type=int, default=defaults.workers,
-                        help="threads decoding image files (folder data)")
-    parser.add_argument("--out", default=defaults.out, metavar="DIR",
-                        help="folder for last.pt, best.pt, metrics.json, curves.png, predictions.png")
+    parser.add_argument(
+        "--amp", action="store_true", help="autocast: float16 with gradient scaling on CUDA/MPS, bfloat16 on CPU"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, help="threads decoding image files (folder data)"
+    )
+    parser.add_argument(
+        "--out",
+        default=defaults.out,
+        metavar="DIR",
+        help="folder for last.pt, best.pt, metrics.json, curves.png, predictions.png",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run saved in DIR/last.pt")
-    parser.add_argument("--patience", type=int, default=defaults.patience,
-                        help="stop after this many epochs without a better test accuracy (0: never)")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help="fixes the initial weights, the shuffling and the augmentation")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=defaults.patience,
+        help="stop after this many epochs without a better test accuracy (0: never)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="fixes the initial weights, the shuffling and the augmentation"
+    )
     parser.add_argument("--limit-train", type=int, default=None, metavar="N", help="use N training images")
     parser.add_argument("--limit-test", type=int, default=None, metavar="N", help="use N test images")
-    parser.add_argument("--sync-bn", action="store_true",
-                        help="under torchrun, BatchNorm statistics over the global batch instead of each share")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar: one line per epoch (also when not printing to a terminal)")
+    parser.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun, BatchNorm statistics over the global batch instead of each share",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: one line per epoch (also when not printing to a terminal)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, device=args.device, compile=args.compile,
-        channels_last=args.channels_last, amp=args.amp, workers=args.workers, out=args.out, resume=args.resume,
-        patience=args.patience, seed=args.seed, limit_train=args.limit_train, limit_test=args.limit_test,
-        sync_bn=args.sync_bn, progress=not args.no_progress,
+        model=args.model,
+        data=args.data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        device=args.device,
+        compile=args.compile,
+        channels_last=args.channels_last,
+        amp=args.amp,
+        workers=args.workers,
+        out=args.out,
+        resume=args.resume,
+        patience=args.patience,
+        seed=args.seed,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        sync_bn=args.sync_bn,
+        progress=not args.no_progress,
     )
 
 
@@ -96,8 +137,7 @@ def run(args: argparse.Namespace, prog: str = "fastdl train") -> int:
 
 
 def build_parser(prog: str = "python -m fastdl.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
     add_arguments(parser)
     return parser
 

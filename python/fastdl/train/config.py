@@ -10,8 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-__all__ = ["TrainConfig", "ConfigError", "DataSpec", "parse_data", "MODELS", "DATA_KINDS", "DEVICES",
-           "RECIPE_FIELDS"]
+__all__ = ["TrainConfig", "ConfigError", "DataSpec", "parse_data", "MODELS", "DATA_KINDS", "DEVICES", "RECIPE_FIELDS"]
 
 # Model names and their BasicBlock/Bottleneck depths (fastdl.models); resnet10 is the small
 # one-block-per-stage network for quick runs.
@@ -26,8 +25,18 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # The fields that decide the trajectory of a run: a resumed run must keep them. The others
 # (epochs, patience, device, compile, amp, workers, progress) may change between the runs.
-RECIPE_FIELDS = ("model", "data", "batch_size", "lr", "momentum", "weight_decay", "seed", "limit_train",
-                 "limit_test", "sync_bn")
+RECIPE_FIELDS = (
+    "model",
+    "data",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "seed",
+    "limit_train",
+    "limit_test",
+    "sync_bn",
+)
 
 
 class ConfigError(ValueError):
@@ -53,7 +62,9 @@ def parse_data(spec: str) -> DataSpec:
     if kind not in DATA_KINDS:
         raise ConfigError(
             f"--data {spec}: unknown data kind {kind!r}; expected one of "
-            + ", ".join(f"{k}=PATH" for k in DATA_KINDS_WITH_PATH) + " or " + ", ".join(DATA_KINDS_BUNDLED)
+            + ", ".join(f"{k}=PATH" for k in DATA_KINDS_WITH_PATH)
+            + " or "
+            + ", ".join(DATA_KINDS_BUNDLED)
         )
     if kind in DATA_KINDS_BUNDLED:
         if has_path:

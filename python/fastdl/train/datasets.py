@@ -162,14 +162,19 @@ def _read(spec: DataSpec, limit_train, limit_test, workers) -> tuple[ImageTensor
     if spec.kind == "digits":
         train, test = data.digits("train"), data.digits("test")
     else:
-        reader = {"cifar10": data.CIFAR10, "cifar100": data.CIFAR100, "mnist": data.MNIST,
-                  "fashion-mnist": data.FashionMNIST}[spec.kind]
+        reader = {
+            "cifar10": data.CIFAR10,
+            "cifar100": data.CIFAR100,
+            "mnist": data.MNIST,
+            "fashion-mnist": data.FashionMNIST,
+        }[spec.kind]
         train, test = reader(spec.path, train=True), reader(spec.path, train=False)
     return _limited(train, limit_train), _limited(test, limit_test)
 
 
-def load_data(spec: DataSpec, limit_train: int | None = None, limit_test: int | None = None,
-              workers: int = 0) -> TrainData:
+def load_data(
+    spec: DataSpec, limit_train: int | None = None, limit_test: int | None = None, workers: int = 0
+) -> TrainData:
     """Read both splits of ``spec`` and pick their recipe (the table in this module's doc).
     A reader's error (a missing or damaged file) comes back as a :class:`ConfigError` naming
     ``--data``."""
@@ -182,8 +187,11 @@ def load_data(spec: DataSpec, limit_train: int | None = None, limit_test: int | 
         raise ConfigError(f"--data {shown}: {error}") from error
     if len(train) == 0 or len(test) == 0:
         raise ConfigError(f"--data {spec.kind}: the {'train' if len(train) == 0 else 'test'} split has no images")
-    constants = {"cifar10": (T.CIFAR10_MEAN, T.CIFAR10_STD), "cifar100": (T.CIFAR100_MEAN, T.CIFAR100_STD),
-                 "mnist": (T.MNIST_MEAN, T.MNIST_STD)}
+    constants = {
+        "cifar10": (T.CIFAR10_MEAN, T.CIFAR10_STD),
+        "cifar100": (T.CIFAR100_MEAN, T.CIFAR100_STD),
+        "mnist": (T.MNIST_MEAN, T.MNIST_STD),
+    }
     mean, std = constants.get(spec.kind) or channel_mean_std(train.images)
     height, width = train.images.shape[-2:]
     if spec.kind in ("cifar10", "cifar100"):
@@ -199,5 +207,7 @@ def describe(train_data: TrainData, spec: DataSpec) -> str:
     """One line: what was read."""
     c, h, w = train_data.train.images.shape[1:]
     source = spec.kind if spec.path is None else f"{spec.kind} ({os.path.abspath(spec.path)})"
-    return (f"data: {source}: {len(train_data.train)} train / {len(train_data.test)} test images [{c}, {h}, {w}], "
-            f"{len(train_data.classes)} classes")
+    return (
+        f"data: {source}: {len(train_data.train)} train / {len(train_data.test)} test images [{c}, {h}, {w}], "
+        f"{len(train_data.classes)} classes"
+    )

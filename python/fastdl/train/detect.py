@@ -15,8 +15,10 @@ from .config import DEVICES
 
 __all__ = ["add_arguments", "run", "main", "build_parser", "DESCRIPTION", "EPILOG"]
 
-DESCRIPTION = ("Detect objects in images with a detector trained by fastdl train fast-rcnn: print each box "
-               "and write the images with the boxes drawn.")
+DESCRIPTION = (
+    "Detect objects in images with a detector trained by fastdl train fast-rcnn: print each box "
+    "and write the images with the boxes drawn."
+)
 EPILOG = """examples:
   fastdl detect --model runs/fruits photos/*.jpg
   fastdl detect --model runs/shapes/best.pt shapes.png --out drawn --score-threshold 0.3"""
@@ -24,10 +26,15 @@ EPILOG = """examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="the --out folder of fastdl train fast-rcnn (its best.pt), or a checkpoint file")
-    parser.add_argument("--out", default="detections", metavar="DIR",
-                        help="folder for the images with their boxes drawn (<name>.png)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="the --out folder of fastdl train fast-rcnn (its best.pt), or a checkpoint file",
+    )
+    parser.add_argument(
+        "--out", default="detections", metavar="DIR", help="folder for the images with their boxes drawn (<name>.png)"
+    )
     parser.add_argument("--score-threshold", type=float, default=0.5, help="least score of a box shown")
     parser.add_argument("--device", default="auto", metavar="|".join(DEVICES), help="auto: CUDA, else MPS, else CPU")
 
@@ -77,8 +84,10 @@ def run(args: argparse.Namespace, prog: str = "fastdl detect") -> int:
         boxes, labels, scores = found["boxes"][shown], found["labels"][shown], found["scores"][shown]
         written = out / f"{_unused_name(Path(name).stem, used)}.png"
         draw_detections(image, boxes, labels, scores, detector.classes).save(written)
-        print(f"{name}: {len(labels)} object{'' if len(labels) == 1 else 's'} (score >= {args.score_threshold}), "
-              f"drawn in {written}")
+        print(
+            f"{name}: {len(labels)} object{'' if len(labels) == 1 else 's'} (score >= {args.score_threshold}), "
+            f"drawn in {written}"
+        )
         for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
             corners = ", ".join(f"{value:.1f}" for value in box)
             print(f"  {detector.classes[label - 1]:<{width}}  {score:.3f}  [{corners}]")

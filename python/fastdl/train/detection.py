@@ -45,9 +45,20 @@ from .loop import run_in_process_group
 from .model import wrap_model
 from .progress import format_duration, progress_bar
 
-__all__ = ["fit_detector", "DetectionResult", "DetectionData", "load_detection_data", "build_detector",
-           "WindowProposals", "Detector", "load_detector", "evaluate_detector", "coco_evaluate", "draw_detections",
-           "FORMAT"]
+__all__ = [
+    "fit_detector",
+    "DetectionResult",
+    "DetectionData",
+    "load_detection_data",
+    "build_detector",
+    "WindowProposals",
+    "Detector",
+    "load_detector",
+    "evaluate_detector",
+    "coco_evaluate",
+    "draw_detections",
+    "FORMAT",
+]
 
 FORMAT = "fastdl.train.fast-rcnn/1"
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -80,8 +91,10 @@ def _split(dataset: DetectionDataset) -> tuple[DetectionDataset, DetectionDatase
     test = [i for i in range(len(dataset)) if i % TEST_EVERY == TEST_EVERY - 1]
     train = [i for i in range(len(dataset)) if i % TEST_EVERY != TEST_EVERY - 1]
     if not test:
-        raise ValueError(f"{len(dataset)} annotated images are too few to split into train and test "
-                         f"(every {TEST_EVERY}th image is a test image)")
+        raise ValueError(
+            f"{len(dataset)} annotated images are too few to split into train and test "
+            f"(every {TEST_EVERY}th image is a test image)"
+        )
     return DetectionSubset(dataset, train), DetectionSubset(dataset, test)
 
 
@@ -92,8 +105,11 @@ def _voc_splits(root: Path) -> tuple[DetectionDataset, DetectionDataset, str]:
             train_split = "trainval" if (main / "test.txt").is_file() and (main / "trainval.txt").is_file() else "train"
             test_split = "test" if (main / "test.txt").is_file() else "val"
             train = VOCDetection(voc_root, train_split)
-            return train, VOCDetection(voc_root, test_split, classes=train.classes), \
-                f"ImageSets/Main/{train_split}.txt and {test_split}.txt"
+            return (
+                train,
+                VOCDetection(voc_root, test_split, classes=train.classes),
+                f"ImageSets/Main/{train_split}.txt and {test_split}.txt",
+            )
     for test_name in ("test", "val"):
         if (root / "train").is_dir() and (root / test_name).is_dir():
             train = VOCDetection(root / "train")
@@ -102,8 +118,9 @@ def _voc_splits(root: Path) -> tuple[DetectionDataset, DetectionDataset, str]:
     return train, test, f"one set, every {TEST_EVERY}th image for testing"
 
 
-def load_detection_data(spec: DetectionDataSpec, limit_train: int | None = None, limit_test: int | None = None,
-                        image_size: int = 96) -> DetectionData:
+def load_detection_data(
+    spec: DetectionDataSpec, limit_train: int | None = None, limit_test: int | None = None, image_size: int = 96
+) -> DetectionData:
     """Both splits of ``spec``, limited to ``limit_*`` images (evenly spaced).
 
     - ``voc``: ``ImageSets/Main`` train/val (or trainval/test) lists when there are, else
@@ -143,9 +160,11 @@ def _describe(data: DetectionData, spec: DetectionDataSpec) -> str:
         return sum(int(target["boxes"].size(0)) for target in dataset.targets)
 
     where = spec.kind if not spec.paths else f"{spec.kind} ({', '.join(os.path.abspath(p) for p in spec.paths)})"
-    return (f"data: {where}, {data.source}: {len(data.train)} train images ({objects(data.train)} objects) / "
-            f"{len(data.test)} test images ({objects(data.test)} objects), {len(data.classes)} classes: "
-            + ", ".join(data.classes))
+    return (
+        f"data: {where}, {data.source}: {len(data.train)} train images ({objects(data.train)} objects) / "
+        f"{len(data.test)} test images ({objects(data.test)} objects), {len(data.classes)} classes: "
+        + ", ".join(data.classes)
+    )
 
 
 # ---- the model and its proposals --------------------------------------------------------------------
@@ -178,16 +197,22 @@ def model_settings(config: DetectionTrainConfig, spec: DetectionDataSpec, num_cl
     min_size = config.image_min_size(spec)
     stride = 2 ** (config.stages + 1)  # the ResNet stem (4) and each stage after the first (2)
     return {
-        "backbone": config.backbone, "stages": config.stages, "num_classes": num_classes,
-        "min_size": min_size, "max_size": config.max_size, "roi_size": config.roi_size,
-        "head_size": config.head_size, "rois_per_image": config.proposals,
+        "backbone": config.backbone,
+        "stages": config.stages,
+        "num_classes": num_classes,
+        "min_size": min_size,
+        "max_size": config.max_size,
+        "roi_size": config.roi_size,
+        "head_size": config.head_size,
+        "rois_per_image": config.proposals,
         "window_sizes": [round(fraction * min_size, 2) for fraction in config.window_sizes],
         "window_stride": config.window_stride or stride,
     }
 
 
-def build_detector(settings: dict, backbone_weights: str | os.PathLike | None = None
-                   ) -> tuple[FastRCNN, WindowProposals]:
+def build_detector(
+    settings: dict, backbone_weights: str | os.PathLike | None = None
+) -> tuple[FastRCNN, WindowProposals]:
     """The network of ``settings`` (:func:`model_settings`), freshly initialised from torch's
     global generator (seed it first), with the backbone's weights from ``backbone_weights``
     if given; and its proposals."""
@@ -197,10 +222,16 @@ def build_detector(settings: dict, backbone_weights: str | os.PathLike | None = 
         backbone = ResNetBackbone(resnet(weights=weights), num_stages=settings["stages"])
     except ValueError as error:  # the weights do not fit (fastdl.models names the keys)
         raise ConfigError(f"--backbone-weights {backbone_weights}: {error}") from error
-    net = FastRCNN(backbone, settings["num_classes"], output_size=settings["roi_size"],
-                   representation_size=settings["head_size"], min_size=settings["min_size"],
-                   max_size=settings["max_size"], box_batch_size_per_image=settings["rois_per_image"],
-                   size_divisible=backbone.stride)
+    net = FastRCNN(
+        backbone,
+        settings["num_classes"],
+        output_size=settings["roi_size"],
+        representation_size=settings["head_size"],
+        min_size=settings["min_size"],
+        max_size=settings["max_size"],
+        box_batch_size_per_image=settings["rois_per_image"],
+        size_divisible=backbone.stride,
+    )
     return net, WindowProposals(settings["window_sizes"], settings["window_stride"], net.transform)
 
 
@@ -214,8 +245,15 @@ def _jittered(boxes: Tensor, noise: Tensor, height: int, width: int) -> Tensor:
     centre = (boxes[:, :2] + boxes[:, 2:])[:, None, :] / 2 + JITTER * noise[..., :2] * size
     half = size * torch.exp(JITTER * noise[..., 2:]) / 2
     copies = torch.cat([centre - half, centre + half], dim=-1).reshape(-1, 4)
-    copies = torch.stack([copies[:, 0].clamp(0, width), copies[:, 1].clamp(0, height),
-                          copies[:, 2].clamp(0, width), copies[:, 3].clamp(0, height)], dim=1)
+    copies = torch.stack(
+        [
+            copies[:, 0].clamp(0, width),
+            copies[:, 1].clamp(0, height),
+            copies[:, 2].clamp(0, width),
+            copies[:, 3].clamp(0, height),
+        ],
+        dim=1,
+    )
     return copies[(copies[:, 2] - copies[:, 0] >= 1) & (copies[:, 3] - copies[:, 1] >= 1)]
 
 
@@ -241,11 +279,19 @@ def coco_ground_truth(dataset: DetectionDataset):
 
     annotations = []
     for index, target in enumerate(dataset.targets):
-        for (x1, y1, x2, y2), label, ignored in zip(target["boxes"].tolist(), target["labels"].tolist(),
-                                                    ignored_objects(target).tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": label,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                                "iscrowd": int(ignored)})
+        for (x1, y1, x2, y2), label, ignored in zip(
+            target["boxes"].tolist(), target["labels"].tolist(), ignored_objects(target).tolist()
+        ):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index,
+                    "category_id": label,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(ignored),
+                }
+            )
     ground_truth = COCO()
     ground_truth.dataset = {
         "images": [{"id": index, "height": h, "width": w} for index, (h, w) in enumerate(dataset.image_sizes)],
@@ -271,14 +317,26 @@ def coco_evaluate(ground_truth, detections: Sequence[dict], classes: Sequence[st
     for index, found in enumerate(detections):
         boxes = found["boxes"].double()
         wh = boxes[:, 2:] - boxes[:, :2]
-        rows.append(torch.cat([torch.full((boxes.size(0), 1), float(index), dtype=torch.float64), boxes[:, :2], wh,
-                               found["scores"].double()[:, None], found["labels"].double()[:, None]], dim=1))
+        rows.append(
+            torch.cat(
+                [
+                    torch.full((boxes.size(0), 1), float(index), dtype=torch.float64),
+                    boxes[:, :2],
+                    wh,
+                    found["scores"].double()[:, None],
+                    found["labels"].double()[:, None],
+                ],
+                dim=1,
+            )
+        )
     table = torch.cat(rows).numpy() if rows else np.zeros((0, 7))
-    has_objects = {label: bool(ground_truth.getAnnIds(catIds=[label], iscrowd=False))
-                   for label in range(1, len(classes) + 1)}
+    has_objects = {
+        label: bool(ground_truth.getAnnIds(catIds=[label], iscrowd=False)) for label in range(1, len(classes) + 1)
+    }
     if table.shape[0] == 0:
-        per_class = {name: ({"ap": 0.0, "ap50": 0.0} if has_objects[label] else None)
-                     for label, name in enumerate(classes, 1)}
+        per_class = {
+            name: ({"ap": 0.0, "ap50": 0.0} if has_objects[label] else None) for label, name in enumerate(classes, 1)
+        }
         return {"map": 0.0, "ap50": 0.0, "per_class": per_class, "detections": 0}
     with _quiet():
         results = ground_truth.loadRes(table)
@@ -294,8 +352,10 @@ def coco_evaluate(ground_truth, detections: Sequence[dict], classes: Sequence[st
         if not has_objects[label] or (table_k < 0).all():
             per_class[classes[label - 1]] = None
             continue
-        per_class[classes[label - 1]] = {"ap": float(table_k[table_k > -1].mean()),
-                                         "ap50": float(table_k[0][table_k[0] > -1].mean())}
+        per_class[classes[label - 1]] = {
+            "ap": float(table_k[table_k > -1].mean()),
+            "ap50": float(table_k[0][table_k[0] > -1].mean()),
+        }
     stats = [max(0.0, float(value)) for value in evaluation.stats[:2]]  # -1: nothing to score
     return {"map": stats[0], "ap50": stats[1], "per_class": per_class, "detections": int(table.shape[0])}
 
@@ -314,9 +374,16 @@ def _samples(dataset: DetectionDataset, indices: Sequence[int], pool: ThreadPool
     return list(pool.map(dataset.__getitem__, indices))
 
 
-def evaluate_detector(net: FastRCNN, proposals: WindowProposals, dataset: DetectionDataset,
-                      device: torch.device | str = "cpu", batch_size: int = 8, ground_truth=None,
-                      context: distributed.Context | None = None, workers: int = 0) -> dict:
+def evaluate_detector(
+    net: FastRCNN,
+    proposals: WindowProposals,
+    dataset: DetectionDataset,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    ground_truth=None,
+    context: distributed.Context | None = None,
+    workers: int = 0,
+) -> dict:
     """COCO mAP of ``net`` on ``dataset`` (see :func:`coco_evaluate` for the result).
 
     Under torchrun (``context``) each rank detects on its contiguous share and rank 0 scores
@@ -346,8 +413,20 @@ def evaluate_detector(net: FastRCNN, proposals: WindowProposals, dataset: Detect
 
 # ---- pictures ----------------------------------------------------------------------------------------
 
-_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190), (0, 128, 128), (170, 110, 40)]
+_PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 190),
+    (0, 128, 128),
+    (170, 110, 40),
+]
 
 
 def _font(size: int):
@@ -359,8 +438,15 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor | None, classes: Sequence[str],
-                    truth: Tensor | None = None, min_side: int = 256):
+def draw_detections(
+    image: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    scores: Tensor | None,
+    classes: Sequence[str],
+    truth: Tensor | None = None,
+    min_side: int = 256,
+):
     """``image`` (``Tensor[3, H, W]`` uint8) as a Pillow image with ``boxes`` (``Tensor[D, 4]``
     xyxy) outlined in a colour per class and labelled "name score"; ``truth`` boxes, if given,
     thin white. Images smaller than ``min_side`` are enlarged (nearest neighbour) so that the
@@ -374,7 +460,7 @@ def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor
     draw = ImageDraw.Draw(picture)
     font = _font(max(10, min(picture.size) // 28))
     line = max(1, min(picture.size) // 200)
-    for box in ([] if truth is None else (truth * scale).tolist()):
+    for box in [] if truth is None else (truth * scale).tolist():
         draw.rectangle(box, outline=(255, 255, 255), width=1)
     shown_scores = [None] * len(labels) if scores is None else scores.tolist()
     for box, label, score in zip((boxes * scale).tolist(), labels.tolist(), shown_scores):
@@ -425,8 +511,9 @@ class Detector:
     (``Tensor[D]``, 1-based into :attr:`classes`) and ``scores``, by decreasing score, on the CPU.
     """
 
-    def __init__(self, net: FastRCNN, proposals: WindowProposals, classes: Sequence[str],
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self, net: FastRCNN, proposals: WindowProposals, classes: Sequence[str], device: torch.device | str = "cpu"
+    ):
         self.net, self.proposals, self.classes = net.eval(), proposals, list(classes)
         self.device = torch.device(device)
 
@@ -518,23 +605,30 @@ class _GlobalBatches:
 class _Run:
     """The state of one call of :func:`fit_detector`."""
 
-    def __init__(self, config: DetectionTrainConfig, spec: DetectionDataSpec, device: torch.device,
-                 context: distributed.Context):
+    def __init__(
+        self, config: DetectionTrainConfig, spec: DetectionDataSpec, device: torch.device, context: distributed.Context
+    ):
         self.config, self.spec, self.device, self.context = config, spec, device, context
         self.out = Path(config.out)
         if config.batch_size < context.world_size:
-            raise ConfigError(f"--batch-size {config.batch_size}: each of the {context.world_size} processes needs "
-                              "at least one image of every batch")
+            raise ConfigError(
+                f"--batch-size {config.batch_size}: each of the {context.world_size} processes needs "
+                "at least one image of every batch"
+            )
         _require_pycocotools()
         saved = self._resumable() if config.resume else None
-        self.log(f"fastdl train fast-rcnn: {config.backbone} ({config.stages} stages) on {device}"
-                 + (f", {context.world_size} processes" if context.distributed else ""))
+        self.log(
+            f"fastdl train fast-rcnn: {config.backbone} ({config.stages} stages) on {device}"
+            + (f", {context.world_size} processes" if context.distributed else "")
+        )
 
         torch.manual_seed(config.seed)  # initial weights and the RoI sampling
         random.seed(config.seed)
         np.random.seed(config.seed % 2**32)
-        self.generators = {"shuffle": torch.Generator().manual_seed(config.seed + 1),
-                           "augment": torch.Generator().manual_seed(config.seed + 2)}
+        self.generators = {
+            "shuffle": torch.Generator().manual_seed(config.seed + 1),
+            "augment": torch.Generator().manual_seed(config.seed + 2),
+        }
 
         self.data = load_detection_data(spec, config.limit_train, config.limit_test, config.image_min_size(spec))
         self.log(_describe(self.data, spec))
@@ -544,15 +638,17 @@ class _Run:
         parameters = [p for p in self.net.parameters() if p.requires_grad]
         lr = config.learning_rate
         if config.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(parameters, lr=lr, momentum=config.momentum,
-                                             weight_decay=config.weight_decay)
+            self.optimizer = torch.optim.SGD(
+                parameters, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
         else:
             self.optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
         self.batches = _GlobalBatches(len(self.data.train), config.batch_size, self.generators["shuffle"], context)
         if len(self.batches) == 0:
             raise ConfigError(f"--data {config.data}: {len(self.data.train)} training images make no batch")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(config.warmup_steps, config.epochs * len(self.batches)))
+            self.optimizer, warmup_cosine(config.warmup_steps, config.epochs * len(self.batches))
+        )
         self.pool = ThreadPoolExecutor(config.workers) if config.workers > 0 else None
         self.ground_truth = coco_ground_truth(self.data.test) if context.is_main else None
 
@@ -573,11 +669,14 @@ class _Run:
     def _resumable(self) -> dict:
         saved = checkpoint.load_last(self.out, expected_format=FORMAT)
         path = str(self.out / "last.pt")
-        checkpoint.check_same_recipe(saved["config"], self.config, path, fields=DETECTION_RECIPE_FIELDS,
-                                     may_change=MAY_CHANGE)
+        checkpoint.check_same_recipe(
+            saved["config"], self.config, path, fields=DETECTION_RECIPE_FIELDS, may_change=MAY_CHANGE
+        )
         if saved["epoch"] >= self.config.epochs:
-            raise ConfigError(f"--resume: {path} has already trained {saved['epoch']} epochs of --epochs "
-                              f"{self.config.epochs}; raise --epochs to train further")
+            raise ConfigError(
+                f"--resume: {path} has already trained {saved['epoch']} epochs of --epochs "
+                f"{self.config.epochs}; raise --epochs to train further"
+            )
         return saved
 
     def _restore(self, saved: dict) -> None:
@@ -589,8 +688,10 @@ class _Run:
             group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         checkpoint.restore_rng_state(saved["rng"], self.generators)
         self.history, self.best, self.start_epoch = list(saved["history"]), dict(saved["best"]), saved["epoch"]
-        self.log(f"resumed {self.out / 'last.pt'} after epoch {self.start_epoch} (best mAP "
-                 f"{self.best['map']:.4f} at epoch {self.best['epoch']})")
+        self.log(
+            f"resumed {self.out / 'last.pt'} after epoch {self.start_epoch} (best mAP "
+            f"{self.best['map']:.4f} at epoch {self.best['epoch']})"
+        )
 
     # ---- one epoch ------------------------------------------------------------------------------
 
@@ -623,6 +724,7 @@ class _Run:
     def _shares(self) -> Iterator[tuple[list, list, int]]:
         """Per step: this rank's samples, their augmentation and the global batch size; the next
         share is decoded in the background while a step runs."""
+
         def share(indices):
             start, stop = distributed.shard_range(len(indices), self.context)
             plan = self._augmentation(indices)[start:stop]
@@ -645,8 +747,9 @@ class _Run:
     def train_epoch(self, epoch: int) -> dict:
         config, context = self.config, self.context
         self.model.train()
-        bar = progress_bar(len(self.batches), f"epoch {epoch + 1}/{config.epochs}",
-                           enabled=config.progress and context.is_main)
+        bar = progress_bar(
+            len(self.batches), f"epoch {epoch + 1}/{config.epochs}", enabled=config.progress and context.is_main
+        )
         totals = torch.zeros(3, dtype=torch.float64)  # classifier and box losses times images, images
         step_losses = []
         start = time.perf_counter()
@@ -654,14 +757,21 @@ class _Run:
             images, proposals, targets = self._training_inputs(samples, plan)
             losses = self.model(images, proposals, targets)
             # DDP averages the ranks' gradients: weighted so, the average is the global batch's mean
-            loss = (losses["loss_classifier"] + losses["loss_box_reg"]) * (len(images) * context.world_size
-                                                                           / global_size)
+            loss = (losses["loss_classifier"] + losses["loss_box_reg"]) * (
+                len(images) * context.world_size / global_size
+            )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
-            sums = torch.tensor([losses["loss_classifier"].item() * len(images),
-                                 losses["loss_box_reg"].item() * len(images), len(images)], dtype=torch.float64)
+            sums = torch.tensor(
+                [
+                    losses["loss_classifier"].item() * len(images),
+                    losses["loss_box_reg"].item() * len(images),
+                    len(images),
+                ],
+                dtype=torch.float64,
+            )
             sums = distributed.all_reduce_sum(sums.to(self.device), context).cpu()
             totals += sums
             step_losses.append((sums[0] + sums[1]).item() / sums[2].item())
@@ -669,9 +779,15 @@ class _Run:
         bar.close()
         seconds = time.perf_counter() - start
         seen = totals[2].item()
-        return {"loss": (totals[0] + totals[1]).item() / seen, "loss_classifier": totals[0].item() / seen,
-                "loss_box_reg": totals[1].item() / seen, "images_per_s": seen / seconds if seconds > 0 else 0.0,
-                "seconds": seconds, "train_images": int(seen), "step_losses": step_losses}
+        return {
+            "loss": (totals[0] + totals[1]).item() / seen,
+            "loss_classifier": totals[0].item() / seen,
+            "loss_box_reg": totals[1].item() / seen,
+            "images_per_s": seen / seconds if seconds > 0 else 0.0,
+            "seconds": seconds,
+            "train_images": int(seen),
+            "step_losses": step_losses,
+        }
 
     # ---- files ------------------------------------------------------------------------------------
 
@@ -679,17 +795,42 @@ class _Run:
         if not self.context.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        common = {"format": FORMAT, "config": self.config.to_dict(), "classes": self.data.classes,
-                  "model_settings": self.settings, "model": self.net.state_dict(), "epoch": epoch_done}
+        common = {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "classes": self.data.classes,
+            "model_settings": self.settings,
+            "model": self.net.state_dict(),
+            "epoch": epoch_done,
+        }
         if improved:
             checkpoint.save({**common, "map": self.best["map"], "ap50": self.best["ap50"]}, self.out / "best.pt")
-        checkpoint.save({**common, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                         "rng": checkpoint.rng_state(self.generators), "history": self.history, "best": self.best,
-                         "world_size": self.context.world_size}, self.out / "last.pt")
-        checkpoint.write_json({"config": self.config.to_dict(), "model_settings": self.settings, "classes": self.data.classes,
-                     "world_size": self.context.world_size, "epochs": self.history, "best_epoch": self.best["epoch"],
-                     "best_map": self.best["map"], "best_ap50": self.best["ap50"],
-                     "per_class": self.best["per_class"]}, self.out / "metrics.json")
+        checkpoint.save(
+            {
+                **common,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": checkpoint.rng_state(self.generators),
+                "history": self.history,
+                "best": self.best,
+                "world_size": self.context.world_size,
+            },
+            self.out / "last.pt",
+        )
+        checkpoint.write_json(
+            {
+                "config": self.config.to_dict(),
+                "model_settings": self.settings,
+                "classes": self.data.classes,
+                "world_size": self.context.world_size,
+                "epochs": self.history,
+                "best_epoch": self.best["epoch"],
+                "best_map": self.best["map"],
+                "best_ap50": self.best["ap50"],
+                "per_class": self.best["per_class"],
+            },
+            self.out / "metrics.json",
+        )
         if plots.have_matplotlib():
             plot_detection_curves(self.history, self.out / "curves.png")
 
@@ -702,8 +843,16 @@ class _Run:
         pictures = []
         for (image, target), detection in zip(samples, found):
             shown = detection["scores"] >= self.config.score_threshold
-            pictures.append(draw_detections(image, detection["boxes"][shown], detection["labels"][shown],
-                                            detection["scores"][shown], self.data.classes, truth=target["boxes"]))
+            pictures.append(
+                draw_detections(
+                    image,
+                    detection["boxes"][shown],
+                    detection["labels"][shown],
+                    detection["scores"][shown],
+                    self.data.classes,
+                    truth=target["boxes"],
+                )
+            )
         _grid(pictures).save(self.out / "predictions.png")
 
     # ---- the run ------------------------------------------------------------------------------------
@@ -716,21 +865,41 @@ class _Run:
                 lr = self.optimizer.param_groups[0]["lr"]
                 trained = self.train_epoch(epoch)
                 started = time.perf_counter()
-                tested = evaluate_detector(self.net, self.proposals, self.data.test, self.device, config.batch_size,
-                                           self.ground_truth, self.context, config.workers)
-                entry = {"epoch": epoch + 1, **{k: v for k, v in trained.items() if k != "step_losses"}, "lr": lr,
-                         "map": tested["map"], "ap50": tested["ap50"],
-                         "eval_seconds": time.perf_counter() - started, "step_losses": trained["step_losses"]}
+                tested = evaluate_detector(
+                    self.net,
+                    self.proposals,
+                    self.data.test,
+                    self.device,
+                    config.batch_size,
+                    self.ground_truth,
+                    self.context,
+                    config.workers,
+                )
+                entry = {
+                    "epoch": epoch + 1,
+                    **{k: v for k, v in trained.items() if k != "step_losses"},
+                    "lr": lr,
+                    "map": tested["map"],
+                    "ap50": tested["ap50"],
+                    "eval_seconds": time.perf_counter() - started,
+                    "step_losses": trained["step_losses"],
+                }
                 self.history.append(entry)
                 improved = tested["map"] > self.best["map"]
                 if improved:
-                    self.best = {"epoch": epoch + 1, "map": tested["map"], "ap50": tested["ap50"],
-                                 "per_class": tested["per_class"]}
+                    self.best = {
+                        "epoch": epoch + 1,
+                        "map": tested["map"],
+                        "ap50": tested["ap50"],
+                        "per_class": tested["per_class"],
+                    }
                 self._save(epoch + 1, improved)
-                self.log(f"epoch {epoch + 1:>{width}}/{config.epochs}  loss {entry['loss']:.4f} (classifier "
-                         f"{entry['loss_classifier']:.4f}, box {entry['loss_box_reg']:.4f})  test mAP "
-                         f"{entry['map']:.4f} AP50 {entry['ap50']:.4f}  lr {lr:.4g}  {entry['images_per_s']:,.1f} img/s  "
-                         f"{format_duration(entry['seconds'])}" + ("  *best" if improved else ""))
+                self.log(
+                    f"epoch {epoch + 1:>{width}}/{config.epochs}  loss {entry['loss']:.4f} (classifier "
+                    f"{entry['loss_classifier']:.4f}, box {entry['loss_box_reg']:.4f})  test mAP "
+                    f"{entry['map']:.4f} AP50 {entry['ap50']:.4f}  lr {lr:.4g}  {entry['images_per_s']:,.1f} img/s  "
+                    f"{format_duration(entry['seconds'])}" + ("  *best" if improved else "")
+                )
             return self._finish()
         finally:
             if self.pool is not None:
@@ -742,8 +911,10 @@ class _Run:
             best_path = self.out / "best.pt"
             if self.best["epoch"] != self.history[-1]["epoch"] and best_path.is_file():
                 self.net.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
-            self.log(f"best: epoch {self.best['epoch']}, test mAP@[.5:.95] {self.best['map']:.4f}, AP50 "
-                     f"{self.best['ap50']:.4f}; per class (AP, AP50):")
+            self.log(
+                f"best: epoch {self.best['epoch']}, test mAP@[.5:.95] {self.best['map']:.4f}, AP50 "
+                f"{self.best['ap50']:.4f}; per class (AP, AP50):"
+            )
             names = max(len(name) for name in self.data.classes)
             for name, scores in self.best["per_class"].items():
                 shown = "   n/a" if scores is None else f"{scores['ap']:.4f}  {scores['ap50']:.4f}"
@@ -751,8 +922,15 @@ class _Run:
             self._predictions(detector)
             pictures = "curves.png, predictions.png" if plots.have_matplotlib() else "predictions.png"
             self.log(f"files: {self.out}/last.pt, best.pt, metrics.json, {pictures}")
-        return DetectionResult(self.history, self.best["epoch"], self.best["map"], self.best["ap50"],
-                               dict(self.best["per_class"]), detector, self.out)
+        return DetectionResult(
+            self.history,
+            self.best["epoch"],
+            self.best["map"],
+            self.best["ap50"],
+            dict(self.best["per_class"]),
+            detector,
+            self.out,
+        )
 
 
 def fit_detector(config: DetectionTrainConfig | None = None, **overrides) -> DetectionResult:

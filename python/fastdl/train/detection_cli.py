@@ -14,8 +14,21 @@ from dataclasses import dataclass
 from .cli import HelpFormatter, train_checked
 from .config import DEVICES, ConfigError
 
-__all__ = ["DetectionTrainConfig", "DetectionDataSpec", "parse_detection_data", "add_arguments", "config_from_args",
-           "run", "main", "build_parser", "DESCRIPTION", "EPILOG", "BACKBONES", "OPTIMIZERS", "DETECTION_RECIPE_FIELDS"]
+__all__ = [
+    "DetectionTrainConfig",
+    "DetectionDataSpec",
+    "parse_detection_data",
+    "add_arguments",
+    "config_from_args",
+    "run",
+    "main",
+    "build_parser",
+    "DESCRIPTION",
+    "EPILOG",
+    "BACKBONES",
+    "OPTIMIZERS",
+    "DETECTION_RECIPE_FIELDS",
+]
 
 BACKBONES = ("resnet18", "resnet50")
 OPTIMIZERS = ("sgd", "adamw")
@@ -26,9 +39,28 @@ DEFAULT_MIN_SIZE = {"voc": 600, "coco": 600, "shapes": 96}
 # The settings that decide a run's trajectory: a resumed run must keep them. --epochs, --device,
 # --workers, --out, --no-progress and --score-threshold may change.
 DETECTION_RECIPE_FIELDS = (
-    "data", "backbone", "backbone_weights", "stages", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-    "warmup_steps", "min_size", "max_size", "proposals", "jitter", "window_sizes", "window_stride", "roi_size",
-    "head_size", "flip", "seed", "limit_train", "limit_test",
+    "data",
+    "backbone",
+    "backbone_weights",
+    "stages",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "warmup_steps",
+    "min_size",
+    "max_size",
+    "proposals",
+    "jitter",
+    "window_sizes",
+    "window_stride",
+    "roi_size",
+    "head_size",
+    "flip",
+    "seed",
+    "limit_train",
+    "limit_test",
 )
 MAY_CHANGE = "--epochs, --device, --workers, --no-progress and --score-threshold"
 
@@ -52,8 +84,10 @@ def parse_detection_data(spec: str) -> DetectionDataSpec:
     kind = kind.strip().lower()
     if kind == "shapes":
         if has_paths:
-            raise ConfigError(f"--data {spec}: shapes is generated and takes no path (its sizes: --limit-train, "
-                              "--limit-test, --min-size)")
+            raise ConfigError(
+                f"--data {spec}: shapes is generated and takes no path (its sizes: --limit-train, "
+                "--limit-test, --min-size)"
+            )
         return DetectionDataSpec("shapes", ())
     if kind not in ("voc", "coco"):
         raise ConfigError(f"--data {spec}: unknown data kind {kind!r}; expected voc=PATH, coco=IMAGES,JSON or shapes")
@@ -61,8 +95,10 @@ def parse_detection_data(spec: str) -> DetectionDataSpec:
     if kind == "voc" and len(paths) != 1:
         raise ConfigError(f"--data {spec}: voc needs one folder: --data voc=PATH")
     if kind == "coco" and len(paths) not in (2, 4):
-        raise ConfigError(f"--data {spec}: coco needs IMAGES,JSON (split 80/20 into train and test) or "
-                          "IMAGES,JSON,TEST_IMAGES,TEST_JSON")
+        raise ConfigError(
+            f"--data {spec}: coco needs IMAGES,JSON (split 80/20 into train and test) or "
+            "IMAGES,JSON,TEST_IMAGES,TEST_JSON"
+        )
     for number, path in enumerate(paths):
         folder = kind == "voc" or number % 2 == 0
         if not os.path.exists(path):
@@ -162,20 +198,33 @@ class DetectionTrainConfig:
         if self.stages not in (2, 3, 4):
             raise ConfigError(f"--stages: must be 2, 3 or 4, got {self.stages!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"--optimizer: unknown optimizer {self.optimizer!r}; expected one of "
-                              f"{', '.join(OPTIMIZERS)}")
+            raise ConfigError(
+                f"--optimizer: unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}"
+            )
         if self.device not in DEVICES:
             raise ConfigError(f"--device: unknown device {self.device!r}; expected one of {', '.join(DEVICES)}")
-        for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
-                            ("--max-size", self.max_size), ("--proposals", self.proposals),
-                            ("--roi-size", self.roi_size), ("--head-size", self.head_size)):
+        for name, value in (
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--max-size", self.max_size),
+            ("--proposals", self.proposals),
+            ("--roi-size", self.roi_size),
+            ("--head-size", self.head_size),
+        ):
             _positive(name, value)
-        for name, value in (("--min-size", self.min_size), ("--window-stride", self.window_stride),
-                            ("--limit-train", self.limit_train), ("--limit-test", self.limit_test)):
+        for name, value in (
+            ("--min-size", self.min_size),
+            ("--window-stride", self.window_stride),
+            ("--limit-train", self.limit_train),
+            ("--limit-test", self.limit_test),
+        ):
             if value is not None:
                 _positive(name, value)
-        for name, value in (("--warmup-steps", self.warmup_steps), ("--jitter", self.jitter),
-                            ("--workers", self.workers)):
+        for name, value in (
+            ("--warmup-steps", self.warmup_steps),
+            ("--jitter", self.jitter),
+            ("--workers", self.workers),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}: must be an integer >= 0, got {value!r}")
         if self.image_min_size(spec) > self.max_size:
@@ -193,8 +242,10 @@ class DetectionTrainConfig:
         if not 0 <= self.score_threshold <= 1:
             raise ConfigError(f"--score-threshold: must lie in [0, 1], got {self.score_threshold}")
         if self.resume and not os.path.isfile(os.path.join(self.out, "last.pt")):
-            raise ConfigError(f"--resume: no checkpoint {os.path.join(self.out, 'last.pt')!r} (--out {self.out}); "
-                              "train without --resume first, or pass the --out folder of the run to continue")
+            raise ConfigError(
+                f"--resume: no checkpoint {os.path.join(self.out, 'last.pt')!r} (--out {self.out}); "
+                "train without --resume first, or pass the --out folder of the run to continue"
+            )
         return spec
 
     def to_dict(self) -> dict:
@@ -209,8 +260,10 @@ def _positive(name: str, value) -> None:
         raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
 
 
-DESCRIPTION = ("Train a Fast R-CNN detector (ResNet backbone, sliding-window proposals) on Pascal VOC or COCO "
-               "annotations, or on generated shapes; evaluated by COCO mAP every epoch.")
+DESCRIPTION = (
+    "Train a Fast R-CNN detector (ResNet backbone, sliding-window proposals) on Pascal VOC or COCO "
+    "annotations, or on generated shapes; evaluated by COCO mAP every epoch."
+)
 EPILOG = """examples:
   fastdl train fast-rcnn --data shapes --stages 2 --epochs 8 --out runs/shapes
   fastdl train fast-rcnn --data voc=~/data/fruits --backbone-weights resnet18.pt --epochs 20
@@ -228,66 +281,151 @@ def _fractions(text: str) -> tuple[float, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fastdl train fast-rcnn`` (the same for ``python -m fastdl.train fast-rcnn``)."""
     d = DetectionTrainConfig()
-    parser.add_argument("--data", required=True, metavar="KIND[=PATH]",
-                        help="voc=PATH (VOC folder, or a folder of images beside their .xml files), "
-                             "coco=IMAGES,JSON[,TEST_IMAGES,TEST_JSON], or shapes (generated)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="KIND[=PATH]",
+        help="voc=PATH (VOC folder, or a folder of images beside their .xml files), "
+        "coco=IMAGES,JSON[,TEST_IMAGES,TEST_JSON], or shapes (generated)",
+    )
     parser.add_argument("--backbone", default=d.backbone, metavar="|".join(BACKBONES), help="the ResNet")
-    parser.add_argument("--backbone-weights", default=None, metavar="FILE",
-                        help="ResNet weights for the backbone (a state_dict, e.g. ImageNet's saved from torchvision)")
-    parser.add_argument("--stages", type=int, default=d.stages,
-                        help="ResNet stages kept: 4 (stride 32), 3 (stride 16) or 2 (stride 8, for small images)")
+    parser.add_argument(
+        "--backbone-weights",
+        default=None,
+        metavar="FILE",
+        help="ResNet weights for the backbone (a state_dict, e.g. ImageNet's saved from torchvision)",
+    )
+    parser.add_argument(
+        "--stages",
+        type=int,
+        default=d.stages,
+        help="ResNet stages kept: 4 (stride 32), 3 (stride 16) or 2 (stride 8, for small images)",
+    )
     parser.add_argument("--epochs", type=int, default=d.epochs, help="length of the schedule")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size,
-                        help="images per step, shared by the processes under torchrun")
-    parser.add_argument("--optimizer", default=d.optimizer, metavar="|".join(OPTIMIZERS),
-                        help="SGD with momentum, or AdamW")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (default: 0.02 for sgd, 0.001 for adamw)")
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="images per step, shared by the processes under torchrun"
+    )
+    parser.add_argument(
+        "--optimizer", default=d.optimizer, metavar="|".join(OPTIMIZERS), help="SGD with momentum, or AdamW"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default: 0.02 for sgd, 0.001 for adamw)"
+    )
     parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                        help="linear warmup steps before the cosine decay")
-    parser.add_argument("--min-size", "--image-size", dest="min_size", type=int, default=None, metavar="PIXELS",
-                        help="short side of the resized images (default: 600; shapes: 96, the generated size)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps before the cosine decay"
+    )
+    parser.add_argument(
+        "--min-size",
+        "--image-size",
+        dest="min_size",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="short side of the resized images (default: 600; shapes: 96, the generated size)",
+    )
     parser.add_argument("--max-size", type=int, default=d.max_size, metavar="PIXELS", help="cap on the long side")
-    parser.add_argument("--proposals", type=int, default=d.proposals, metavar="N",
-                        help="RoIs sampled per training image for the loss (up to a quarter positive)")
-    parser.add_argument("--jitter", type=int, default=d.jitter, metavar="N",
-                        help="jittered copies of each ground-truth box added to the training proposals")
-    parser.add_argument("--window-sizes", type=_fractions, default=d.window_sizes, metavar="F,F,...",
-                        help="sliding-window sizes as fractions of --min-size (aspect ratios 0.5, 1, 2 each)")
-    parser.add_argument("--window-stride", type=int, default=None, metavar="PIXELS",
-                        help="sliding-window step (default: half the backbone's stride)")
+    parser.add_argument(
+        "--proposals",
+        type=int,
+        default=d.proposals,
+        metavar="N",
+        help="RoIs sampled per training image for the loss (up to a quarter positive)",
+    )
+    parser.add_argument(
+        "--jitter",
+        type=int,
+        default=d.jitter,
+        metavar="N",
+        help="jittered copies of each ground-truth box added to the training proposals",
+    )
+    parser.add_argument(
+        "--window-sizes",
+        type=_fractions,
+        default=d.window_sizes,
+        metavar="F,F,...",
+        help="sliding-window sizes as fractions of --min-size (aspect ratios 0.5, 1, 2 each)",
+    )
+    parser.add_argument(
+        "--window-stride",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="sliding-window step (default: half the backbone's stride)",
+    )
     parser.add_argument("--roi-size", type=int, default=d.roi_size, help="RoIAlign output grid")
     parser.add_argument("--head-size", type=int, default=d.head_size, help="width of the fc6/fc7 box head")
     parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     parser.add_argument("--device", default=d.device, metavar="|".join(DEVICES), help="auto: CUDA, else MPS, else CPU")
     parser.add_argument("--workers", type=int, default=d.workers, help="threads decoding image files")
-    parser.add_argument("--out", default=d.out, metavar="DIR",
-                        help="folder for last.pt, best.pt, metrics.json, curves.png, predictions.png")
+    parser.add_argument(
+        "--out",
+        default=d.out,
+        metavar="DIR",
+        help="folder for last.pt, best.pt, metrics.json, curves.png, predictions.png",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run saved in DIR/last.pt")
-    parser.add_argument("--seed", type=int, default=d.seed,
-                        help="fixes the initial weights, the shuffling, the augmentation and the RoI sampling")
-    parser.add_argument("--limit-train", type=int, default=None, metavar="N",
-                        help="use N training images (shapes: generate N; default 1000)")
-    parser.add_argument("--limit-test", type=int, default=None, metavar="N",
-                        help="use N test images (shapes: generate N; default 200)")
-    parser.add_argument("--score-threshold", type=float, default=d.score_threshold,
-                        help="least score of the boxes drawn in predictions.png")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar: one line per epoch (also when not printing to a terminal)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="fixes the initial weights, the shuffling, the augmentation and the RoI sampling",
+    )
+    parser.add_argument(
+        "--limit-train",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use N training images (shapes: generate N; default 1000)",
+    )
+    parser.add_argument(
+        "--limit-test", type=int, default=None, metavar="N", help="use N test images (shapes: generate N; default 200)"
+    )
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=d.score_threshold,
+        help="least score of the boxes drawn in predictions.png",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: one line per epoch (also when not printing to a terminal)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DetectionTrainConfig:
     return DetectionTrainConfig(
-        data=args.data, backbone=args.backbone, backbone_weights=args.backbone_weights, stages=args.stages,
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-        min_size=args.min_size, max_size=args.max_size, proposals=args.proposals, jitter=args.jitter,
-        window_sizes=tuple(args.window_sizes), window_stride=args.window_stride, roi_size=args.roi_size,
-        head_size=args.head_size, flip=not args.no_flip, device=args.device, workers=args.workers, out=args.out,
-        resume=args.resume, seed=args.seed, limit_train=args.limit_train, limit_test=args.limit_test,
-        progress=not args.no_progress, score_threshold=args.score_threshold,
+        data=args.data,
+        backbone=args.backbone,
+        backbone_weights=args.backbone_weights,
+        stages=args.stages,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        proposals=args.proposals,
+        jitter=args.jitter,
+        window_sizes=tuple(args.window_sizes),
+        window_stride=args.window_stride,
+        roi_size=args.roi_size,
+        head_size=args.head_size,
+        flip=not args.no_flip,
+        device=args.device,
+        workers=args.workers,
+        out=args.out,
+        resume=args.resume,
+        seed=args.seed,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        progress=not args.no_progress,
+        score_threshold=args.score_threshold,
     )
 
 

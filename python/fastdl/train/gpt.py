@@ -36,8 +36,10 @@ __all__ = ["fit_gpt", "GPTTrainConfig", "GPTTrainResult", "learning_rate", "para
 FORMAT = "fastdl.train.gpt/1"
 SAMPLE_TEMPERATURE = 0.8  # samples: a little sharper than the model's distribution, as nanoGPT's
 SAMPLE_TOP_K = 200
-MAY_CHANGE = ("--max-steps, --epochs, --eval-interval, --eval-steps, --sample-interval, --sample-tokens, --device, "
-              "--amp, --compile and --no-progress")
+MAY_CHANGE = (
+    "--max-steps, --epochs, --eval-interval, --eval-steps, --sample-interval, --sample-tokens, --device, "
+    "--amp, --compile and --no-progress"
+)
 
 
 @dataclass
@@ -113,14 +115,22 @@ class _Run:
         corpus = self._corpus(source)
         train_tokens, val_tokens = text.split_tokens(corpus.tokens, config.val_fraction)
         try:
-            self.windows = text.TokenWindows(train_tokens, config.block_size, config.batch_size,
-                                             torch.Generator().manual_seed(config.seed + 1), context.rank,
-                                             context.world_size)
-            self.val_windows = text.evaluation_windows(val_tokens, config.block_size,
-                                                       config.eval_steps * config.batch_size)
+            self.windows = text.TokenWindows(
+                train_tokens,
+                config.block_size,
+                config.batch_size,
+                torch.Generator().manual_seed(config.seed + 1),
+                context.rank,
+                context.world_size,
+            )
+            self.val_windows = text.evaluation_windows(
+                val_tokens, config.block_size, config.eval_steps * config.batch_size
+            )
         except ValueError as error:
-            raise ConfigError(f"--data {config.data} with --block-size {config.block_size} and --batch-size "
-                              f"{config.batch_size}: {error}; lower them or use a longer text") from error
+            raise ConfigError(
+                f"--data {config.data} with --block-size {config.block_size} and --batch-size "
+                f"{config.batch_size}: {error}; lower them or use a longer text"
+            ) from error
         self.max_steps = self._max_steps(saved)
         self.tokens_per_step = config.batch_size * config.grad_accum * config.block_size
 
@@ -130,23 +140,34 @@ class _Run:
         if context.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(self.compiled,
-                                               device_ids=[device.index] if device.type == "cuda" else None)
+            self.ddp = DistributedDataParallel(
+                self.compiled, device_ids=[device.index] if device.type == "cuda" else None
+            )
         # fused: one pass over each parameter and its state where the default multi-tensor step
         # makes several; torch's fastest AdamW on the CPU as on CUDA
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.net, config.weight_decay), lr=config.lr,
-                                           betas=(config.beta1, config.beta2), fused=device.type in ("cpu", "cuda"))
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.net, config.weight_decay),
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
+            fused=device.type in ("cpu", "cuda"),
+        )
 
         parameters = sum(p.numel() for p in self.net.parameters())
-        self.log(f"fastdl train gpt: {parameters / 1e6:.2f}M parameters ({self._model_name()}) on {device}"
-                 + (f", {context.world_size} processes" if context.distributed else ""))
-        self.log(f"data: {config.data}: {corpus.documents:,} documents, {corpus.characters:,} characters -> "
-                 f"{corpus.tokens.numel():,} tokens ({config.tokenizer}); train {train_tokens.numel():,}, validation "
-                 f"{val_tokens.numel():,} ({len(self.val_windows)} windows evaluated)"
-                 + (f"; skipped {len(corpus.skipped)} binary or non-UTF-8 files" if corpus.skipped else ""))
-        self.log(f"{self.max_steps} steps of {self.tokens_per_step:,} tokens ({config.batch_size} x "
-                 f"{config.grad_accum} windows of {config.block_size}); an epoch is "
-                 f"{self.windows.batches_per_epoch / config.grad_accum:.4g} steps")
+        self.log(
+            f"fastdl train gpt: {parameters / 1e6:.2f}M parameters ({self._model_name()}) on {device}"
+            + (f", {context.world_size} processes" if context.distributed else "")
+        )
+        self.log(
+            f"data: {config.data}: {corpus.documents:,} documents, {corpus.characters:,} characters -> "
+            f"{corpus.tokens.numel():,} tokens ({config.tokenizer}); train {train_tokens.numel():,}, validation "
+            f"{val_tokens.numel():,} ({len(self.val_windows)} windows evaluated)"
+            + (f"; skipped {len(corpus.skipped)} binary or non-UTF-8 files" if corpus.skipped else "")
+        )
+        self.log(
+            f"{self.max_steps} steps of {self.tokens_per_step:,} tokens ({config.batch_size} x "
+            f"{config.grad_accum} windows of {config.block_size}); an epoch is "
+            f"{self.windows.batches_per_epoch / config.grad_accum:.4g} steps"
+        )
 
         self.evals: list[dict] = []
         self.step_losses: list[float] = []
@@ -201,25 +222,32 @@ class _Run:
         overrides = {} if config.dropout is None else {"dropout": config.dropout}
         if config.init is None:
             try:
-                model_config = GPTConfig.from_name(config.config, vocab_size=vocab_size, n_ctx=config.block_size,
-                                                   **overrides)
+                model_config = GPTConfig.from_name(
+                    config.config, vocab_size=vocab_size, n_ctx=config.block_size, **overrides
+                )
             except ValueError as error:
                 raise ConfigError(f"--config {config.config}: {error}") from error
             preset_vocab = GPTConfig.from_name(config.config).vocab_size
             if preset_vocab != vocab_size:
-                self.log(f"note: --config {config.config} has vocab_size {preset_vocab}; the model takes --tokenizer "
-                         f"{config.tokenizer}'s {vocab_size}")
+                self.log(
+                    f"note: --config {config.config} has vocab_size {preset_vocab}; the model takes --tokenizer "
+                    f"{config.tokenizer}'s {vocab_size}"
+                )
             return GPT(model_config)
         try:
             model = GPT.from_pretrained(os.path.expanduser(config.init), **overrides)
         except (OSError, ValueError) as error:
             raise ConfigError(f"--init {config.init}: {error}") from error
         if model.config.vocab_size < vocab_size:
-            raise ConfigError(f"--init {config.init}: the model's vocab_size {model.config.vocab_size} is smaller than "
-                              f"--tokenizer {config.tokenizer}'s {vocab_size}")
+            raise ConfigError(
+                f"--init {config.init}: the model's vocab_size {model.config.vocab_size} is smaller than "
+                f"--tokenizer {config.tokenizer}'s {vocab_size}"
+            )
         if model.config.block_size < config.block_size:
-            raise ConfigError(f"--block-size {config.block_size}: --init {config.init} holds positions for "
-                              f"{model.config.block_size} tokens")
+            raise ConfigError(
+                f"--block-size {config.block_size}: --init {config.init} holds positions for "
+                f"{model.config.block_size} tokens"
+            )
         return model
 
     # ---- resume ---------------------------------------------------------------------------------
@@ -234,8 +262,10 @@ class _Run:
         """Continue where ``saved`` stopped: weights, optimiser, windows and random states."""
         path = self.out / "last.pt"
         if saved["step"] >= self.max_steps:
-            raise ConfigError(f"--resume: {path} has already trained {saved['step']} of {self.max_steps} steps; "
-                              "raise --max-steps (or --epochs) to train further")
+            raise ConfigError(
+                f"--resume: {path} has already trained {saved['step']} of {self.max_steps} steps; "
+                "raise --max-steps (or --epochs) to train further"
+            )
         self.net.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.windows.load_state_dict(saved["windows"])
@@ -244,8 +274,10 @@ class _Run:
         self.evals, self.samples = list(saved["evals"]), list(saved["samples"])
         self.step_losses, self.step_lrs = list(saved["step_losses"]), list(saved["step_lrs"])
         self.step_grad_norms = list(saved["step_grad_norms"])
-        self.log(f"resumed {path} after step {self.step} (best validation loss {self.best['val_loss']:.4f} at step "
-                 f"{self.best['step']})")
+        self.log(
+            f"resumed {path} after step {self.step} (best validation loss {self.best['val_loss']:.4f} at step "
+            f"{self.best['step']})"
+        )
 
     # ---- one step, an evaluation, a sample -------------------------------------------------------
 
@@ -308,15 +340,18 @@ class _Run:
         length = min(self.config.sample_tokens, self.net.config.n_ctx - 1)
         prompt = torch.tensor([[self.tokenizer.eot_token]], device=self.device)
         generator = torch.Generator(self.device).manual_seed(self.config.seed + self.step)
-        ids = self.net.generate(prompt, length, temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K,
-                                generator=generator)
+        ids = self.net.generate(prompt, length, temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, generator=generator)
         return self.tokenizer.decode(ids[0, 1:].tolist())
 
     # ---- files -------------------------------------------------------------------------------------
 
     def _common(self) -> dict:
-        return {"format": FORMAT, "config": self.config.to_dict(), "model_config": dataclasses.asdict(self.net.config),
-                "step": self.step}
+        return {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "model_config": dataclasses.asdict(self.net.config),
+            "step": self.step,
+        }
 
     def _save(self, improved: bool) -> None:
         if not self.context.is_main:
@@ -324,26 +359,50 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         state = self.net.state_dict()
         if improved:
-            checkpoint.save({**self._common(), "model": state, "val_loss": self.best["val_loss"]},
-                            self.out / "best.pt")
-        checkpoint.save({
-            **self._common(), "model": state, "optimizer": self.optimizer.state_dict(),
-            "windows": self.windows.state_dict(), "rng": checkpoint.rng_state({}), "max_steps": self.max_steps,
-            "evals": self.evals, "samples": self.samples, "step_losses": self.step_losses, "step_lrs": self.step_lrs,
-            "step_grad_norms": self.step_grad_norms, "best": self.best, "world_size": self.context.world_size,
-        }, self.out / "last.pt")
-        checkpoint.write_json({
-            "config": self.config.to_dict(), "model_config": dataclasses.asdict(self.net.config),
-            "world_size": self.context.world_size, "max_steps": self.max_steps,
-            "tokens_per_step": self.tokens_per_step, "best_step": self.best["step"],
-            "best_val_loss": self.best["val_loss"], "evals": self.evals, "samples": self.samples,
-            "step_losses": self.step_losses, "step_lrs": self.step_lrs, "step_grad_norms": self.step_grad_norms,
-        }, self.out / "metrics.json")
+            checkpoint.save({**self._common(), "model": state, "val_loss": self.best["val_loss"]}, self.out / "best.pt")
+        checkpoint.save(
+            {
+                **self._common(),
+                "model": state,
+                "optimizer": self.optimizer.state_dict(),
+                "windows": self.windows.state_dict(),
+                "rng": checkpoint.rng_state({}),
+                "max_steps": self.max_steps,
+                "evals": self.evals,
+                "samples": self.samples,
+                "step_losses": self.step_losses,
+                "step_lrs": self.step_lrs,
+                "step_grad_norms": self.step_grad_norms,
+                "best": self.best,
+                "world_size": self.context.world_size,
+            },
+            self.out / "last.pt",
+        )
+        checkpoint.write_json(
+            {
+                "config": self.config.to_dict(),
+                "model_config": dataclasses.asdict(self.net.config),
+                "world_size": self.context.world_size,
+                "max_steps": self.max_steps,
+                "tokens_per_step": self.tokens_per_step,
+                "best_step": self.best["step"],
+                "best_val_loss": self.best["val_loss"],
+                "evals": self.evals,
+                "samples": self.samples,
+                "step_losses": self.step_losses,
+                "step_lrs": self.step_lrs,
+                "step_grad_norms": self.step_grad_norms,
+            },
+            self.out / "metrics.json",
+        )
         if plots.have_matplotlib():
-            plots.plot_loss_curves({
-                "train (each step)": (list(range(1, len(self.step_losses) + 1)), self.step_losses),
-                "validation": ([e["step"] for e in self.evals], [e["val_loss"] for e in self.evals]),
-            }, self.out / "curves.png")
+            plots.plot_loss_curves(
+                {
+                    "train (each step)": (list(range(1, len(self.step_losses) + 1)), self.step_losses),
+                    "validation": ([e["step"] for e in self.evals], [e["val_loss"] for e in self.evals]),
+                },
+                self.out / "curves.png",
+            )
 
     def _record_sample(self) -> None:
         sample = self.sample()
@@ -351,28 +410,40 @@ class _Run:
         self.log(f"sample at step {self.step}:\n{sample}\n")
         if self.context.is_main:  # rewritten whole, so a resumed run does not repeat lost samples
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "samples.txt").write_text("".join(f"=== step {s['step']}\n{s['text']}\n\n"
-                                                          for s in self.samples), encoding="utf-8")
+            (self.out / "samples.txt").write_text(
+                "".join(f"=== step {s['step']}\n{s['text']}\n\n" for s in self.samples), encoding="utf-8"
+            )
 
     # ---- the run ----------------------------------------------------------------------------------
 
     def _evaluate_and_save(self, train_losses: list[float], seconds: float) -> None:
         val_loss = self.evaluate()
-        entry = {"step": self.step, "val_loss": val_loss,
-                 "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
-                 "lr": self.step_lrs[-1] if self.step_lrs else None, "tokens": self.step * self.tokens_per_step,
-                 "tokens_per_s": len(train_losses) * self.tokens_per_step / seconds if seconds > 0 else None,
-                 "seconds": seconds}
+        entry = {
+            "step": self.step,
+            "val_loss": val_loss,
+            "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
+            "lr": self.step_lrs[-1] if self.step_lrs else None,
+            "tokens": self.step * self.tokens_per_step,
+            "tokens_per_s": len(train_losses) * self.tokens_per_step / seconds if seconds > 0 else None,
+            "seconds": seconds,
+        }
         self.evals.append(entry)
         improved = val_loss < self.best["val_loss"]
         if improved:
             self.best = {"step": self.step, "val_loss": val_loss}
         width = len(str(self.max_steps))
-        trained = "" if entry["train_loss"] is None else (
-            f"  train loss {entry['train_loss']:.4f}  lr {entry['lr']:.3g}  {entry['tokens_per_s']:,.0f} tok/s  "
-            f"{format_duration(seconds)}")
-        self.log(f"step {self.step:>{width}}/{self.max_steps}  val loss {val_loss:.4f}{trained}"
-                 + ("  *best" if improved and self.step > 0 else ""))
+        trained = (
+            ""
+            if entry["train_loss"] is None
+            else (
+                f"  train loss {entry['train_loss']:.4f}  lr {entry['lr']:.3g}  {entry['tokens_per_s']:,.0f} tok/s  "
+                f"{format_duration(seconds)}"
+            )
+        )
+        self.log(
+            f"step {self.step:>{width}}/{self.max_steps}  val loss {val_loss:.4f}{trained}"
+            + ("  *best" if improved and self.step > 0 else "")
+        )
         if self.step > 0:
             self._save(improved)
 
@@ -391,8 +462,12 @@ class _Run:
         losses, seconds = [], 0.0  # of the steps since the last evaluation
         while self.step < self.max_steps:
             stop = self._next_stop()
-            bar = progress_bar(stop - self.step, f"steps {self.step + 1}-{stop}",
-                               enabled=config.progress and self.context.is_main, unit="tok")
+            bar = progress_bar(
+                stop - self.step,
+                f"steps {self.step + 1}-{stop}",
+                enabled=config.progress and self.context.is_main,
+                unit="tok",
+            )
             start = time.perf_counter()
             while self.step < stop:
                 losses.append(self.train_step()[0])
@@ -405,11 +480,24 @@ class _Run:
             if self.step % config.eval_interval == 0 or last:
                 self._evaluate_and_save(losses, seconds)
                 losses, seconds = [], 0.0
-        self.log(f"best validation loss {self.best['val_loss']:.4f} at step {self.best['step']}; files: {self.out}/"
-                 "last.pt, best.pt, metrics.json" + (", curves.png" if plots.have_matplotlib() else "")
-                 + (", samples.txt" if self.samples else ""))
-        return GPTTrainResult(self.evals, self.step_losses, self.step_lrs, self.step_grad_norms, self.samples,
-                              self.best["step"], self.best["val_loss"], self.max_steps, self.net, self.out)
+        self.log(
+            f"best validation loss {self.best['val_loss']:.4f} at step {self.best['step']}; files: {self.out}/"
+            "last.pt, best.pt, metrics.json"
+            + (", curves.png" if plots.have_matplotlib() else "")
+            + (", samples.txt" if self.samples else "")
+        )
+        return GPTTrainResult(
+            self.evals,
+            self.step_losses,
+            self.step_lrs,
+            self.step_grad_norms,
+            self.samples,
+            self.best["step"],
+            self.best["val_loss"],
+            self.max_steps,
+            self.net,
+            self.out,
+        )
 
 
 def fit_gpt(config: GPTTrainConfig | None = None, **overrides) -> GPTTrainResult:

@@ -18,19 +18,47 @@ from dataclasses import dataclass
 from .cli import HelpFormatter, train_checked
 from .config import DEVICES, ConfigError
 
-__all__ = ["GPTTrainConfig", "TOKENIZERS", "RECIPE_FIELDS", "DEFAULT_MAX_STEPS", "add_arguments",
-           "config_from_args", "run", "build_parser", "main"]
+__all__ = [
+    "GPTTrainConfig",
+    "TOKENIZERS",
+    "RECIPE_FIELDS",
+    "DEFAULT_MAX_STEPS",
+    "add_arguments",
+    "config_from_args",
+    "run",
+    "build_parser",
+    "main",
+]
 
 TOKENIZERS = ("bytes", "gpt2")
 DEFAULT_MAX_STEPS = 2000  # when neither --max-steps nor --epochs is given
 
 # The fields that decide the trajectory: a resumed run must keep them. The others (the length,
 # the evaluation and sampling cadence, device, amp, compile, progress) may change.
-RECIPE_FIELDS = ("data", "config", "init", "tokenizer", "block_size", "batch_size", "grad_accum", "lr", "min_lr",
-                 "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "dropout", "val_fraction", "seed")
+RECIPE_FIELDS = (
+    "data",
+    "config",
+    "init",
+    "tokenizer",
+    "block_size",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "dropout",
+    "val_fraction",
+    "seed",
+)
 
-DESCRIPTION = ("Train a GPT-2 language model: AdamW, linear warmup then cosine decay, gradient clipping and "
-               "accumulation, periodic validation loss and samples.")
+DESCRIPTION = (
+    "Train a GPT-2 language model: AdamW, linear warmup then cosine decay, gradient clipping and "
+    "accumulation, periodic validation loss and samples."
+)
 EPILOG = """examples:
   fastdl train gpt --data pydoc --config bytes-tiny --tokenizer bytes --max-steps 2000
   fastdl train gpt --data text=~/books --tokenizer gpt2 --block-size 512 --batch-size 16 --grad-accum 4
@@ -133,8 +161,10 @@ class GPTTrainConfig:
         if self.init is not None and not os.path.isdir(os.path.expanduser(self.init)):
             raise ConfigError(f"--init: {self.init!r} is not a folder (a Hugging Face GPT-2 checkpoint folder)")
         if self.tokenizer not in TOKENIZERS and not os.path.exists(os.path.expanduser(str(self.tokenizer))):
-            raise ConfigError(f"--tokenizer: unknown tokenizer {self.tokenizer!r}; expected bytes or gpt2, or the "
-                              "path of a vocabulary (vocab.json, a .tiktoken file, or a folder with one)")
+            raise ConfigError(
+                f"--tokenizer: unknown tokenizer {self.tokenizer!r}; expected bytes or gpt2, or the "
+                "path of a vocabulary (vocab.json, a .tiktoken file, or a folder with one)"
+            )
         if self.device not in DEVICES:
             raise ConfigError(f"--device: unknown device {self.device!r}; expected one of {', '.join(DEVICES)}")
         for name in ("block_size", "batch_size", "grad_accum", "eval_interval", "eval_steps", "sample_tokens"):
@@ -163,8 +193,10 @@ class GPTTrainConfig:
         if self.resume:
             last = os.path.join(self.out, "last.pt")
             if not os.path.isfile(last):
-                raise ConfigError(f"--resume: no checkpoint {last!r} (--out {self.out}); train without --resume "
-                                  "first, or pass the --out folder of the run to continue")
+                raise ConfigError(
+                    f"--resume: no checkpoint {last!r} (--out {self.out}); train without --resume "
+                    "first, or pass the --out folder of the run to continue"
+                )
         return source
 
     def to_dict(self) -> dict:
@@ -197,44 +229,89 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fastdl train gpt`` (the parser needs :class:`HelpFormatter` to show defaults)."""
     defaults = GPTTrainConfig()
     add = parser.add_argument
-    add("--data", default=defaults.data, metavar="text=PATH|pydoc",
-        help="a UTF-8 text file or a folder of them, or pydoc: CPython's help topics (about 460 KB, offline)")
+    add(
+        "--data",
+        default=defaults.data,
+        metavar="text=PATH|pydoc",
+        help="a UTF-8 text file or a folder of them, or pydoc: CPython's help topics (about 460 KB, offline)",
+    )
     add("--config", default=defaults.config, metavar="PRESET", help="model preset of GPTConfig.from_name")
     add("--init", default=None, metavar="HF_DIR", help="start from a Hugging Face GPT-2 folder's weights")
-    add("--tokenizer", default=defaults.tokenizer, metavar="bytes|gpt2|PATH",
+    add(
+        "--tokenizer",
+        default=defaults.tokenizer,
+        metavar="bytes|gpt2|PATH",
         help="bytes: the UTF-8 bytes and an end-of-text token; gpt2: GPT-2's BPE; PATH: a vocab.json or .tiktoken "
-             "file (or a folder with one, such as a Hugging Face model's)")
+        "file (or a folder with one, such as a Hugging Face model's)",
+    )
     add("--block-size", type=int, default=defaults.block_size, metavar="T", help="tokens per training window")
-    add("--batch-size", type=int, default=defaults.batch_size, metavar="B",
-        help="windows per micro-step, shared by the processes under torchrun")
+    add(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        metavar="B",
+        help="windows per micro-step, shared by the processes under torchrun",
+    )
     add("--grad-accum", type=int, default=defaults.grad_accum, metavar="K", help="micro-steps per optimiser step")
-    add("--max-steps", type=int, default=None, metavar="N",
-        help=f"optimiser steps to train (default {DEFAULT_MAX_STEPS}, unless --epochs)")
+    add(
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"optimiser steps to train (default {DEFAULT_MAX_STEPS}, unless --epochs)",
+    )
     add("--epochs", type=int, default=None, metavar="E", help="passes over the training split instead of --max-steps")
     add("--lr", type=float, default=defaults.lr, help="peak learning rate, reached after the warmup")
     add("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine")
     add("--warmup-steps", type=int, default=defaults.warmup_steps, metavar="N", help="steps of linear warmup")
-    add("--weight-decay", type=float, default=defaults.weight_decay,
-        help="AdamW weight decay of the 2-D parameters (matrices, embeddings)")
+    add(
+        "--weight-decay",
+        type=float,
+        default=defaults.weight_decay,
+        help="AdamW weight decay of the 2-D parameters (matrices, embeddings)",
+    )
     add("--beta1", type=float, default=defaults.beta1, help="AdamW beta1")
     add("--beta2", type=float, default=defaults.beta2, help="AdamW beta2")
     add("--grad-clip", type=float, default=defaults.grad_clip, help="largest gradient norm (0: no clipping)")
     add("--dropout", type=float, default=None, help="dropout probability (default: the preset's)")
-    add("--val-fraction", type=float, default=defaults.val_fraction,
-        help="share of the token stream, at its end, kept for validation")
-    add("--eval-interval", type=int, default=defaults.eval_interval, metavar="N",
-        help="steps between validations and checkpoints")
-    add("--eval-steps", type=int, default=defaults.eval_steps, metavar="N",
-        help="validation micro-batches of --batch-size windows (at most the whole split)")
-    add("--sample-interval", type=int, default=defaults.sample_interval, metavar="N",
-        help="steps between printed samples (0: none)")
+    add(
+        "--val-fraction",
+        type=float,
+        default=defaults.val_fraction,
+        help="share of the token stream, at its end, kept for validation",
+    )
+    add(
+        "--eval-interval",
+        type=int,
+        default=defaults.eval_interval,
+        metavar="N",
+        help="steps between validations and checkpoints",
+    )
+    add(
+        "--eval-steps",
+        type=int,
+        default=defaults.eval_steps,
+        metavar="N",
+        help="validation micro-batches of --batch-size windows (at most the whole split)",
+    )
+    add(
+        "--sample-interval",
+        type=int,
+        default=defaults.sample_interval,
+        metavar="N",
+        help="steps between printed samples (0: none)",
+    )
     add("--sample-tokens", type=int, default=defaults.sample_tokens, metavar="N", help="tokens per sample")
     add("--amp", action="store_true", help="bfloat16 autocast where supported (CPU, CUDA with bfloat16)")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--device", default=defaults.device, metavar="|".join(DEVICES), help="auto: CUDA, else MPS, else CPU")
     add("--seed", type=int, default=defaults.seed, help="fixes the initial weights, the windows, dropout, samples")
-    add("--out", default=defaults.out, metavar="DIR",
-        help="folder for last.pt, best.pt, metrics.json, curves.png, samples.txt")
+    add(
+        "--out",
+        default=defaults.out,
+        metavar="DIR",
+        help="folder for last.pt, best.pt, metrics.json, curves.png, samples.txt",
+    )
     add("--resume", action="store_true", help="continue the run saved in DIR/last.pt")
     add("--no-progress", action="store_true", help="no progress bar: one line per evaluation")
 

@@ -69,8 +69,9 @@ def resolve_device(name: str, context: distributed.Context) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: torch sees no CUDA device (use --device cpu or auto)")
         if context.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"--device cuda: LOCAL_RANK {context.local_rank} but only "
-                              f"{torch.cuda.device_count()} CUDA devices")
+            raise ConfigError(
+                f"--device cuda: LOCAL_RANK {context.local_rank} but only {torch.cuda.device_count()} CUDA devices"
+            )
         return torch.device("cuda", context.local_rank)
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: torch sees no MPS device (use --device cpu or auto)")
@@ -117,34 +118,47 @@ class _Run:
                 "images of every global batch (BatchNorm)"
             )
         saved = self._resumable() if config.resume else None  # checked before the slow steps
-        self.log(f"fastdl train: {config.model} on {device}"
-                 + (f", {context.world_size} processes" if context.distributed else ""))
+        self.log(
+            f"fastdl train: {config.model} on {device}"
+            + (f", {context.world_size} processes" if context.distributed else "")
+        )
 
         # the seed fixes the initial weights (torch's global generator) and the data's own streams
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed % 2**32)
-        self.generators = {"shuffle": torch.Generator().manual_seed(config.seed + 1),
-                           "augment": torch.Generator().manual_seed(config.seed + 2)}
+        self.generators = {
+            "shuffle": torch.Generator().manual_seed(config.seed + 1),
+            "augment": torch.Generator().manual_seed(config.seed + 2),
+        }
 
         self.data: TrainData = load_data(spec, config.limit_train, config.limit_test, config.workers)
         self.log(describe(self.data, spec))
         network = build_model(config.model, len(self.data.classes), self.data.in_channels, self.data.small_input)
-        self.net, self.model = wrap_model(network, device, context, config.sync_bn, config.channels_last,
-                                          config.compile)
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.net, self.model = wrap_model(
+            network, device, context, config.sync_bn, config.channels_last, config.compile
+        )
+        self.optimizer = torch.optim.SGD(
+            self.net.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_factor(config.epochs))
         use_scaler = config.amp and device.type in ("cuda", "mps")
         self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
-        train_batches = TensorBatches(self.data.train, config.batch_size, shuffle=True,
-                                      generator=self.generators["shuffle"],
-                                      transform=self.data.train_transform(self.generators["augment"]), device=device)
+        train_batches = TensorBatches(
+            self.data.train,
+            config.batch_size,
+            shuffle=True,
+            generator=self.generators["shuffle"],
+            transform=self.data.train_transform(self.generators["augment"]),
+            device=device,
+        )
         self.batches = distributed.ShardedBatches(train_batches, context, min_per_rank=2)
         if len(self.batches) == 0:
-            raise ConfigError(f"--data {config.data}: {len(self.data.train)} training images give no batch of at "
-                              f"least 2 images per process (see --limit-train)")
+            raise ConfigError(
+                f"--data {config.data}: {len(self.data.train)} training images give no batch of at "
+                f"least 2 images per process (see --limit-train)"
+            )
 
         self.history: list[dict] = []
         self.best = {"epoch": 0, "test_acc": -1.0, "per_class": {}}
@@ -168,8 +182,10 @@ class _Run:
         checkpoint.check_same_recipe(saved["config"], self.config, path)
         done = saved["epoch"]
         if done >= self.config.epochs:
-            raise ConfigError(f"--resume: {path} has already trained {done} epochs of --epochs {self.config.epochs}; "
-                              "raise --epochs to train further")
+            raise ConfigError(
+                f"--resume: {path} has already trained {done} epochs of --epochs {self.config.epochs}; "
+                "raise --epochs to train further"
+            )
         if saved["stopped_early"] and should_stop(saved["history"], saved["best"]["epoch"], self.config.patience):
             raise ConfigError(
                 f"--resume: {path} stopped early at epoch {done} (no better test accuracy since epoch "
@@ -190,16 +206,19 @@ class _Run:
             self.scaler.load_state_dict(saved["scaler"])
         checkpoint.restore_rng_state(saved["rng"], self.generators)
         self.history, self.best, self.start_epoch = list(saved["history"]), dict(saved["best"]), done
-        self.log(f"resumed {path} after epoch {done} (best test accuracy {100 * self.best['test_acc']:.2f}% "
-                 f"at epoch {self.best['epoch']})")
+        self.log(
+            f"resumed {path} after epoch {done} (best test accuracy {100 * self.best['test_acc']:.2f}% "
+            f"at epoch {self.best['epoch']})"
+        )
 
     # ---- one epoch --------------------------------------------------------------------------------
 
     def train_epoch(self, epoch: int) -> dict:
         config, device, context = self.config, self.device, self.context
         self.model.train()
-        bar = progress_bar(len(self.batches), f"epoch {epoch + 1}/{config.epochs}",
-                           enabled=config.progress and context.is_main)
+        bar = progress_bar(
+            len(self.batches), f"epoch {epoch + 1}/{config.epochs}", enabled=config.progress and context.is_main
+        )
         loss_total = correct_total = seen = 0.0
         step_losses = []
         start = time.perf_counter()
@@ -220,17 +239,26 @@ class _Run:
                 loss.backward()
                 self.optimizer.step()
             correct = (logits.detach().argmax(1) == labels).sum()
-            sums = torch.stack([loss_sum.detach().double(), correct.double(),
-                                torch.tensor(labels.numel(), dtype=torch.float64, device=labels.device)])
+            sums = torch.stack(
+                [
+                    loss_sum.detach().double(),
+                    correct.double(),
+                    torch.tensor(labels.numel(), dtype=torch.float64, device=labels.device),
+                ]
+            )
             batch_loss, batch_correct, batch_seen = distributed.all_reduce_sum(sums, context).tolist()
             loss_total, correct_total, seen = loss_total + batch_loss, correct_total + batch_correct, seen + batch_seen
             step_losses.append(batch_loss / batch_seen)
             bar.update(int(batch_seen), loss_total / seen, correct_total / seen)
         bar.close()
         seconds = time.perf_counter() - start
-        return {"train_loss": loss_total / max(seen, 1), "train_acc": correct_total / max(seen, 1),
-                "images_per_s": seen / seconds if seconds > 0 else 0.0, "step_losses": step_losses,
-                "train_seconds": seconds}
+        return {
+            "train_loss": loss_total / max(seen, 1),
+            "train_acc": correct_total / max(seen, 1),
+            "images_per_s": seen / seconds if seconds > 0 else 0.0,
+            "step_losses": step_losses,
+            "train_seconds": seconds,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -256,10 +284,15 @@ class _Run:
             sums[2 + num_classes :] += torch.bincount(labels, minlength=num_classes).double()
         sums = distributed.all_reduce_sum(sums, context).cpu()
         per_class_correct, per_class_count = sums[2 : 2 + num_classes], sums[2 + num_classes :]
-        per_class = {name: (per_class_correct[i] / per_class_count[i]).item() if per_class_count[i] > 0 else None
-                     for i, name in enumerate(self.data.classes)}
-        return {"test_loss": (sums[0] / len(test)).item(), "test_acc": (sums[1] / len(test)).item(),
-                "per_class": per_class}
+        per_class = {
+            name: (per_class_correct[i] / per_class_count[i]).item() if per_class_count[i] > 0 else None
+            for i, name in enumerate(self.data.classes)
+        }
+        return {
+            "test_loss": (sums[0] / len(test)).item(),
+            "test_acc": (sums[1] / len(test)).item(),
+            "per_class": per_class,
+        }
 
     # ---- files -------------------------------------------------------------------------------------
 
@@ -268,29 +301,53 @@ class _Run:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         state = self.net.state_dict()
-        common = {"format": checkpoint.FORMAT, "config": self.config.to_dict(), "classes": self.data.classes,
-                  "mean": list(self.data.mean), "std": list(self.data.std), "in_channels": self.data.in_channels,
-                  "small_input": self.data.small_input}
+        common = {
+            "format": checkpoint.FORMAT,
+            "config": self.config.to_dict(),
+            "classes": self.data.classes,
+            "mean": list(self.data.mean),
+            "std": list(self.data.std),
+            "in_channels": self.data.in_channels,
+            "small_input": self.data.small_input,
+        }
         if improved:
-            checkpoint.save({**common, "model": state, "epoch": epoch_done, "test_acc": self.best["test_acc"]},
-                            self.out / "best.pt")
-        checkpoint.save({
-            **common, "model": state, "epoch": epoch_done, "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": checkpoint.rng_state(self.generators), "history": self.history, "best": self.best,
-            "stopped_early": self.stopped_early, "world_size": self.context.world_size,
-        }, self.out / "last.pt")
+            checkpoint.save(
+                {**common, "model": state, "epoch": epoch_done, "test_acc": self.best["test_acc"]}, self.out / "best.pt"
+            )
+        checkpoint.save(
+            {
+                **common,
+                "model": state,
+                "epoch": epoch_done,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": checkpoint.rng_state(self.generators),
+                "history": self.history,
+                "best": self.best,
+                "stopped_early": self.stopped_early,
+                "world_size": self.context.world_size,
+            },
+            self.out / "last.pt",
+        )
         self._write_metrics()
         if plots.have_matplotlib():
             plots.plot_curves(self.history, self.out / "curves.png")
 
     def _write_metrics(self) -> None:
-        checkpoint.write_json({
-            "config": self.config.to_dict(), "classes": self.data.classes, "world_size": self.context.world_size,
-            "epochs": self.history, "best_epoch": self.best["epoch"], "best_test_acc": self.best["test_acc"],
-            "per_class_accuracy": self.best["per_class"], "stopped_early": self.stopped_early,
-        }, self.out / "metrics.json")
+        checkpoint.write_json(
+            {
+                "config": self.config.to_dict(),
+                "classes": self.data.classes,
+                "world_size": self.context.world_size,
+                "epochs": self.history,
+                "best_epoch": self.best["epoch"],
+                "best_test_acc": self.best["test_acc"],
+                "per_class_accuracy": self.best["per_class"],
+                "stopped_early": self.stopped_early,
+            },
+            self.out / "metrics.json",
+        )
 
     def _predictions(self) -> None:
         """predictions.png from the best weights (now loaded into ``net``)."""
@@ -302,8 +359,9 @@ class _Run:
             if self.config.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             predicted = self.net(batch).argmax(1).cpu().tolist()
-        plots.plot_predictions(images, predicted, test.labels[:PREDICTION_IMAGES].tolist(), self.data.classes,
-                               self.out / "predictions.png")
+        plots.plot_predictions(
+            images, predicted, test.labels[:PREDICTION_IMAGES].tolist(), self.data.classes, self.out / "predictions.png"
+        )
 
     # ---- the run ----------------------------------------------------------------------------------
 
@@ -315,10 +373,17 @@ class _Run:
             trained = self.train_epoch(epoch)
             tested = self.evaluate()
             self.scheduler.step()
-            entry = {"epoch": epoch + 1, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"],
-                     "test_loss": tested["test_loss"], "test_acc": tested["test_acc"], "lr": lr,
-                     "images_per_s": trained["images_per_s"], "seconds": trained["train_seconds"],
-                     "step_losses": trained["step_losses"]}
+            entry = {
+                "epoch": epoch + 1,
+                "train_loss": trained["train_loss"],
+                "train_acc": trained["train_acc"],
+                "test_loss": tested["test_loss"],
+                "test_acc": tested["test_acc"],
+                "lr": lr,
+                "images_per_s": trained["images_per_s"],
+                "seconds": trained["train_seconds"],
+                "step_losses": trained["step_losses"],
+            }
             self.history.append(entry)
             improved = tested["test_acc"] > self.best["test_acc"]
             if improved:
@@ -326,13 +391,17 @@ class _Run:
             last_epoch = epoch + 1 == config.epochs
             self.stopped_early = not last_epoch and should_stop(self.history, self.best["epoch"], config.patience)
             self._save(epoch + 1, improved)
-            self.log(f"epoch {epoch + 1:>{width}}/{config.epochs}  train loss {entry['train_loss']:.4f} "
-                     f"acc {100 * entry['train_acc']:5.1f}%  test loss {entry['test_loss']:.4f} "
-                     f"acc {100 * entry['test_acc']:5.1f}%  lr {lr:.4g}  {entry['images_per_s']:,.0f} img/s  "
-                     f"{format_duration(entry['seconds'])}" + ("  *best" if improved else ""))
+            self.log(
+                f"epoch {epoch + 1:>{width}}/{config.epochs}  train loss {entry['train_loss']:.4f} "
+                f"acc {100 * entry['train_acc']:5.1f}%  test loss {entry['test_loss']:.4f} "
+                f"acc {100 * entry['test_acc']:5.1f}%  lr {lr:.4g}  {entry['images_per_s']:,.0f} img/s  "
+                f"{format_duration(entry['seconds'])}" + ("  *best" if improved else "")
+            )
             if self.stopped_early:
-                self.log(f"early stop: no better test accuracy for {config.patience} epochs "
-                         f"(best {100 * self.best['test_acc']:.2f}% at epoch {self.best['epoch']})")
+                self.log(
+                    f"early stop: no better test accuracy for {config.patience} epochs "
+                    f"(best {100 * self.best['test_acc']:.2f}% at epoch {self.best['epoch']})"
+                )
                 break
         return self._finish()
 
@@ -341,8 +410,10 @@ class _Run:
             best_path = self.out / "best.pt"
             if self.best["epoch"] != self.history[-1]["epoch"] and best_path.is_file():
                 self.net.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
-            self.log(f"best: epoch {self.best['epoch']}, test accuracy {100 * self.best['test_acc']:.2f}%; "
-                     "per-class test accuracy:")
+            self.log(
+                f"best: epoch {self.best['epoch']}, test accuracy {100 * self.best['test_acc']:.2f}%; "
+                "per-class test accuracy:"
+            )
             names = max(len(name) for name in self.data.classes)
             for name, accuracy in self.best["per_class"].items():
                 shown = "   n/a" if accuracy is None else f"{100 * accuracy:5.1f}%"
@@ -351,10 +422,20 @@ class _Run:
                 self._predictions()
             else:
                 self.log("note: matplotlib is not installed, so curves.png and predictions.png are not drawn")
-            self.log(f"files: {self.out}/last.pt, best.pt, metrics.json"
-                     + (", curves.png, predictions.png" if plots.have_matplotlib() else ""))
-        return TrainResult(self.history, self.best["epoch"], self.best["test_acc"], dict(self.best["per_class"]),
-                           self.stopped_early, self.net, self.out, list(self.data.classes))
+            self.log(
+                f"files: {self.out}/last.pt, best.pt, metrics.json"
+                + (", curves.png, predictions.png" if plots.have_matplotlib() else "")
+            )
+        return TrainResult(
+            self.history,
+            self.best["epoch"],
+            self.best["test_acc"],
+            dict(self.best["per_class"]),
+            self.stopped_early,
+            self.net,
+            self.out,
+            list(self.data.classes),
+        )
 
 
 def fit(config: TrainConfig | None = None, **overrides) -> TrainResult:

@@ -31,8 +31,9 @@ def build_model(name: str, num_classes: int, in_channels: int, small_input: bool
     return models.ResNet(block, layers, num_classes=num_classes, in_channels=in_channels, small_input=small_input)
 
 
-def wrap_model(net: nn.Module, device: torch.device, context: Context, sync_bn: bool, channels_last: bool,
-               compile: bool) -> tuple[nn.Module, nn.Module]:
+def wrap_model(
+    net: nn.Module, device: torch.device, context: Context, sync_bn: bool, channels_last: bool, compile: bool
+) -> tuple[nn.Module, nn.Module]:
     """``(net, model)``: ``net`` on ``device`` (what checkpoints save and evaluation runs) and
     ``model``, the module a training step calls (``net``, or DDP around it, compiled or not).
 

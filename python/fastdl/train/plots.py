@@ -37,8 +37,7 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     for split, style in (("train", "-o"), ("test", "-s")):
         loss_axes.plot(epochs, [entry[f"{split}_loss"] for entry in history], style, label=split, markersize=3)
-        accuracy_axes.plot(epochs, [100 * entry[f"{split}_acc"] for entry in history], style, label=split,
-                           markersize=3)
+        accuracy_axes.plot(epochs, [100 * entry[f"{split}_acc"] for entry in history], style, label=split, markersize=3)
     # log scale: an early test loss can be thousands of times the final one (BatchNorm's
     # running statistics lag the first epochs), which flattens a linear plot
     loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss", yscale="log")
@@ -58,8 +57,12 @@ def save_epoch_figure(figure, axes_list, path: str | os.PathLike) -> None:
     figure.savefig(path, dpi=100)
 
 
-def plot_loss_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | os.PathLike,
-                     xlabel: str = "step", ylabel: str = "cross-entropy loss") -> None:
+def plot_loss_curves(
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike,
+    xlabel: str = "step",
+    ylabel: str = "cross-entropy loss",
+) -> None:
     """One line per ``label -> (x, y)`` of ``curves`` on one axes (e.g. the training loss of
     every step and the validation loss of every evaluation); curves of at most 100 points get
     markers, so a few evaluations stand out against a dense training curve."""
@@ -74,8 +77,14 @@ def plot_loss_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]],
     figure.savefig(path, dpi=100)
 
 
-def plot_predictions(images: Tensor, predicted: Sequence[int], truth: Sequence[int], classes: Sequence[str],
-                     path: str | os.PathLike, columns: int = 8) -> None:
+def plot_predictions(
+    images: Tensor,
+    predicted: Sequence[int],
+    truth: Sequence[int],
+    classes: Sequence[str],
+    path: str | os.PathLike,
+    columns: int = 8,
+) -> None:
     """A grid of uint8 ``images [N, C, H, W]`` titled "predicted / true", red where they differ."""
     n = images.size(0)
     rows = max(1, math.ceil(n / columns))
@@ -96,8 +105,9 @@ def plot_predictions(images: Tensor, predicted: Sequence[int], truth: Sequence[i
         else:
             axes.imshow(image)
         right = predicted[index] == truth[index]
-        axes.set_title(f"{name(predicted[index])} / {name(truth[index])}", fontsize=7,
-                       color="black" if right else "red")
+        axes.set_title(
+            f"{name(predicted[index])} / {name(truth[index])}", fontsize=7, color="black" if right else "red"
+        )
     figure.suptitle("predicted / true (red: wrong)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -39,8 +39,15 @@ class TextBar:
     ``unit`` names what :meth:`update` counts ("img", "tok"); without an ``accuracy`` the
     ``acc`` field is left out."""
 
-    def __init__(self, total: int, description: str, stream: TextIO, width: int = 24, min_interval: float = 0.1,
-                 unit: str = "img"):
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        stream: TextIO,
+        width: int = 24,
+        min_interval: float = 0.1,
+        unit: str = "img",
+    ):
         self.total, self.description, self.stream, self.width = total, description, stream, width
         self.min_interval, self.unit = min_interval, unit
         self.steps = self.count = 0
@@ -60,8 +67,10 @@ class TextBar:
         filled = self.width * self.steps // max(self.total, 1)
         bar = "#" * filled + "." * (self.width - filled)
         shown_accuracy = "" if accuracy is None else f"acc {100 * accuracy:5.1f}%  "
-        text = (f"{self.description} [{bar}] {self.steps:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  "
-                f"{shown_accuracy}{rate:,.0f} {self.unit}/s  ETA {format_duration(left)}")
+        text = (
+            f"{self.description} [{bar}] {self.steps:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  "
+            f"{shown_accuracy}{rate:,.0f} {self.unit}/s  ETA {format_duration(left)}"
+        )
         self.stream.write("\r" + text + " " * max(0, len(self.text) - len(text)))
         self.stream.flush()
         self.text = text
@@ -101,8 +110,7 @@ def _has_tqdm() -> bool:
     return True
 
 
-def progress_bar(total: int, description: str, enabled: bool = True, stream: TextIO | None = None,
-                 unit: str = "img"):
+def progress_bar(total: int, description: str, enabled: bool = True, stream: TextIO | None = None, unit: str = "img"):
     """A bar over ``total`` steps on ``stream`` (default stderr): tqdm's if importable, else a
     :class:`TextBar`; a :class:`SilentBar` if not ``enabled`` or ``stream`` is not a terminal.
     ``unit`` names what each update counts (images, "tok" for tokens)."""

@@ -85,9 +85,14 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     keeps its parameters and buffers (in place for children; returns the new root if the root
     itself is a BatchNorm2d)."""
     if type(module) is nn.BatchNorm2d:
-        converted = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                                      module.track_running_stats, device=module.running_mean.device
-                                      if module.running_mean is not None else None)
+        converted = GlobalBatchNorm2d(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=module.running_mean.device if module.running_mean is not None else None,
+        )
         converted.load_state_dict(module.state_dict())
         if module.affine:
             converted.weight, converted.bias = module.weight, module.bias

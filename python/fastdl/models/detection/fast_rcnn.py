@@ -193,8 +193,14 @@ class FastRCNN(nn.Module):
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
             return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         detections = postprocess_detections(
-            class_logits, box_regression, proposals, image_list.image_sizes, self.box_coder,
-            self.score_thresh, self.nms_thresh, self.detections_per_img,
+            class_logits,
+            box_regression,
+            proposals,
+            image_list.image_sizes,
+            self.box_coder,
+            self.score_thresh,
+            self.nms_thresh,
+            self.detections_per_img,
         )
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
@@ -258,8 +264,11 @@ def _check_targets(targets, num_images: int, num_classes: int) -> None:
                 f"targets[{i}]['boxes'] must be a floating-point Tensor[M, 4] (x1, y1, x2, y2), got {shape}"
             )
         if (
-            not isinstance(labels, Tensor) or labels.dim() != 1 or labels.size(0) != boxes.size(0)
-            or labels.is_floating_point() or labels.dtype == torch.bool
+            not isinstance(labels, Tensor)
+            or labels.dim() != 1
+            or labels.size(0) != boxes.size(0)
+            or labels.is_floating_point()
+            or labels.dtype == torch.bool
         ):
             shape = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
             raise ValueError(

@@ -64,8 +64,9 @@ class SlidingWindowProposals:
         heights = (sizes[None, :] * ratios.sqrt()[:, None]).reshape(-1)
         return widths, heights
 
-    def for_image(self, height: int, width: int, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str | None = None) -> Tensor:
+    def for_image(
+        self, height: int, width: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> Tensor:
         """The windows of one ``height x width`` image: ``Tensor[L, 4]`` xyxy."""
         if height < 1 or width < 1:
             raise ValueError(f"SlidingWindowProposals: image size must be positive, got ({height}, {width})")
@@ -73,9 +74,9 @@ class SlidingWindowProposals:
         cx = (torch.arange(math.ceil(width / self.stride), dtype=torch.float64) + 0.5) * self.stride
         cy = (torch.arange(math.ceil(height / self.stride), dtype=torch.float64) + 0.5) * self.stride
         cy, cx = (c.reshape(-1, 1) for c in torch.meshgrid(cy, cx, indexing="ij"))
-        windows = torch.stack(
-            [cx - widths / 2, cy - heights / 2, cx + widths / 2, cy + heights / 2], dim=-1
-        ).reshape(-1, 4)
+        windows = torch.stack([cx - widths / 2, cy - heights / 2, cx + widths / 2, cy + heights / 2], dim=-1).reshape(
+            -1, 4
+        )
         windows = ops.clip_boxes_to_image(windows, (height, width))
         windows = windows[ops.remove_small_boxes(windows, self.min_size)]
         return torch.unique(windows, dim=0).to(dtype=dtype, device=device)

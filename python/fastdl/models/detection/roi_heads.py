@@ -80,9 +80,10 @@ def fastrcnn_loss(
     deltas = box_regression.reshape(box_regression.size(0), box_regression.size(1) // 4, 4)
     # class-agnostic heads predict one set of deltas, read as class 0's
     classes = labels[positive] if deltas.size(1) > 1 else torch.zeros_like(positive)
-    loss_box_reg = F.smooth_l1_loss(
-        deltas[positive, classes], regression_targets[positive], beta=1 / 9, reduction="sum"
-    ) / labels.numel()
+    loss_box_reg = (
+        F.smooth_l1_loss(deltas[positive, classes], regression_targets[positive], beta=1 / 9, reduction="sum")
+        / labels.numel()
+    )
     return loss_classifier, loss_box_reg
 
 
