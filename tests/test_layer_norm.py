@@ -10,15 +10,15 @@ import torch.nn.functional as F
 import fastdl.nn
 import fastdl.ops
 from fastdl.ops import _library
-from harness import assert_close, check_compiled, composite_serves_mps, fresh_seed, non_contiguous, run_opcheck
+from harness import assert_close, check_compiled, composite_serves_mps, fresh_seed, non_contiguous
+from optester import OpTester, Sample, dtype_name
 
 OP = torch.ops.fastdl.layer_norm.default
-COMPOSITE = _library.composite("layer_norm")
 COMPOSITE_BACKWARD = _library.composite("_layer_norm_backward")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (input shape, normalized_shape): one row, odd sizes around the 16-lane vectors, 2-D rows, no rows
-SHAPES = [((1, 16), [16]), ((3, 5, 7), [7]), ((4, 33), [33]), ((2, 3, 5, 7), [5, 7]), ((6, 771), [771]),
-          ((0, 8), [8])]
+SHAPES = [((1, 16), [16]), ((3, 5, 7), [7]), ((4, 33), [33]), ((2, 3, 5, 7), [5, 7]), ((3, 4, 9), [4, 9]),
+          ((6, 771), [771]), ((0, 8), [8])]
 
 
 def reference(x, shape, weight, bias, eps, residual):
@@ -36,43 +36,69 @@ def make(shape, normalized_shape, dtype, *, affine=(True, True), residual=False)
     return x, w, b, r
 
 
-def run(impl, x, shape, w, b, r, eps=1e-5):
-    if impl == "native":
-        out = fastdl.ops.layer_norm(x, shape, w, b, eps, residual=r)
-        return out if r is not None else (out, None)
-    y, total, _, _ = COMPOSITE(x, shape, w, b, r, eps)
-    return y, (total if r is not None else None)
+class TestLayerNorm(OpTester):
+    op = OP
+    differentiable = (0, 2, 3, 4)  # input, weight, bias, residual
+    # torch's rule for layer_norm: float32, whatever the autocast dtype
+    autocast_dtype = torch.float32
+
+    def samples(self):
+        for dtype in DTYPES:
+            for shape, normalized_shape in SHAPES:
+                for residual in (False, True):
+                    x, w, b, r = make(shape, normalized_shape, dtype, residual=residual)
+                    yield Sample((x, normalized_shape, w, b, r, 1e-5),
+                                 name=f"{dtype_name(dtype)}-{shape}-{'residual' if residual else 'plain'}")
+        for affine in ((False, False), (True, False), (False, True)):
+            x, w, b, r = make((5, 40), [40], torch.float32, affine=affine, residual=True)
+            yield Sample((x, [40], w, b, r, 1e-5), name=f"weight{affine[0]}-bias{affine[1]}")
+        x, _, _, _ = make((3, 24), [24], torch.float32, affine=(False, False))
+        yield Sample((x, [24], None, None, None, 1e-5), name="no_weight_bias_or_residual")
+        x, w, b, r = make((7, 48), [48], torch.float32, residual=True)
+        yield Sample((non_contiguous(x), [48], non_contiguous(w), b, non_contiguous(r), 0.5),
+                     name="non_contiguous-eps0.5")
+
+    def reference(self, x, normalized_shape, weight, bias, residual, eps):
+        return reference(x, normalized_shape, weight, bias, eps, residual)
+
+    def assert_matches(self, sample, result, expected):
+        x, _, _, _, residual, _ = sample.args
+        y, total = result[:2]
+        assert y.dtype == sample.dtype and y.shape == x.shape
+        assert_close(y, expected[0], sample.dtype)
+        if residual is not None:
+            assert torch.equal(total, x + residual)  # the sum is exactly input + residual in input's dtype
+
+    def compile_sample(self):
+        x, w, b, r = make((4, 32), [32], torch.float32, residual=True)
+        return Sample((x, [32], w, b, r, 1e-5))
+
+    def autocast_sample(self):
+        """A bfloat16 branch output meets a float32 residual stream: the op keeps the stream's dtype."""
+        return Sample((torch.randn(4, 16), [16], torch.ones(16), torch.zeros(16), torch.randn(4, 16).bfloat16(), 1e-5))
+
+    def bad_inputs(self):
+        return [
+            ((torch.ones(2, 4, dtype=torch.int32), [4], None, None, None, 1e-5), {}, RuntimeError, "unsupported dtype"),
+            ((torch.ones(2, 4), [5], None, None, None, 1e-5), {}, RuntimeError,
+             "does not match the trailing dimensions"),
+            ((torch.ones(2, 4), [], None, None, None, 1e-5), {}, RuntimeError, "non-empty"),
+            ((torch.ones(2, 4), [4], torch.ones(3), None, None, 1e-5), {}, RuntimeError,
+             r"expected weight of shape \[4\]"),
+            ((torch.ones(2, 4), [4], None, torch.ones(4, dtype=torch.float64), None, 1e-5), {}, RuntimeError,
+             "bias has dtype"),
+            ((torch.ones(2, 4), [4], None, None, torch.ones(3, 4), 1e-5), {}, RuntimeError,
+             r"residual has shape \[3, 4\]"),
+            ((torch.ones(2, 4), [4], None, None, None, float("nan")), {}, RuntimeError, "eps must be finite"),
+            ((torch.ones(2, 4), [4], None, None, None, -1.0), {}, RuntimeError, "eps must be finite and >= 0"),
+        ]
 
 
-@pytest.mark.parametrize("impl", ["native", "composite"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,normalized_shape", SHAPES)
-@pytest.mark.parametrize("residual", [False, True])
-def test_matches_reference(impl, dtype, shape, normalized_shape, residual):
+def test_wrapper_without_weight_or_bias_and_int_shape():
     fresh_seed()
-    x, w, b, r = make(shape, normalized_shape, dtype, residual=residual)
-    y, total = run(impl, x, normalized_shape, w, b, r)
-    expected, expected_total = reference(x, normalized_shape, w, b, 1e-5, r)
-    assert y.dtype == dtype and y.shape == x.shape
-    assert_close(y, expected, dtype)
-    if residual:
-        assert torch.equal(total, x + r)  # the sum is exactly input + residual in input's dtype
-
-
-@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)])
-def test_without_weight_or_bias(affine):
-    fresh_seed()
-    x, w, b, r = make((5, 40), [40], torch.float32, affine=affine, residual=True)
+    x, w, b, r = make((5, 40), [40], torch.float32, affine=(False, True), residual=True)
     y, _ = fastdl.ops.layer_norm(x, 40, w, b, residual=r)
     assert_close(y, reference(x, [40], w, b, 1e-5, r)[0], torch.float32)
-
-
-def test_non_contiguous_inputs_and_large_eps():
-    fresh_seed()
-    x, w, b, r = make((7, 48), [48], torch.float32, residual=True)
-    y, total = fastdl.ops.layer_norm(non_contiguous(x), 48, non_contiguous(w), b, 0.5, residual=non_contiguous(r))
-    assert_close(y, reference(x, [48], w, b, 0.5, r)[0], torch.float32)
-    assert torch.equal(total, x + r)
 
 
 def test_constant_rows_give_bias():
@@ -80,18 +106,6 @@ def test_constant_rows_give_bias():
     x = torch.full((3, 20), 7.25)
     b = torch.randn(20)
     assert torch.equal(fastdl.ops.layer_norm(x, 20, torch.randn(20), b), b.expand(3, 20))
-
-
-@pytest.mark.parametrize("impl", ["native", "composite"])
-def test_gradcheck(impl):
-    fresh_seed()
-    x, w, b, r = (t.requires_grad_() for t in make((3, 4, 9), [4, 9], torch.float64, residual=True))
-
-    def fn(x, w, b, r):
-        y, total = run(impl, x, [4, 9], w, b, r)
-        return y, total
-
-    assert torch.autograd.gradcheck(fn, (x, w, b, r))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -143,14 +157,7 @@ def test_only_the_sum_is_used():
     assert torch.equal(x.grad, torch.ones(2, 8)) and torch.equal(r.grad, torch.ones(2, 8))
 
 
-def test_opcheck():
-    fresh_seed()
-    x, w, b, r = (t.requires_grad_() for t in make((3, 24), [24], torch.float32, residual=True))
-    run_opcheck(OP, (x, [24], w, b, r, 1e-5))
-    run_opcheck(OP, (x, [24], None, None, None, 1e-5))
-
-
-def test_torch_compile():
+def test_wrapper_under_torch_compile():
     fresh_seed()
     x, w, b, r = (t.requires_grad_() for t in make((4, 32), [32], torch.float32, residual=True))
 
@@ -159,17 +166,6 @@ def test_torch_compile():
         return y * 2 + total
 
     check_compiled(fn, x, w, b, r)
-
-
-def test_autocast_mixed_dtypes():
-    """Under CPU autocast a bfloat16 branch output meets a float32 residual stream: the op runs
-    in float32 (torch's rule for layer_norm) and keeps the stream's dtype."""
-    x = torch.randn(4, 16)
-    r = torch.randn(4, 16).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, total = fastdl.ops.layer_norm(x, 16, torch.ones(16), torch.zeros(16), residual=r)
-    assert y.dtype == torch.float32 and total.dtype == torch.float32
-    assert_close(y, reference(x, [16], None, None, 1e-5, r.float())[0], torch.float32)
 
 
 def test_module_is_a_drop_in():
@@ -193,26 +189,6 @@ def test_module_is_a_drop_in():
 
 def test_composite_serves_mps():
     assert composite_serves_mps("layer_norm") and composite_serves_mps("_layer_norm_backward")
-
-
-@pytest.mark.parametrize("impl", ["native", "composite"])
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        ((torch.ones(2, 4, dtype=torch.int32), [4], None, None, None, 1e-5), "unsupported dtype"),
-        ((torch.ones(2, 4), [5], None, None, None, 1e-5), r"does not match the trailing dimensions"),
-        ((torch.ones(2, 4), [], None, None, None, 1e-5), "non-empty"),
-        ((torch.ones(2, 4), [4], torch.ones(3), None, None, 1e-5), r"expected weight of shape \[4\]"),
-        ((torch.ones(2, 4), [4], None, torch.ones(4, dtype=torch.float64), None, 1e-5), "bias has dtype"),
-        ((torch.ones(2, 4), [4], None, None, torch.ones(3, 4), 1e-5), r"residual has shape \[3, 4\]"),
-        ((torch.ones(2, 4), [4], None, None, None, float("nan")), "eps must be finite"),
-        ((torch.ones(2, 4), [4], None, None, None, -1.0), "eps must be finite and >= 0"),
-    ],
-)
-def test_bad_input(impl, args, message):
-    fn = OP if impl == "native" else COMPOSITE
-    with pytest.raises(RuntimeError, match=message):
-        fn(*args)
 
 
 def test_backward_op_checks_its_statistics():

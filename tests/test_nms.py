@@ -1,4 +1,5 @@
-"""nms / batched_nms against a simple greedy reference."""
+"""nms / batched_nms against a simple greedy reference (``TestNms``, ``TestBatchedNms``), plus the
+wrapper's options (strategy, score threshold, max output) and CUDA against CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 
 import fastdl.ops
 from fastdl.ops import _library
-from harness import DEVICES, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck
+from harness import DEVICES, composite_serves_mps, fresh_seed, needs_cuda, non_contiguous
+from optester import OpTester, Sample, dtype_name
 
 
 def iou(a, b) -> float:
@@ -43,18 +45,83 @@ def random_boxes(n, device="cpu", dtype=torch.float32, clustered=True):
     return boxes.to(dtype=dtype, device=device), scores.to(dtype=dtype, device=device)
 
 
-@pytest.mark.parametrize("impl", ["native", "composite"])
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("threshold", [0.2, 0.5, 0.8])
-@pytest.mark.parametrize("n", [0, 1, 2, 37, 300])
-def test_nms_matches_reference(impl, device, dtype, threshold, n):
-    fresh_seed()
-    boxes, scores = random_boxes(n, device, dtype)
-    op = torch.ops.fastdl.nms.default if impl == "native" else _library.composite("nms")
-    keep = op(boxes, scores, threshold)
-    assert keep.dtype == torch.long and keep.device.type == device
-    assert keep.tolist() == nms_reference(boxes, scores, threshold)
+class NmsTester(OpTester):
+    """What the two NMS ops share: indices compared exactly, and autocast's float32 rule."""
+
+    autocast_dtype = torch.int64  # the indices, whatever the boxes' dtype
+
+    def assert_matches(self, sample, result, expected):
+        assert result.dtype == torch.long and result.device.type == sample.device
+        assert result.tolist() == expected.tolist()
+
+    def test_torch_compile(self):
+        # the number of kept boxes depends on the data
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            super().test_torch_compile()
+
+
+class TestNms(NmsTester):
+    op = torch.ops.fastdl.nms.default
+
+    def samples(self):
+        for device in DEVICES:
+            for dtype in (torch.float32, torch.float64):
+                for threshold in (0.2, 0.5, 0.8):
+                    for n in (0, 1, 2, 37, 300):
+                        boxes, scores = random_boxes(n, device, dtype)
+                        yield Sample((boxes, scores, threshold), name=f"{device}-{dtype_name(dtype)}-iou{threshold}-{n}")
+            boxes, scores = random_boxes(50, device)
+            yield Sample((non_contiguous(boxes), non_contiguous(scores[:, None])[:, 0], 0.5),
+                         name=f"{device}-non_contiguous")
+
+    def reference(self, boxes, scores, threshold):
+        return torch.tensor(nms_reference(boxes, scores, threshold), dtype=torch.long)
+
+    def autocast_sample(self):
+        boxes, scores = random_boxes(100)
+        return Sample((boxes.bfloat16(), scores.bfloat16(), 0.5))
+
+    def bad_inputs(self):
+        boxes, scores = random_boxes(10)
+        cases = [
+            ((boxes[:, :3], scores, 0.5), r"shape \[N, 4\]"),
+            ((boxes, scores[:5], 0.5), r"scores of shape \[10\]"),
+            ((boxes, scores.double(), 0.5), "dtype"),
+            ((boxes, scores, -0.1), r"iou_threshold must lie in \[0, 1\]"),
+            ((boxes, scores, 1.5), r"iou_threshold must lie in \[0, 1\]"),
+            ((torch.tensor([[0.0, 0, float("nan"), 1]]), torch.ones(1), 0.5), "NaN or infinite"),
+            ((torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([float("inf")]), 0.5), "scores contain NaN"),
+            ((torch.tensor([[5.0, 0, 1, 1]]), torch.ones(1), 0.5), "x1 <= x2"),
+        ]
+        return [(args, {}, RuntimeError, message) for args, message in cases]
+
+
+class TestBatchedNms(NmsTester):
+    op = torch.ops.fastdl.batched_nms.default
+
+    def samples(self):
+        for device in DEVICES:
+            for n, classes in ((0, 1), (1, 1), (200, 1), (500, 7), (1000, 80)):
+                boxes, scores = random_boxes(n, device)
+                idxs = torch.randint(0, classes, (n,), device=device)
+                yield Sample((boxes, scores, idxs, 0.5), name=f"{device}-{n}-classes{classes}")
+            boxes, scores = random_boxes(800, device, torch.float64)
+            idxs = torch.randint(-3, 40, (800,), device=device)  # any integer ids, negative included
+            yield Sample((boxes, scores, idxs, 0.4), name=f"{device}-negative_ids")
+
+    def reference(self, boxes, scores, idxs, threshold):
+        return torch.tensor(nms_reference(boxes, scores, threshold, idxs), dtype=torch.long)
+
+    def autocast_sample(self):
+        boxes, scores = random_boxes(100)
+        return Sample((boxes.bfloat16(), scores.bfloat16(), torch.randint(0, 3, (100,)), 0.5))
+
+    def bad_inputs(self):
+        boxes, scores = random_boxes(10)
+        return [
+            ((boxes, scores, torch.zeros(10), 0.5), {}, RuntimeError, "idxs"),
+            ((boxes, scores, torch.zeros(3, dtype=torch.long), 0.5), {}, RuntimeError, r"idxs of shape \[10\]"),
+        ]
 
 
 def test_hand_computed_case():
@@ -69,7 +136,7 @@ def test_hand_computed_case():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", ["native", "offset"])
 @pytest.mark.parametrize("n,classes", [(0, 1), (1, 1), (200, 1), (500, 7), (1000, 80)])
-def test_batched_nms_matches_per_class_reference(device, strategy, n, classes):
+def test_batched_nms_wrapper_matches_per_class_reference(device, strategy, n, classes):
     fresh_seed()
     boxes, scores = random_boxes(n, device)
     idxs = torch.randint(0, classes, (n,), device=device)
@@ -102,47 +169,21 @@ def test_score_threshold_and_max_output():
     assert got.tolist() == expected
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    fresh_seed()
-    boxes, scores = random_boxes(50, device)
-    run_opcheck(torch.ops.fastdl.nms.default, (boxes, scores, 0.5))
-    run_opcheck(torch.ops.fastdl.batched_nms.default, (boxes, scores, torch.randint(0, 3, (50,), device=device), 0.5))
-
-
-def test_torch_compile_dynamic_output(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+def test_wrapper_under_torch_compile():
     fresh_seed()
     boxes, scores = random_boxes(100)
     compiled = torch.compile(lambda b, s: b[fastdl.ops.nms(b, s, 0.5)] * 2, fullgraph=True)
-    torch.testing.assert_close(compiled(boxes, scores), boxes[fastdl.ops.nms(boxes, scores, 0.5)] * 2)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        result = compiled(boxes, scores)
+    torch.testing.assert_close(result, boxes[fastdl.ops.nms(boxes, scores, 0.5)] * 2)
 
 
 def test_composite_serves_mps():
     assert composite_serves_mps("nms") and composite_serves_mps("batched_nms")
 
 
-@pytest.mark.parametrize("impl", ["native", "composite"])
-def test_bad_input(impl):
-    nms = torch.ops.fastdl.nms.default if impl == "native" else _library.composite("nms")
+def test_batched_nms_rejects_an_unknown_strategy():
     boxes, scores = random_boxes(10)
-    cases = [
-        ((boxes[:, :3], scores, 0.5), r"shape \[N, 4\]"),
-        ((boxes, scores[:5], 0.5), r"scores of shape \[10\]"),
-        ((boxes, scores.double(), 0.5), "dtype"),
-        ((boxes, scores, -0.1), r"iou_threshold must lie in \[0, 1\]"),
-        ((boxes, scores, 1.5), r"iou_threshold must lie in \[0, 1\]"),
-        ((torch.tensor([[0.0, 0, float("nan"), 1]]), torch.ones(1), 0.5), "NaN or infinite"),
-        ((torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([float("inf")]), 0.5), "scores contain NaN"),
-        ((torch.tensor([[5.0, 0, 1, 1]]), torch.ones(1), 0.5), "x1 <= x2"),
-    ]
-    for args, message in cases:
-        with pytest.raises(RuntimeError, match=message):
-            nms(*args)
-    with pytest.raises(RuntimeError, match="idxs"):
-        torch.ops.fastdl.batched_nms(boxes, scores, torch.zeros(10), 0.5)
-    with pytest.raises(RuntimeError, match=r"idxs of shape \[10\]"):
-        torch.ops.fastdl.batched_nms(boxes, scores, torch.zeros(3, dtype=torch.long), 0.5)
     with pytest.raises(ValueError, match="strategy"):
         fastdl.ops.batched_nms(boxes, scores, torch.zeros(10, dtype=torch.long), 0.5, strategy="fast")
 

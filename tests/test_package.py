@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,14 @@ def test_every_op_has_schema_kernels_composite_and_fake():
         assert entry.fake_impl.kernel is not None, f"{name}: no fake kernel"
 
 
+def test_every_public_op_has_a_docs_page():
+    """Each public schema is named on a page of docs/ops/, as fastdl.ops.<op> or torch.ops.fastdl.<op>."""
+    pages = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "docs" / "ops").glob("*.md"))
+    for name in schema_names():
+        if not name.startswith("_"):
+            assert re.search(rf"(fastdl\.ops|torch\.ops\.fastdl)\.{name}\b", pages), f"{name}: no docs/ops page"
+
+
 def test_info_command_lists_every_op():
     out = subprocess.run([sys.executable, "-m", "fastdl", "info"], capture_output=True, text=True, check=True).stdout
     assert f"torch {torch.__version__}" in out
@@ -64,7 +73,7 @@ def test_info_command_lists_every_op():
     header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["op", "CPU", "CUDA", "MPS"])
     end = lines.index("", header)
     served = {line.split()[0]: line.split()[1] for line in lines[header + 1 : end]}
-    for name in _library.public_ops():
+    for name in schema_names():
         assert served.get(name) == "C++", out
     capability = fastdl.backends.cpu.get_cpu_capability()
     assert f"CPU path of each op at {capability} (float32):" in out
@@ -73,7 +82,7 @@ def test_info_command_lists_every_op():
 
 
 def test_kernel_paths_cover_every_public_op_at_every_capability():
-    public = {name for name in _library.public_ops() if not name.startswith("_")}
+    public = {name for name in schema_names() if not name.startswith("_")}
     for capability in fastdl.backends.cpu.CAPABILITIES:
         paths = fastdl.backends.cpu.kernel_paths(capability)
         assert set(paths) == public

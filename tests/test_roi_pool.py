@@ -1,4 +1,5 @@
-"""roi_pool against a slow float64 reference written from the definition."""
+"""roi_pool against a slow float64 reference written from the definition (``TestRoiPool``), plus the
+cases the tester does not generate: the backward op, the module, CUDA precision and determinism."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import fastdl.nn
 import fastdl.ops
 from fastdl.ops import _library
 from harness import DEVICES, LAYOUTS, assert_close, check_compiled, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck, with_layout
+from optester import OpTester, Sample, dtype_name
 from test_roi_align import random_rois
 
 
@@ -53,32 +55,65 @@ def test_hand_computed_case():
     assert fastdl.ops.roi_pool(x, torch.tensor([[0.0, 10, 10, 12, 12]]), 2).abs().sum() == 0
 
 
-@pytest.mark.parametrize("impl", ["native", "composite"])
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("scale", [1.0, 0.5, 1 / 16])
-def test_matches_reference(impl, device, dtype, layout, scale):
-    fresh_seed()
-    x, rois = make_case(dtype, device, scale=scale)
-    x = with_layout(x, layout)
-    op = torch.ops.fastdl.roi_pool.default if impl == "native" else _library.composite("roi_pool")
-    out, argmax = op(x, rois, scale, 3, 2)
-    assert_close(out, roi_pool_reference(x, rois, (3, 2), scale))
-    # argmax points at a pixel holding the output value (or -1 for an empty bin)
-    image = x[rois[:, 0].long()].flatten(2)
-    picked = torch.gather(image, 2, argmax.clamp(min=0).flatten(2)).view_as(out)
-    assert torch.equal(torch.where(argmax >= 0, picked, torch.zeros_like(picked)), out)
+class TestRoiPool(OpTester):
+    op = torch.ops.fastdl.roi_pool.default
+    differentiable = (0,)
+    # torchvision's rule: the op runs in float32 and returns the features' dtype
+    autocast_dtype = torch.bfloat16
 
+    def samples(self):
+        for device in DEVICES:
+            for dtype in (torch.float32, torch.float64):
+                for layout in LAYOUTS:
+                    for scale in (1.0, 0.5, 1 / 16):
+                        x, rois = make_case(dtype, device, scale=scale)
+                        yield Sample((with_layout(x, layout), rois, scale, 3, 2),
+                                     name=f"{device}-{dtype_name(dtype)}-{layout}-scale{scale:g}")
+                # one row or column of pixels, one channel, one box; and no boxes at all
+                x, rois = make_case(dtype, device, batch=1, channels=1, height=1, width=13, num_rois=1)
+                yield Sample((x, rois, 1.0, 1, 4), name=f"{device}-{dtype_name(dtype)}-one_row")
+                x, rois = make_case(dtype, device, height=5, width=1, num_rois=3)
+                yield Sample((x, rois, 1.0, 2, 1), name=f"{device}-{dtype_name(dtype)}-one_column")
+                x, rois = make_case(dtype, device, num_rois=0)
+                yield Sample((x, rois, 1.0, 2, 2), name=f"{device}-{dtype_name(dtype)}-no_boxes")
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck(device):
-    for _ in range(3):
-        fresh_seed()
-        # distinct values so that the max is unique and the function is differentiable
-        x = torch.randperm(2 * 2 * 8 * 7, dtype=torch.float64, device=device).view(2, 2, 8, 7).requires_grad_()
-        rois = random_rois(5, 2, 8, 7, 1.0, torch.float64, device)
-        torch.autograd.gradcheck(lambda x: fastdl.ops.roi_pool(x, rois, (3, 2)), (x,))
+    def reference(self, x, rois, scale, pooled_height, pooled_width):
+        return roi_pool_reference(x, rois, (pooled_height, pooled_width), scale)
+
+    def assert_matches(self, sample, result, expected):
+        out, argmax = result
+        assert_close(out, expected, sample.dtype)
+        # argmax points at a pixel holding the output value (or -1 for an empty bin)
+        x, rois = sample.args[:2]
+        image = x[rois[:, 0].long()].flatten(2)
+        picked = torch.gather(image, 2, argmax.clamp(min=0).flatten(2)).view_as(out)
+        assert torch.equal(torch.where(argmax >= 0, picked, torch.zeros_like(picked)), out)
+
+    def gradcheck_samples(self):
+        for device in DEVICES:
+            for draw in range(3):
+                # distinct values so that the max is unique and the function is differentiable
+                x = torch.randperm(2 * 2 * 8 * 7, dtype=torch.float64, device=device).view(2, 2, 8, 7)
+                rois = random_rois(5, 2, 8, 7, 1.0, torch.float64, device)
+                yield Sample((x, rois, 1.0, 3, 2), name=f"{device}-distinct{draw}")
+
+    def compile_sample(self):
+        x, rois = make_case(torch.float32, "cpu")
+        return Sample((x, rois, 0.5, 2, 3))
+
+    def autocast_sample(self):
+        x, rois = make_case(torch.float32, "cpu")
+        return Sample((x.bfloat16(), rois, 1.0, 3, 3))
+
+    def bad_inputs(self):
+        x, rois = make_case(torch.float32, "cpu")
+        return [
+            ((x[0], rois, 1.0, 2, 2), {}, RuntimeError, "4-D tensor"),
+            ((x, rois[:, :4], 1.0, 2, 2), {}, RuntimeError, r"shape \[K, 5\]"),
+            ((x, torch.tensor([[0.0, 0, float("nan"), 1, 1]]), 1.0, 2, 2), {}, RuntimeError, "NaN or infinite"),
+            ((x, torch.tensor([[2.0, 0, 0, 1, 1]]), 1.0, 2, 2), {}, RuntimeError, r"must lie in \[0, 2\)"),
+            ((x, rois, 1.0, -1, 2), {}, RuntimeError, "output_size must be positive"),
+        ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -92,7 +127,7 @@ def test_backward_native_equals_composite(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_empty_and_module(device):
+def test_wrapper_on_no_boxes_and_module(device):
     x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
     assert fastdl.ops.roi_pool(x, torch.zeros(0, 5, device=device), 2).shape == (0, 3, 2, 2)
     boxes = [torch.tensor([[0.0, 0, 4, 4]], device=device), torch.zeros(0, 4, device=device)]
@@ -101,15 +136,14 @@ def test_empty_and_module(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
+def test_backward_opcheck(device):
     fresh_seed()
     x, rois = make_case(torch.float32, device)
-    run_opcheck(torch.ops.fastdl.roi_pool.default, (x.requires_grad_(), rois, 0.5, 2, 3))
-    out, argmax = torch.ops.fastdl.roi_pool(x.detach(), rois, 0.5, 2, 3)
+    out, argmax = torch.ops.fastdl.roi_pool(x, rois, 0.5, 2, 3)
     run_opcheck(torch.ops.fastdl._roi_pool_backward.default, (torch.randn_like(out), rois, argmax, 0.5, 2, 3, *x.shape))
 
 
-def test_torch_compile():
+def test_wrapper_under_torch_compile():
     fresh_seed()
     x, rois = make_case(torch.float32, "cpu")
     check_compiled(lambda x, r: fastdl.ops.roi_pool(x, r, 2, 0.5) * 3, x.requires_grad_(), rois)
@@ -117,22 +151,6 @@ def test_torch_compile():
 
 def test_composite_serves_mps():
     assert composite_serves_mps("roi_pool") and composite_serves_mps("_roi_pool_backward")
-
-
-@pytest.mark.parametrize("impl", ["native", "composite"])
-def test_bad_input(impl):
-    op = torch.ops.fastdl.roi_pool.default if impl == "native" else _library.composite("roi_pool")
-    x, rois = make_case(torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match="4-D tensor"):
-        op(x[0], rois, 1.0, 2, 2)
-    with pytest.raises(RuntimeError, match=r"shape \[K, 5\]"):
-        op(x, rois[:, :4], 1.0, 2, 2)
-    with pytest.raises(RuntimeError, match="NaN or infinite"):
-        op(x, torch.tensor([[0.0, 0, float("nan"), 1, 1]]), 1.0, 2, 2)
-    with pytest.raises(RuntimeError, match=r"must lie in \[0, 2\)"):
-        op(x, torch.tensor([[2.0, 0, 0, 1, 1]]), 1.0, 2, 2)
-    with pytest.raises(RuntimeError, match="output_size must be positive"):
-        op(x, rois, 1.0, -1, 2)
 
 
 @needs_cuda
