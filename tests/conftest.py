@@ -14,7 +14,8 @@ import fastdl.backends.cpu  # noqa: E402
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--seed", default="0",
+        "--seed",
+        default="0",
         help="base of the per-test seeds of harness.fresh_seed (each test's seed also depends on its id)",
     )
 

@@ -30,7 +30,7 @@ def _randn(gen, shape, dtype):
 
 
 def _same(actual, expected, rtol, atol, what) -> str:
-    """"" when equal within tolerance, with NaN where the reference has NaN; else the details."""
+    """ "" when equal within tolerance, with NaN where the reference has NaN; else the details."""
     actual, expected = actual.double(), expected.double()
     if actual.shape != expected.shape:
         return f"{what}: shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"
@@ -72,7 +72,13 @@ def run_roi_align(case):
     dtype = case["dtype"]
     gen = _generator(case)
     x, rois = _feature_map(case, gen, dtype), _rois(case, gen, dtype)
-    args = (case["spatial_scale"], case["output_size"][0], case["output_size"][1], case["sampling_ratio"], case["aligned"])
+    args = (
+        case["spatial_scale"],
+        case["output_size"][0],
+        case["output_size"][1],
+        case["sampling_ratio"],
+        case["aligned"],
+    )
     out = fastdl.ops.roi_align(x, rois, case["output_size"], *args[:1], args[3], args[4])
     rtol, atol = _tolerance(dtype)
     problem = _same(out, composite("roi_align")(x, rois, *args), rtol, atol, "roi_align")
@@ -140,7 +146,11 @@ def run_conv2d(case):
     out = fastdl.ops.conv2d(x, weight, bias, **kwargs)
     if case["in_channels"] == 0:  # the empty sum plus bias (torch returns 0 output channels here)
         shape_only = {**kwargs, "groups": 1}
-        zeros = F.conv2d(x.new_zeros((x.size(0), 1, *x.shape[2:])).double(), weight.new_zeros((weight.size(0), 1, *case["kernel"])).double(), **shape_only)
+        zeros = F.conv2d(
+            x.new_zeros((x.size(0), 1, *x.shape[2:])).double(),
+            weight.new_zeros((weight.size(0), 1, *case["kernel"])).double(),
+            **shape_only,
+        )
         reference = zeros + (0.0 if bias is None else bias.double()[:, None, None])
     else:
         reference = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), **kwargs)
@@ -176,14 +186,22 @@ def run_attention(case):
 def run_lstm(case):
     gen = _generator(case)
     torch.manual_seed(case["seed"])
-    ours = fastdl.nn.LSTM(case["input_size"], case["hidden"], num_layers=case["layers"], batch_first=case["batch_first"])
-    theirs = torch.nn.LSTM(case["input_size"], case["hidden"], num_layers=case["layers"], batch_first=case["batch_first"])
+    ours = fastdl.nn.LSTM(
+        case["input_size"], case["hidden"], num_layers=case["layers"], batch_first=case["batch_first"]
+    )
+    theirs = torch.nn.LSTM(
+        case["input_size"], case["hidden"], num_layers=case["layers"], batch_first=case["batch_first"]
+    )
     theirs.load_state_dict(ours.state_dict())
     shape = (case["batch"], case["steps"]) if case["batch_first"] else (case["steps"], case["batch"])
     x = _randn(gen, (*shape, case["feature_size"]), torch.float32)
     out, (h, c) = ours(x)
     ref, (ref_h, ref_c) = theirs(x)
-    return _same(out, ref, 1e-4, 1e-5, "lstm") or _same(h, ref_h, 1e-4, 1e-5, "lstm h_n") or _same(c, ref_c, 1e-4, 1e-5, "lstm c_n")
+    return (
+        _same(out, ref, 1e-4, 1e-5, "lstm")
+        or _same(h, ref_h, 1e-4, 1e-5, "lstm h_n")
+        or _same(c, ref_c, 1e-4, 1e-5, "lstm c_n")
+    )
 
 
 def run_layer_norm(case):
@@ -229,10 +247,14 @@ def run_boxes(case):
     clipped = fastdl.ops.clip_boxes_to_image(boxes, case["size"])
     kept = fastdl.ops.remove_small_boxes(boxes, case["min_size"])
     h, w = case["size"]
-    expected = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)
+    expected = torch.stack(
+        [boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1
+    )
     wh = boxes[:, 2:] - boxes[:, :2]
     small = torch.nonzero((wh >= case["min_size"]).all(1)).flatten()
-    return _same(clipped, expected, 0, 0, "clip_boxes_to_image") or ("" if torch.equal(kept, small) else "remove_small_boxes differs")
+    return _same(clipped, expected, 0, 0, "clip_boxes_to_image") or (
+        "" if torch.equal(kept, small) else "remove_small_boxes differs"
+    )
 
 
 def crash(case):

@@ -36,7 +36,9 @@ def require_triton(kernels: str):
     there is no GPU). Returns the triton module."""
     triton = pytest.importorskip("triton", reason=f"triton is not installed: the Triton {kernels} kernels cannot run")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("no CUDA device and TRITON_INTERPRET is not set: the Triton kernels cannot run", allow_module_level=True)
+        pytest.skip(
+            "no CUDA device and TRITON_INTERPRET is not set: the Triton kernels cannot run", allow_module_level=True
+        )
     return triton
 
 

@@ -254,9 +254,7 @@ def test_composite_backward_matches_reference(case):
     grad, scale = torch.randn(b, h, nq, d, dtype=torch.float64), 1 / math.sqrt(d)
     out, lse = _library.composite("attention")(q, k, v, mask, causal, scale, 0.0, 0)
     grad_lse = torch.randn_like(lse)
-    actual = _library.composite("_attention_backward")(
-        grad, q, k, v, mask, out, lse, grad_lse, causal, scale, 0.0, 0
-    )
+    actual = _library.composite("_attention_backward")(grad, q, k, v, mask, out, lse, grad_lse, causal, scale, 0.0, 0)
     for a, e in zip(actual, reference_grads(q, k, v, grad, causal, mask, grad_lse=grad_lse)):
         assert_close(a, e)
 
@@ -267,7 +265,9 @@ def test_gradient_through_lse():
     mask = make_mask("bool", 2, 2, 12, 19)
     out, lse = fastdl.ops.attention(q, k, v, attn_mask=mask, causal=True, return_lse=True)
     grad, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    actual = torch.autograd.grad((out * grad).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * grad_lse).sum(), (q, k, v))
+    actual = torch.autograd.grad(
+        (out * grad).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * grad_lse).sum(), (q, k, v)
+    )
     for a, e in zip(actual, reference_grads(q, k, v, grad, True, mask, grad_lse=grad_lse)):
         assert_close(a, e)
 
@@ -368,7 +368,11 @@ def _bad_inputs():
     yield "batch", (q, k[:1], v[:1], None), r"batch sizes differ: q has B=2, k has B=1"
     yield "dtype", (q, k.double(), v, None), r"q has dtype .*(Float|float32) but k has dtype .*(Double|float64)"
     yield "int dtype", (q.int(), k.int(), v.int(), None), r"q has unsupported dtype"
-    yield "mask shape", (q, k, v, torch.ones(5, 7, dtype=torch.bool)), r"attn_mask of shape .*5, 7.* is not broadcastable to \[B, H, Nq, Nk\] = \[2, 4, 5, 6\]"
+    yield (
+        "mask shape",
+        (q, k, v, torch.ones(5, 7, dtype=torch.bool)),
+        r"attn_mask of shape .*5, 7.* is not broadcastable to \[B, H, Nq, Nk\] = \[2, 4, 5, 6\]",
+    )
     yield "mask dtype", (q, k, v, torch.ones(5, 6, dtype=torch.int64)), r"attn_mask must be boolean or floating"
 
 
@@ -534,7 +538,9 @@ def test_multihead_attention_extra_keys(extra, batch_first, need_weights):
     import fastdl.nn
 
     fresh_seed()
-    kwargs = dict(add_bias_kv=extra in ("bias_kv", "both"), add_zero_attn=extra in ("zero_attn", "both"), batch_first=batch_first)
+    kwargs = dict(
+        add_bias_kv=extra in ("bias_kv", "both"), add_zero_attn=extra in ("zero_attn", "both"), batch_first=batch_first
+    )
     theirs = torch.nn.MultiheadAttention(24, 3, kdim=16, vdim=20, **kwargs)
     ours = fastdl.nn.MultiheadAttention(24, 3, kdim=16, vdim=20, **kwargs)
     assert set(ours.state_dict()) == set(theirs.state_dict())
@@ -546,7 +552,9 @@ def test_multihead_attention_extra_keys(extra, batch_first, need_weights):
     pad[1, -2:] = -math.inf
     mask = torch.randn(b * 3, nq, nk)
     _compare_outputs_and_grads(
-        ours, theirs, [query, key, value],
+        ours,
+        theirs,
+        [query, key, value],
         lambda m, q, k, v: m(q, k, v, key_padding_mask=pad, attn_mask=mask, need_weights=need_weights),
     )
 

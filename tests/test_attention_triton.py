@@ -68,8 +68,18 @@ def expected(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0, grad_out=None,
     grads = None
     if grad_out is not None:
         grads = COMPOSITE_BACKWARD(
-            grad_out.double(), q64, k64, v64, mask, out, lse, None if grad_lse is None else grad_lse.double(),
-            causal, scale, dropout_p, seed,
+            grad_out.double(),
+            q64,
+            k64,
+            v64,
+            mask,
+            out,
+            lse,
+            None if grad_lse is None else grad_lse.double(),
+            causal,
+            scale,
+            dropout_p,
+            seed,
         )
     return out, lse, grads
 

@@ -57,8 +57,10 @@ class TestBoxArea(OpTester):
         return torch.tensor([(x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in boxes.double().tolist()], dtype=torch.float64)
 
     def bad_inputs(self):
-        return [((torch.zeros(3, 5),), {}, ValueError, r"Tensor\[\.\.\., 4\]"),
-                ((torch.zeros(3, 4, dtype=torch.bool),), {}, TypeError, "real numbers")]
+        return [
+            ((torch.zeros(3, 5),), {}, ValueError, r"Tensor\[\.\.\., 4\]"),
+            ((torch.zeros(3, 4, dtype=torch.bool),), {}, TypeError, "real numbers"),
+        ]
 
 
 class TestBoxIou(OpTester):
@@ -71,8 +73,9 @@ class TestBoxIou(OpTester):
         yield Sample((random_boxes(4)[0], torch.zeros(0, 4)), name="4x0")
 
     def reference(self, a, b):
-        return torch.tensor([[iou_reference(x, y) for y in b.double().tolist()] for x in a.double().tolist()],
-                            dtype=torch.float64).view(len(a), len(b))
+        return torch.tensor(
+            [[iou_reference(x, y) for y in b.double().tolist()] for x in a.double().tolist()], dtype=torch.float64
+        ).view(len(a), len(b))
 
     def bad_inputs(self):
         return [((torch.zeros(3, 4), torch.zeros(2, 3)), {}, ValueError, r"boxes2 must be a Tensor\[\.\.\., 4\]")]
@@ -93,8 +96,10 @@ class TestBoxConvert(OpTester):
         return torch.tensor(rows, dtype=torch.float64).view(-1, 4)
 
     def bad_inputs(self):
-        return [((torch.zeros(2, 4), "xy", "xyxy"), {}, ValueError, "in_fmt"),
-                ((torch.zeros(2, 4), "xyxy", "yx"), {}, ValueError, "out_fmt")]
+        return [
+            ((torch.zeros(2, 4), "xy", "xyxy"), {}, ValueError, "in_fmt"),
+            ((torch.zeros(2, 4), "xyxy", "yx"), {}, ValueError, "out_fmt"),
+        ]
 
 
 class TestClipBoxesToImage(OpTester):
@@ -107,8 +112,10 @@ class TestClipBoxesToImage(OpTester):
 
     def reference(self, boxes, size):
         height, width = size
-        rows = [[min(max(v, 0.0), width if i % 2 == 0 else height) for i, v in enumerate(box)]
-                for box in boxes.double().tolist()]
+        rows = [
+            [min(max(v, 0.0), width if i % 2 == 0 else height) for i, v in enumerate(box)]
+            for box in boxes.double().tolist()
+        ]
         return torch.tensor(rows, dtype=torch.float64).view(-1, 4)
 
     def bad_inputs(self):

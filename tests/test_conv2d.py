@@ -15,7 +15,17 @@ import fastdl.ops
 from fastdl.ops import _library
 from fastdl.ops._utils import suggest_memory_format
 from fastdl.ops.conv2d import ACTIVATIONS
-from harness import DEVICES, LAYOUTS, assert_close, check_compiled, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck, with_layout
+from harness import (
+    DEVICES,
+    LAYOUTS,
+    assert_close,
+    check_compiled,
+    composite_serves_mps,
+    fresh_seed,
+    needs_cuda,
+    run_opcheck,
+    with_layout,
+)
 
 # The C++ kernels take other paths per CPU capability: every test runs on each one the CPU has.
 pytestmark = pytest.mark.usefixtures("every_cpu_capability")
@@ -32,6 +42,7 @@ def assert_conv_close(actual, expected, dtype=torch.float32, pre_activation=None
         scale = expected if pre_activation is None else pre_activation
         tol["atol"] = 1e-5 * (1 + scale.abs().max().item()) if scale.numel() else 1e-5
     assert_close(actual, expected, dtype, **tol)
+
 
 # name: (N, C, H, W, K, (kh, kw), stride, padding, dilation, groups)
 CASES = {
@@ -198,7 +209,10 @@ def test_gradients_are_laid_out_as_the_fake_kernel_says(channels):
     mode = torch._subclasses.fake_tensor.FakeTensorMode()
     grad_output, x_fake, w_fake = (mode.from_tensor(t) for t in (torch.ones(2, 8, 12, 12), x.detach(), w.detach()))
     with mode:
-        fake = torch.ops.fastdl._conv2d_backward.default(grad_output, x_fake, w_fake, [1, 1], [1, 1], [1, 1], 1, [True, True, True])
+        fake = torch.ops.fastdl._conv2d_backward.default(
+            grad_output, x_fake, w_fake, [1, 1], [1, 1], [1, 1], 1, [True, True, True]
+        )
+
     def layout(t):  # the strides that matter: those of dimensions longer than 1
         return tuple(stride for stride, size in zip(t.stride(), t.shape) if size > 1)
 
@@ -262,9 +276,18 @@ def test_fused_activation_of_non_finite_sums(name, activation):
 
 # One case per CPU algorithm: direct tiles (full and partial channel blocks), row tiles, Winograd
 # (both schedules), the subsampled strided 1x1, grouped (GEMM), no output pixels.
-RESIDUAL_CASES = {name: CASES[name] for name in (
-    "3x3", "wide_channels", "3x3_winograd", "3x3_winograd_few_tiles", "1x1_stride2_downsample", "grouped", "batch_0"
-)} | {name: ROW_TILE_CASES[name] for name in ("row_of_17", "few_output_channels")}
+RESIDUAL_CASES = {
+    name: CASES[name]
+    for name in (
+        "3x3",
+        "wide_channels",
+        "3x3_winograd",
+        "3x3_winograd_few_tiles",
+        "1x1_stride2_downsample",
+        "grouped",
+        "batch_0",
+    )
+} | {name: ROW_TILE_CASES[name] for name in ("row_of_17", "few_output_channels")}
 
 
 def make_residual(x, w, args, layout, dtype=None):
@@ -326,7 +349,9 @@ def test_residual_opcheck_and_compile(layout, device):
     x, w, b, _ = make_case((2, 4, 7, 6, 5, (3, 3), 1, 1, 1, 1), device=device, layout=layout)
     residual = with_layout(torch.randn(2, 5, 4, 4, device=device), layout)
     args = ([2, 1], [1, 0], [1, 1], 1, "relu", None)
-    run_opcheck(torch.ops.fastdl.conv2d.default, (x.requires_grad_(), w.requires_grad_(), b, *args, residual.requires_grad_()))
+    run_opcheck(
+        torch.ops.fastdl.conv2d.default, (x.requires_grad_(), w.requires_grad_(), b, *args, residual.requires_grad_())
+    )
     fn = lambda x, w, b, r: fastdl.ops.conv2d(x, w, b, stride=(2, 1), padding=(1, 0), activation="relu", residual=r)  # noqa: E731
     check_compiled(fn, x, w, b.requires_grad_(), residual)
 
@@ -356,7 +381,9 @@ def test_bad_residual(impl):
         op(x, w, None, *args, torch.randn(2, 6, 8))
     with pytest.raises(RuntimeError, match=r"output's shape \[2, 6, 8, 8\], got \[1, 6, 8, 8\]"):
         op(x, w, None, *args, torch.randn(1, 6, 8, 8))  # no broadcasting
-    with pytest.raises(RuntimeError, match="input has dtype .*(Float|float32) but residual has dtype .*(Double|float64)"):
+    with pytest.raises(
+        RuntimeError, match="input has dtype .*(Float|float32) but residual has dtype .*(Double|float64)"
+    ):
         op(x, w, None, *args, torch.randn(2, 6, 8, 8, dtype=torch.float64))
 
 
@@ -412,7 +439,9 @@ def test_prepacked_winograd_weight(name, layout, dtype):
     x, w, b, args = make_case(CASES[name], dtype, layout=layout)
     u = fastdl.ops.conv2d_winograd_weight(w)
     out = fastdl.ops.conv2d(x, w, b, activation="relu", winograd_weight=u, **args)
-    assert_conv_close(out, reference(x, w, b, activation="relu", **args), dtype, pre_activation=reference(x, w, b, **args))
+    assert_conv_close(
+        out, reference(x, w, b, activation="relu", **args), dtype, pre_activation=reference(x, w, b, **args)
+    )
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -447,7 +476,10 @@ def test_opcheck_with_winograd_weight():
     fresh_seed()
     x, w, b, _ = make_case((2, 4, 7, 6, 5, (3, 3), 1, 1, 1, 1))
     u = fastdl.ops.conv2d_winograd_weight(w)
-    run_opcheck(torch.ops.fastdl.conv2d.default, (x.requires_grad_(), w.requires_grad_(), b, [1, 1], [1, 1], [1, 1], 1, "relu", u))
+    run_opcheck(
+        torch.ops.fastdl.conv2d.default,
+        (x.requires_grad_(), w.requires_grad_(), b, [1, 1], [1, 1], [1, 1], 1, "relu", u),
+    )
 
 
 def test_conv2d_module_prepack_follows_the_weight():
@@ -512,7 +544,20 @@ def test_string_padding(padding, kernel):
 
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", ["3x3", "7x7_stride2_stem", "non_square_3x5", "dilated", "grouped", "depthwise", "1x1_pointwise", "smaller_than_kernel_padded", "batch_0"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "3x3",
+        "7x7_stride2_stem",
+        "non_square_3x5",
+        "dilated",
+        "grouped",
+        "depthwise",
+        "1x1_pointwise",
+        "smaller_than_kernel_padded",
+        "batch_0",
+    ],
+)
 def test_gradients_match_reference(name, layout, activation):
     fresh_seed()
     x, w, b, args = make_case(CASES[name], torch.float64, layout=layout)
@@ -580,9 +625,7 @@ def test_gradcheck(activation, layout):
     x, w, b, args = make_case((1, 3, 5, 6, 4, (3, 2), (2, 1), 1, (1, 2), 1), torch.float64, layout=layout)
     inputs = [t.requires_grad_() for t in (x, w, b)]
     op = torch.ops.fastdl.conv2d.default  # the op itself, so the registered autograd formula runs
-    assert torch.autograd.gradcheck(
-        lambda *t: op(*t, [2, 1], [1, 1], [1, 2], 1, activation), inputs, nondet_tol=1e-12
-    )
+    assert torch.autograd.gradcheck(lambda *t: op(*t, [2, 1], [1, 1], [1, 2], 1, activation), inputs, nondet_tol=1e-12)
 
 
 # ---- dispatcher-level checks ------------------------------------------------------------------
@@ -594,9 +637,15 @@ def test_gradcheck(activation, layout):
 def test_opcheck(layout, activation, device):
     fresh_seed()
     x, w, b, _ = make_case((2, 4, 7, 6, 5, (3, 3), 1, 1, 1, 1), device=device, layout=layout)
-    run_opcheck(torch.ops.fastdl.conv2d.default, (x.requires_grad_(), w.requires_grad_(), b, [2, 1], [1, 0], [1, 1], 1, activation))
+    run_opcheck(
+        torch.ops.fastdl.conv2d.default,
+        (x.requires_grad_(), w.requires_grad_(), b, [2, 1], [1, 0], [1, 1], 1, activation),
+    )
     grad = torch.randn(2, 5, 4, 4, device=device)
-    run_opcheck(torch.ops.fastdl._conv2d_backward.default, (grad, x.detach(), w.detach(), [2, 1], [1, 0], [1, 1], 1, [True, True, False]))
+    run_opcheck(
+        torch.ops.fastdl._conv2d_backward.default,
+        (grad, x.detach(), w.detach(), [2, 1], [1, 0], [1, 1], 1, [True, True, False]),
+    )
 
 
 def test_torch_compile():
@@ -625,7 +674,11 @@ def test_composite_matches_and_serves_mps():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cuda_resnet_block_shapes(layout, dtype):
     fresh_seed()
-    for case in [(8, 64, 56, 56, 64, (3, 3), 1, 1, 1, 1), (8, 3, 224, 224, 64, (7, 7), 2, 3, 1, 1), (8, 64, 56, 56, 128, (1, 1), 2, 0, 1, 1)]:
+    for case in [
+        (8, 64, 56, 56, 64, (3, 3), 1, 1, 1, 1),
+        (8, 3, 224, 224, 64, (7, 7), 2, 3, 1, 1),
+        (8, 64, 56, 56, 128, (1, 1), 2, 0, 1, 1),
+    ]:
         x, w, b, args = make_case(case, dtype, "cuda", layout)
         out = fastdl.ops.conv2d(x, w, b, activation="relu", **args)
         tol = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-1)
@@ -737,7 +790,9 @@ def test_conv2d_norm_activation_train_and_eval():
     x = torch.randn(6, 4, 11, 11)
     block.train()
     out = block(x)  # batch statistics, and the running statistics move
-    expected = F.relu(F.batch_norm(F.conv2d(x, block[0].weight, None, 2, 1), None, None, block[1].weight, block[1].bias, True))
+    expected = F.relu(
+        F.batch_norm(F.conv2d(x, block[0].weight, None, 2, 1), None, None, block[1].weight, block[1].bias, True)
+    )
     assert_conv_close(out, expected.double())
     out.sum().backward()
     assert block[0].weight.grad is not None
@@ -773,8 +828,18 @@ def _torchvision_style_block(*args, norm_layer=nn.BatchNorm2d, activation_layer=
     padding ``(k - 1) // 2 * dilation``, a conv bias only without a norm layer."""
     in_channels, out_channels, kernel_size = args
     stride, groups, dilation = kwargs.get("stride", 1), kwargs.get("groups", 1), kwargs.get("dilation", 1)
-    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2 * dilation, dilation,
-                        groups, bias=norm_layer is None)]
+    layers = [
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            (kernel_size - 1) // 2 * dilation,
+            dilation,
+            groups,
+            bias=norm_layer is None,
+        )
+    ]
     if norm_layer is not None:
         layers.append(norm_layer(out_channels))
     if activation_layer is not None:
@@ -843,4 +908,6 @@ def test_no_input_channels_gives_the_activated_bias(impl, activation):
     if impl == "native":
         out.sum().backward()
         assert w.grad.shape == (4, 0, 3, 3)
-        assert_close(b.grad, torch.autograd.grad(ACTIVATIONS[activation](b.view(1, 4, 1, 1).expand(2, 4, 5, 6)).sum(), b)[0])
+        assert_close(
+            b.grad, torch.autograd.grad(ACTIVATIONS[activation](b.view(1, 4, 1, 1).expand(2, 4, 5, 6)).sum(), b)[0]
+        )

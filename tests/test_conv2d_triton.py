@@ -58,7 +58,9 @@ def as_pair(v):
 
 def reference(x, weight, bias, stride, padding, dilation, groups, activation=None):
     """float64 F.conv2d + activation of the (already rounded) inputs."""
-    y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride, padding, dilation, groups)
+    y = F.conv2d(
+        x.double(), weight.double(), None if bias is None else bias.double(), stride, padding, dilation, groups
+    )
     return ACTIVATIONS[activation](y)
 
 
@@ -78,8 +80,10 @@ def assert_close(actual, expected, dtype, name=""):
 
 
 def memory_format_of(t):
-    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else (
-        torch.contiguous_format
+    return (
+        torch.channels_last
+        if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        else (torch.contiguous_format)
     )
 
 
@@ -243,7 +247,9 @@ def test_batch_zero(gen):
     assert grad_bias.shape == (6,) and (grad_bias == 0).all()
 
 
-@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+@pytest.mark.parametrize(
+    "mask", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]
+)
 def test_output_mask(mask, gen):
     x, weight, bias = make_inputs(gen, 1, 4, 6, 6, 6, 3, 3)
     grad_out = torch.randn(1, 6, 6, 6, generator=gen).to(DEVICE)
@@ -290,8 +296,11 @@ def test_tile_configs_are_valid(interpret):
         kept = triton_conv2d._prune_tiles(configs, {"ROWS": rows, "COLS": cols, "RED": 9})
         assert kept and all(c in configs for c in kept)
     if interpret == triton_conv2d._INTERPRET:  # what the kernels were decorated with
-        kernels = (triton_conv2d._conv_fwd_kernel, triton_conv2d._conv_bwd_input_kernel,
-                   triton_conv2d._conv_bwd_weight_kernel)
+        kernels = (
+            triton_conv2d._conv_fwd_kernel,
+            triton_conv2d._conv_bwd_input_kernel,
+            triton_conv2d._conv_bwd_weight_kernel,
+        )
         assert all(len(kernel.configs) == len(configs) for kernel in kernels)
 
 

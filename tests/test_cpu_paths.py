@@ -146,7 +146,9 @@ def test_attention_forward_backward(name, contiguous, dtype):
     b, h, hkv, nq, nk, d, causal, masked = ATTENTION_CASES[name]
     q64, k64, v64 = (torch.randn(b, heads, n, d, dtype=torch.float64) for heads, n in ((h, nq), (hkv, nk), (hkv, nk)))
     mask64 = torch.randn(b, h, nq, nk, dtype=torch.float64) if masked else None
-    make = (lambda t: t.to(dtype)) if contiguous else (lambda t: t.to(dtype).transpose(1, 2).contiguous().transpose(1, 2))
+    make = (
+        (lambda t: t.to(dtype)) if contiguous else (lambda t: t.to(dtype).transpose(1, 2).contiguous().transpose(1, 2))
+    )
     q, k, v = (make(t).requires_grad_() for t in (q64, k64, v64))
     mask = None if mask64 is None else mask64.to(dtype)
     out = fastdl.ops.attention(q, k, v, causal=causal, attn_mask=mask)
@@ -182,7 +184,9 @@ def test_attention_nan_and_inf(poison, causal):
     """NaN in, NaN out, at the reference's places and with its values elsewhere, on every path."""
     fresh_seed()
     q, k, v, mask = poisoned_attention_inputs(poison)
-    out = fastdl.ops.attention(q.float(), k.float(), v.float(), attn_mask=None if mask is None else mask.float(), causal=causal)
+    out = fastdl.ops.attention(
+        q.float(), k.float(), v.float(), attn_mask=None if mask is None else mask.float(), causal=causal
+    )
     expected, _ = _library.composite("attention")(q, k, v, mask, causal, 1 / math.sqrt(q.size(-1)), 0.0, 0)
     if poison == "mask":  # finfo.min on every key is a value: the mean of the visible v
         # (float64 arithmetic loses the scores against it and sums v instead)
@@ -260,7 +264,11 @@ def test_linear_cross_entropy_forward_backward(dtype):
 @pytest.mark.parametrize("rows", [1, 9], ids=["one_row", "two_passes"])
 def test_linear_forward_backward(rows, dtype):
     fresh_seed()
-    x64, w64, b64 = torch.randn(rows, 37, dtype=torch.float64), torch.randn(23, 37, dtype=torch.float64), torch.randn(23, dtype=torch.float64)
+    x64, w64, b64 = (
+        torch.randn(rows, 37, dtype=torch.float64),
+        torch.randn(23, 37, dtype=torch.float64),
+        torch.randn(23, dtype=torch.float64),
+    )
     leaves = [t.to(dtype).requires_grad_() for t in (x64, w64, b64)]
     references = [t.requires_grad_() for t in (x64, w64, b64)]
     check_forward_backward(fastdl.ops.linear(*leaves), F.linear(*references), list(zip(leaves, references)), dtype)
@@ -301,4 +309,3 @@ def test_nms(dtype):
     keep = fastdl.ops.nms(boxes, scores, 0.4)
     expected = _library.composite("nms")(boxes.double(), scores.double(), 0.4)
     assert torch.equal(keep, expected)
-

@@ -31,8 +31,12 @@ def cifar_batch(n, num_classes, label_key=b"labels", rng=None):
     images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, num_classes, n).tolist()
     # CIFAR's layout: each row holds the red plane, then green, then blue
-    content = {b"batch_label": b"batch", label_key: labels, b"data": images.reshape(n, 3072),
-               b"filenames": [b"x.png"] * n}
+    content = {
+        b"batch_label": b"batch",
+        label_key: labels,
+        b"data": images.reshape(n, 3072),
+        b"filenames": [b"x.png"] * n,
+    }
     return content, images, labels
 
 
@@ -65,8 +69,13 @@ def test_cifar10_reads_the_batches_exactly(tmp_path):
 def test_cifar100_fine_and_coarse_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
-    write_pickle(folder / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-                                   b"coarse_label_names": [f"c{i}".encode() for i in range(20)]})
+    write_pickle(
+        folder / "meta",
+        {
+            b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"c{i}".encode() for i in range(20)],
+        },
+    )
     content, images, fine = cifar_batch(6, 100, b"fine_labels")
     content[b"coarse_labels"] = [f // 5 for f in fine]
     write_pickle(folder / "train", content)
@@ -101,8 +110,9 @@ def test_cifar_bad_files_give_clear_errors(tmp_path):
     write_pickle(folder / "test_batch", {b"pixels": 1})
     with pytest.raises(ValueError, match="no 'data' entry"):
         data.CIFAR10(folder, train=False)
-    write_pickle(folder / "test_batch", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1],
-                                         b"payload": print})  # a function reference: code, not data
+    write_pickle(
+        folder / "test_batch", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"payload": print}
+    )  # a function reference: code, not data
     with pytest.raises(ValueError, match="refusing to load"):
         data.CIFAR10(folder, train=False)
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
@@ -122,8 +132,10 @@ def idx_bytes(array: np.ndarray, type_code: int) -> bytes:
 
 def write_mnist(folder, prefix, images, labels, compress):
     folder.mkdir(parents=True, exist_ok=True)
-    for name, content in ((f"{prefix}-images-idx3-ubyte", idx_bytes(images, 0x08)),
-                          (f"{prefix}-labels-idx1-ubyte", idx_bytes(labels, 0x08))):
+    for name, content in (
+        (f"{prefix}-images-idx3-ubyte", idx_bytes(images, 0x08)),
+        (f"{prefix}-labels-idx1-ubyte", idx_bytes(labels, 0x08)),
+    ):
         if compress:
             (folder / f"{name}.gz").write_bytes(gzip.compress(content))
         else:
@@ -144,10 +156,16 @@ def test_mnist_and_fashion_mnist_read_idx_files(tmp_path, compress):
     assert torch.equal(fashion.images[:, 0], torch.from_numpy(images[:3])) and fashion.classes[9] == "Ankle boot"
 
 
-@pytest.mark.parametrize("type_code, dtype", [(0x08, np.uint8), (0x09, np.int8), (0x0B, np.int16), (0x0C, np.int32),
-                                              (0x0D, np.float32), (0x0E, np.float64)])
+@pytest.mark.parametrize(
+    "type_code, dtype",
+    [(0x08, np.uint8), (0x09, np.int8), (0x0B, np.int16), (0x0C, np.int32), (0x0D, np.float32), (0x0E, np.float64)],
+)
 def test_read_idx_every_type_big_endian(tmp_path, type_code, dtype):
-    array = (np.arange(24).reshape(2, 3, 4) * 3 - 20).astype(dtype) if type_code != 0x08 else np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    array = (
+        (np.arange(24).reshape(2, 3, 4) * 3 - 20).astype(dtype)
+        if type_code != 0x08
+        else np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    )
     (tmp_path / "a.idx").write_bytes(idx_bytes(array, type_code))
     out = data.read_idx(tmp_path / "a.idx")
     assert out.shape == (2, 3, 4) and np.array_equal(out.numpy(), array)
@@ -157,7 +175,9 @@ def test_idx_bad_files_give_clear_errors(tmp_path):
     good = idx_bytes(np.zeros((4, 28, 28), np.uint8), 0x08)
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(b"\x00\x00\x07\x03" + good[4:])
-    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: not an IDX file: the magic number .* got 00 00 07 03"):
+    with pytest.raises(
+        ValueError, match=r"train-images-idx3-ubyte: not an IDX file: the magic number .* got 00 00 07 03"
+    ):
         data.read_idx(path)
     path.write_bytes(good[:-10])
     with pytest.raises(ValueError, match=r"IDX header says 4x28x28 uint8 = 3136 bytes of data, but the file has 3126"):
@@ -194,7 +214,9 @@ def write_image(path, pixels: np.ndarray):
 def test_image_folder_reads_png_exactly(tmp_path):
     pytest.importorskip("PIL")
     rng = np.random.default_rng(3)
-    pixels = {name: rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for name in ("cat/a.png", "cat/sub/b.png", "dog/c.png")}
+    pixels = {
+        name: rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for name in ("cat/a.png", "cat/sub/b.png", "dog/c.png")
+    }
     for name, p in pixels.items():
         write_image(tmp_path / name, p)
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
@@ -239,7 +261,9 @@ def make_tiny_imagenet(root, rng):
         (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
     val, lines = {}, []
     for i, wnid in enumerate(["n03", "n01", "n02", "n03"]):
-        pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8) if i == 0 else rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        pixels = (
+            rng.integers(0, 256, (8, 8), dtype=np.uint8) if i == 0 else rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        )
         write_image(root / "val" / "images" / f"val_{i}.png", pixels)  # val_0 is grayscale, as some are
         val[i] = pixels
         lines.append(f"val_{i}.png\t{wnid}\t0\t0\t7\t7")
@@ -310,7 +334,9 @@ def test_random_crop_with_padding_is_a_per_image_crop_of_the_padded_image():
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     offsets = set()
     for n in range(64):
-        matches = [(i, j) for i in range(5) for j in range(5) if torch.equal(out[n], padded[n, :, i : i + 6, j : j + 6])]
+        matches = [
+            (i, j) for i in range(5) for j in range(5) if torch.equal(out[n], padded[n, :, i : i + 6, j : j + 6])
+        ]
         assert matches, f"image {n} is no crop of its padded image"
         offsets.add(matches[0])
     assert len(offsets) > 10  # offsets differ between images
@@ -355,8 +381,9 @@ def test_normalize_resize_and_recipes():
 def test_tensor_batches_cover_each_epoch_and_are_reproducible():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
     dataset = data.ImageTensorDataset(images, torch.arange(10), [str(i) for i in range(10)])
-    batches = data.TensorBatches(dataset, 4, shuffle=True, generator=torch.Generator().manual_seed(0),
-                                 transform=lambda x: x.float())
+    batches = data.TensorBatches(
+        dataset, 4, shuffle=True, generator=torch.Generator().manual_seed(0), transform=lambda x: x.float()
+    )
     assert len(batches) == 3
     first, second = [torch.cat([y for _, y in batches]) for _ in range(2)]
     assert sorted(first.tolist()) == list(range(10)) and first.tolist() != second.tolist()

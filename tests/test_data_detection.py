@@ -36,7 +36,9 @@ def voc_xml(filename, objects, size=None):
         parts.append(f"""<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>
             <difficult>{difficult}</difficult><bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin>
             <xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>""")
-    size_xml = "" if size is None else f"<size><width>{size[1]}</width><height>{size[0]}</height><depth>3</depth></size>"
+    size_xml = (
+        "" if size is None else f"<size><width>{size[1]}</width><height>{size[0]}</height><depth>3</depth></size>"
+    )
     return f"<annotation><folder>x</folder><filename>{filename}</filename>{size_xml}{''.join(parts)}</annotation>"
 
 
@@ -47,8 +49,9 @@ def write_voc(root, annotations, sizes, splits=None, layout="voc"):
     xmls = root if layout == "flat" else root / "Annotations"
     pixels = {}
     for number, (stem, objects) in enumerate(annotations.items()):
-        pixels[stem] = write_image(images / f"{stem}.jpg" if layout == "flat" else images / f"{stem}.png",
-                                   *sizes[stem], seed=number)
+        pixels[stem] = write_image(
+            images / f"{stem}.jpg" if layout == "flat" else images / f"{stem}.png", *sizes[stem], seed=number
+        )
         xmls.mkdir(parents=True, exist_ok=True)
         filename = f"{stem}.jpg" if layout == "flat" else f"{stem}.png"
         (xmls / f"{stem}.xml").write_text(voc_xml(filename, objects, sizes[stem]))
@@ -101,8 +104,12 @@ def test_voc_reads_boxes_labels_names_and_splits(tmp_path):
 def test_voc_flat_folder_of_images_beside_their_xml(tmp_path):
     """As the fruit images come: apple_1.jpg beside apple_1.xml, no ImageSets, XML sizes of 0."""
     root = tmp_path / "fruits"
-    write_voc(root, {"apple_1": [("apple", 2, 3, 9, 9)], "banana_1": [("banana", 1, 1, 12, 5)]},
-              {"apple_1": (10, 12), "banana_1": (8, 16)}, layout="flat")
+    write_voc(
+        root,
+        {"apple_1": [("apple", 2, 3, 9, 9)], "banana_1": [("banana", 1, 1, 12, 5)]},
+        {"apple_1": (10, 12), "banana_1": (8, 16)},
+        layout="flat",
+    )
     (root / "apple_1.xml").write_text(voc_xml("apple_1.jpg", [("apple", 2, 3, 9, 9)], size=(0, 0)))
     fruits = VOCDetection(root)
     assert fruits.classes == ["apple", "banana"]
@@ -126,7 +133,8 @@ def test_voc_problems_are_skipped_with_one_warning_each(tmp_path):
     write_voc(root, annotations, sizes)
     (root / "JPEGImages" / "no_image.png").unlink()
     (root / "Annotations" / "bad_number.xml").write_text(
-        voc_xml("bad_number.png", [("cat", 1, 1, 4, 4)]).replace("<xmax>4</xmax>", "<xmax>four</xmax>"))
+        voc_xml("bad_number.png", [("cat", 1, 1, 4, 4)]).replace("<xmax>4</xmax>", "<xmax>four</xmax>")
+    )
     (root / "Annotations" / "broken.xml").write_text("<annotation><object><name>cat</name>")
     (root / "JPEGImages" / "corrupt.png").write_bytes(b"not a png")
 
@@ -137,12 +145,17 @@ def test_voc_problems_are_skipped_with_one_warning_each(tmp_path):
     assert voc.targets[1]["boxes"].tolist() == [[0, 1, 16, 9]] and voc.targets[1]["labels"].tolist() == [1]
     assert voc.targets[2]["labels"].tolist() == [1]
     assert len(caught) == 6, messages  # one warning per kind of problem
-    assert f"unreadable annotations, skipped (2): {root / 'Annotations' / 'bad_number.xml'}: object 1 (cat): " \
-           "<xmax> is 'four', not a number" in messages
+    assert (
+        f"unreadable annotations, skipped (2): {root / 'Annotations' / 'bad_number.xml'}: object 1 (cat): "
+        "<xmax> is 'four', not a number" in messages
+    )
     assert f"{root / 'Annotations' / 'broken.xml'}: malformed XML (no element found: line 1" in messages
     assert f"annotations without their image, skipped (1): {root / 'Annotations' / 'no_image.xml'}" in messages
     assert f"unreadable images, skipped (1): {root / 'JPEGImages' / 'corrupt.png'}: cannot read the image" in messages
-    assert "boxes with no area inside the image, skipped (1): " in messages and "(dog [39.0, 39.0, 50.0, 50.0])" in messages
+    assert (
+        "boxes with no area inside the image, skipped (1): " in messages
+        and "(dog [39.0, 39.0, 50.0, 50.0])" in messages
+    )
     assert "images without objects, skipped (1): " in messages and "empty.xml" in messages
     assert "objects of classes not in ['cat', 'dog'], skipped (1): " in messages and "stranger.xml (horse)" in messages
 
@@ -177,9 +190,11 @@ def write_coco(tmp_path, content, images):
 
 def coco_content():
     return {
-        "images": [{"id": 7, "file_name": "seven.png", "height": 20, "width": 30},
-                   {"id": 3, "file_name": "three.png"},  # no size: read from the file
-                   {"id": 9, "file_name": "nine.png", "height": 10, "width": 10}],
+        "images": [
+            {"id": 7, "file_name": "seven.png", "height": 20, "width": 30},
+            {"id": 3, "file_name": "three.png"},  # no size: read from the file
+            {"id": 9, "file_name": "nine.png", "height": 10, "width": 10},
+        ],
         "categories": [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}, {"id": 44, "name": "bottle"}],
         "annotations": [
             {"id": 1, "image_id": 7, "category_id": 18, "bbox": [2.5, 3, 10, 5], "iscrowd": 0},
@@ -193,8 +208,9 @@ def coco_content():
 
 
 def test_coco_maps_categories_converts_boxes_and_keeps_crowds(tmp_path):
-    folder, path = write_coco(tmp_path, coco_content(), {"seven.png": (20, 30), "three.png": (16, 24),
-                                                         "nine.png": (10, 10)})
+    folder, path = write_coco(
+        tmp_path, coco_content(), {"seven.png": (20, 30), "three.png": (16, 24), "nine.png": (10, 10)}
+    )
     with pytest.warns(DetectionDataWarning) as caught:
         coco = COCODetection(folder, path)
     messages = "\n".join(str(w.message) for w in caught)
@@ -242,8 +258,10 @@ def test_coco_errors_name_the_file_and_the_entry(tmp_path):
     path.write_text(json.dumps(coco_content()))
     (folder / "seven.png").unlink()
     (folder / "three.png").unlink()
-    with pytest.warns(DetectionDataWarning) as caught, \
-            pytest.raises(ValueError, match="no usable annotated image among 3 images"):
+    with (
+        pytest.warns(DetectionDataWarning) as caught,
+        pytest.raises(ValueError, match="no usable annotated image among 3 images"),
+    ):
         COCODetection(folder, path)
     assert any("images missing from the folder, skipped (3)" in str(w.message) for w in caught)
 
@@ -292,7 +310,7 @@ def test_shapes_boxes_are_exact_and_classes_balanced():
             assert [columns[0], rows[0], columns[-1] + 1, rows[-1] + 1] == [x1, y1, x2, y2]
             # from the pixels alone: the object's colour fills its box up to each edge, not beyond
             colour = pixels[:, mask].median(dim=1).values
-            similar = ((pixels - colour[:, None, None]).abs().amax(0) < 0.15)
+            similar = (pixels - colour[:, None, None]).abs().amax(0) < 0.15
             inside = similar[y1:y2, x1:x2]
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
             assert inside[mask[y1:y2, x1:x2]].float().mean() > 0.95

@@ -122,11 +122,17 @@ def test_train_and_validation_splits_are_disjoint():
 
 
 def test_too_short_streams_and_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="the training split has 8 tokens, fewer than one window of block_size "
-                                         r"\+ 1 = 9"):
+    with pytest.raises(
+        ValueError,
+        match="the training split has 8 tokens, fewer than one window of block_size "
+        r"\+ 1 = 9",
+    ):
         windows(positions(8), block_size=8)
-    with pytest.raises(ValueError, match=r"batch_size 5: the training split's 40 tokens make only 4 windows of "
-                                         r"block_size \+ 1 = 9 tokens per epoch"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_size 5: the training split's 40 tokens make only 4 windows of "
+        r"block_size \+ 1 = 9 tokens per epoch",
+    ):
         windows(positions(40), block_size=8, batch_size=5)
     with pytest.raises(ValueError, match="batch_size 2 gives some of the 3 processes no window"):
         windows(positions(400), batch_size=2, rank=0, world_size=3)

@@ -111,7 +111,9 @@ def test_fx_traces_the_modules(module, inputs):
     fresh_seed()
     m, args = module(), inputs()
     traced = torch.fx.symbolic_trace(m)
-    assert any(node.op == "call_function" and node.target.__module__.startswith("fastdl.ops") for node in traced.graph.nodes)
+    assert any(
+        node.op == "call_function" and node.target.__module__.startswith("fastdl.ops") for node in traced.graph.nodes
+    )
     torch.testing.assert_close(traced(*args), m(*args))
 
 
@@ -128,4 +130,6 @@ def _scripted_roi_align(features: torch.Tensor, rois: torch.Tensor) -> torch.Ten
 def test_torchscript_calls_the_registered_operators():
     fresh_seed()
     features, rois = torch.randn(1, 3, 20, 20), torch.tensor([[0, 1.0, 1, 9, 9]])
-    torch.testing.assert_close(_scripted_roi_align(features, rois), fastdl.ops.roi_align(features, rois, 3, 0.5, 2, True))
+    torch.testing.assert_close(
+        _scripted_roi_align(features, rois), fastdl.ops.roi_align(features, rois, 3, 0.5, 2, True)
+    )

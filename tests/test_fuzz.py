@@ -59,7 +59,11 @@ class IsolatedRunner:
             pass
         self._process.kill()
         self._process.join()
-        outcome = ("hang", f"no answer in {CASE_TIMEOUT_S:.0f} s") if hung else ("crash", f"exit code {self._process.exitcode}")
+        outcome = (
+            ("hang", f"no answer in {CASE_TIMEOUT_S:.0f} s")
+            if hung
+            else ("crash", f"exit code {self._process.exitcode}")
+        )
         self._start()
         return outcome
 
@@ -85,7 +89,9 @@ def check_valid(runner, case):
 def check_invalid(runner, case):
     outcome, details = runner(case)
     assert outcome == "error", f"expected an error naming {case['expect']!r}, got {outcome}: {details}\ncase: {case}"
-    assert case["expect"].lower() in details.lower(), f"the message does not name {case['expect']!r}: {details}\ncase: {case}"
+    assert case["expect"].lower() in details.lower(), (
+        f"the message does not name {case['expect']!r}: {details}\ncase: {case}"
+    )
 
 
 # ---- strategies: valid cases per op, and the mutations that break one argument ----------------
@@ -99,12 +105,20 @@ NAN, INF = float("nan"), float("inf")
 def roi_cases(draw, op):
     dtype = draw(float_dtypes)
     case = dict(
-        op=op, seed=draw(seeds), dtype=dtype, batch=draw(st.integers(1, 2)), channels=draw(st.integers(1, 4)),
-        height=draw(st.integers(0, 10)), width=draw(st.integers(0, 10)), boxes=draw(st.integers(0, 5)),
+        op=op,
+        seed=draw(seeds),
+        dtype=dtype,
+        batch=draw(st.integers(1, 2)),
+        channels=draw(st.integers(1, 4)),
+        height=draw(st.integers(0, 10)),
+        width=draw(st.integers(0, 10)),
+        boxes=draw(st.integers(0, 5)),
         # huge boxes only in float64, where sample positions still mean something
         box_range=draw(st.sampled_from([4.0, 20.0, 1e3] + ([1e7, 1e19] if dtype == torch.float64 else []))),
         spatial_scale=draw(st.sampled_from([1.0, 0.5, 0.25])),
-        output_size=(draw(st.integers(1, 4)), draw(st.integers(1, 4))), channels_last=draw(st.booleans()), expect=None,
+        output_size=(draw(st.integers(1, 4)), draw(st.integers(1, 4))),
+        channels_last=draw(st.booleans()),
+        expect=None,
     )
     if op == "roi_align":
         case.update(sampling_ratio=draw(st.sampled_from([-1, 0, 1, 2, 3])), aligned=draw(st.booleans()))
@@ -127,17 +141,25 @@ ROI_ALIGN_MUTATIONS = ROI_MUTATIONS + [
 
 
 def mutated(cases, mutations):
-    return st.tuples(cases, st.sampled_from(mutations)).map(lambda pair: {**pair[0], **pair[1][0], "expect": pair[1][1]})
+    return st.tuples(cases, st.sampled_from(mutations)).map(
+        lambda pair: {**pair[0], **pair[1][0], "expect": pair[1][1]}
+    )
 
 
 @st.composite
 def nms_cases(draw):
     dtype = draw(float_dtypes)
     return dict(
-        op="nms", seed=draw(seeds), dtype=dtype, count=draw(st.integers(0, 40)), distinct_scores=draw(st.integers(1, 50)),
+        op="nms",
+        seed=draw(seeds),
+        dtype=dtype,
+        count=draw(st.integers(0, 40)),
+        distinct_scores=draw(st.integers(1, 50)),
         coordinate_scale=draw(st.sampled_from([1.0, 1e-3, 1e20, 1e30] + ([1e200] if dtype == torch.float64 else []))),
-        iou_threshold=draw(st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0])), batched=draw(st.booleans()),
-        classes=draw(st.integers(1, 4)), expect=None,
+        iou_threshold=draw(st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0])),
+        batched=draw(st.booleans()),
+        classes=draw(st.integers(1, 4)),
+        expect=None,
     )
 
 
@@ -159,11 +181,22 @@ def conv_cases(draw):
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     spans = [d * (k - 1) + 1 - 2 * p for d, k, p in zip(dilation, kernel, padding)]
     return dict(
-        op="conv2d", seed=draw(seeds), dtype=draw(float_dtypes), batch=draw(st.integers(0, 2)),
-        in_channels=groups * draw(st.integers(0 if groups == 1 else 1, 3)), out_channels=groups * draw(st.integers(1, 3)),
-        height=max(spans[0], draw(st.integers(1, 9))), width=max(spans[1], draw(st.integers(1, 9))),
-        kernel=kernel, stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))), padding=padding, dilation=dilation,
-        groups=groups, bias=draw(st.booleans()), channels_last=draw(st.booleans()), expect=None,
+        op="conv2d",
+        seed=draw(seeds),
+        dtype=draw(float_dtypes),
+        batch=draw(st.integers(0, 2)),
+        in_channels=groups * draw(st.integers(0 if groups == 1 else 1, 3)),
+        out_channels=groups * draw(st.integers(1, 3)),
+        height=max(spans[0], draw(st.integers(1, 9))),
+        width=max(spans[1], draw(st.integers(1, 9))),
+        kernel=kernel,
+        stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        channels_last=draw(st.booleans()),
+        expect=None,
     )
 
 
@@ -183,9 +216,17 @@ CONV_MUTATIONS = [
 def attention_cases(draw):
     mask = draw(st.sampled_from([None, "bool", "float"]))
     case = dict(
-        op="attention", seed=draw(seeds), dtype=draw(float_dtypes), batch=draw(st.integers(1, 2)),
-        heads=draw(st.integers(1, 2)), queries=draw(st.integers(0, 70)), keys=draw(st.integers(0, 70)),
-        head_dim=draw(st.sampled_from([8, 16, 32, 64])), causal=draw(st.booleans()), mask=mask, expect=None,
+        op="attention",
+        seed=draw(seeds),
+        dtype=draw(float_dtypes),
+        batch=draw(st.integers(1, 2)),
+        heads=draw(st.integers(1, 2)),
+        queries=draw(st.integers(0, 70)),
+        keys=draw(st.integers(0, 70)),
+        head_dim=draw(st.sampled_from([8, 16, 32, 64])),
+        causal=draw(st.booleans()),
+        mask=mask,
+        expect=None,
     )
     if draw(st.booleans()):  # NaN in, NaN out: the places must match the reference's
         case["poison"] = [(draw(st.sampled_from(["q", "k", "v"])), draw(st.integers(0, 10**6)), NAN)]
@@ -206,9 +247,16 @@ ATTENTION_MUTATIONS = [
 def lstm_cases(draw):
     input_size = draw(st.integers(1, 6))
     return dict(
-        op="lstm", seed=draw(seeds), input_size=input_size, feature_size=input_size, hidden=draw(st.integers(1, 6)),
-        layers=draw(st.integers(1, 2)), batch=draw(st.integers(0, 3)), steps=draw(st.integers(1, 4)),
-        batch_first=draw(st.booleans()), expect=None,
+        op="lstm",
+        seed=draw(seeds),
+        input_size=input_size,
+        feature_size=input_size,
+        hidden=draw(st.integers(1, 6)),
+        layers=draw(st.integers(1, 2)),
+        batch=draw(st.integers(0, 3)),
+        steps=draw(st.integers(1, 4)),
+        batch_first=draw(st.booleans()),
+        expect=None,
     )
 
 
@@ -216,8 +264,14 @@ def lstm_cases(draw):
 def layer_norm_cases(draw):
     features = draw(st.integers(1, 40))
     return dict(
-        op="layer_norm", seed=draw(seeds), dtype=draw(float_dtypes), rows=draw(st.integers(0, 5)), features=features,
-        weight_size=features, eps=draw(st.sampled_from([1e-5, 0.0, 1e-2])), expect=None,
+        op="layer_norm",
+        seed=draw(seeds),
+        dtype=draw(float_dtypes),
+        rows=draw(st.integers(0, 5)),
+        features=features,
+        weight_size=features,
+        eps=draw(st.sampled_from([1e-5, 0.0, 1e-2])),
+        expect=None,
     )
 
 
@@ -225,8 +279,15 @@ def layer_norm_cases(draw):
 def linear_cases(draw):
     features, outputs = draw(st.integers(0, 40)), draw(st.integers(0, 40))
     return dict(
-        op="linear", seed=draw(seeds), dtype=draw(float_dtypes), rows=draw(st.integers(0, 20)), features=features,
-        outputs=outputs, weight_features=features, bias_size=draw(st.sampled_from([None, outputs])), expect=None,
+        op="linear",
+        seed=draw(seeds),
+        dtype=draw(float_dtypes),
+        rows=draw(st.integers(0, 20)),
+        features=features,
+        outputs=outputs,
+        weight_features=features,
+        bias_size=draw(st.sampled_from([None, outputs])),
+        expect=None,
     )
 
 
@@ -234,16 +295,26 @@ def linear_cases(draw):
 def lce_cases(draw):
     vocab = draw(st.integers(1, 40))
     return dict(
-        op="linear_cross_entropy", seed=draw(seeds), rows=draw(st.integers(1, 8)), width=draw(st.integers(1, 16)),
-        vocab=vocab, weight_rows=vocab, reduction=draw(st.sampled_from(["mean", "sum", "none"])), expect=None,
+        op="linear_cross_entropy",
+        seed=draw(seeds),
+        rows=draw(st.integers(1, 8)),
+        width=draw(st.integers(1, 16)),
+        vocab=vocab,
+        weight_rows=vocab,
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        expect=None,
     )
 
 
 @st.composite
 def box_cases(draw):
     return dict(
-        op="boxes", seed=draw(seeds), dtype=draw(float_dtypes), count=draw(st.integers(0, 6)),
-        size=(draw(st.integers(0, 60)), draw(st.integers(0, 60))), min_size=draw(st.sampled_from([0.0, 1.5, 10.0, INF])),
+        op="boxes",
+        seed=draw(seeds),
+        dtype=draw(float_dtypes),
+        count=draw(st.integers(0, 6)),
+        size=(draw(st.integers(0, 60)), draw(st.integers(0, 60))),
+        min_size=draw(st.sampled_from([0.0, 1.5, 10.0, INF])),
         expect=None,
     )
 
@@ -255,11 +326,18 @@ CASES = {
     "conv2d": (conv_cases(), CONV_MUTATIONS),
     "attention": (attention_cases(), ATTENTION_MUTATIONS),
     "lstm": (lstm_cases(), [(dict(feature_size=99), "input")]),
-    "layer_norm": (layer_norm_cases(), [(dict(eps=NAN), "eps"), (dict(eps=-1.0), "eps"), (dict(weight_size=99), "weight")]),
+    "layer_norm": (
+        layer_norm_cases(),
+        [(dict(eps=NAN), "eps"), (dict(eps=-1.0), "eps"), (dict(weight_size=99), "weight")],
+    ),
     "linear": (linear_cases(), [(dict(weight_features=99), "features"), (dict(bias_size=99), "bias")]),
     "linear_cross_entropy": (
         lce_cases(),
-        [(dict(poison_target=[(0, 10**6)]), "target"), (dict(poison_target=[(0, -5)]), "target"), (dict(reduction="avg"), "reduction")],
+        [
+            (dict(poison_target=[(0, 10**6)]), "target"),
+            (dict(poison_target=[(0, -5)]), "target"),
+            (dict(reduction="avg"), "reduction"),
+        ],
     ),
     "boxes": (
         box_cases(),

@@ -16,16 +16,14 @@ import pytest
 
 from fastdl.game2048 import Board, Engine, NTupleNetwork, Rng, _engine, cli, game_seeds, play_games
 from fastdl.game2048 import reference
-from fastdl.game2048.bench import (ExternalEngineError, play_external, play_external_games, read_records,
-                                   wilson_interval)
+from fastdl.game2048.bench import ExternalEngineError, play_external, play_external_games, read_records, wilson_interval
 from fastdl.game2048.ntuple import DEFAULT_TUPLES, MAGIC
 
 SMALL_TUPLES = [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 4, 5], [1, 2, 5]]
 
 
 def random_grid(rng, max_rank=12, empty_share=0.4):
-    return [[0 if rng.random() < empty_share else 1 << rng.randint(1, max_rank) for _ in range(4)]
-            for _ in range(4)]
+    return [[0 if rng.random() < empty_share else 1 << rng.randint(1, max_rank) for _ in range(4)] for _ in range(4)]
 
 
 def random_network(tuples=SMALL_TUPLES, seed=0, scale=100.0):
@@ -54,6 +52,7 @@ def symmetries(grid):
 
 # ---- value ---------------------------------------------------------------------------------
 
+
 def test_symmetric_cells_match_reference_and_are_the_8_symmetries():
     maps = set()
     for s in range(8):
@@ -62,8 +61,11 @@ def test_symmetric_cells_match_reference_and_are_the_8_symmetries():
         assert sorted(image) == list(range(16))
         maps.add(image)
     assert len(maps) == 8
-    assert maps == {tuple(_engine.symmetric_cell(_engine.symmetric_cell(c, a), b) for c in range(16))
-                    for a in range(8) for b in range(8)}  # closed under composition: a group
+    assert maps == {
+        tuple(_engine.symmetric_cell(_engine.symmetric_cell(c, a), b) for c in range(16))
+        for a in range(8)
+        for b in range(8)
+    }  # closed under composition: a group
 
 
 def test_value_matches_reference_on_random_boards():
@@ -96,11 +98,14 @@ def test_default_tuples_are_valid_and_zero_at_first():
 
 # ---- TD training ---------------------------------------------------------------------------
 
+
 def reference_training(network, games, alpha):
     """The reference's TD games from the network's weights and game counter (float32 copies)."""
     weights = weights_of(network)
-    results = [reference.td_training_game(network.tuples, weights, Rng(network.seed + network.games_trained + g),
-                                          alpha) for g in range(games)]
+    results = [
+        reference.td_training_game(network.tuples, weights, Rng(network.seed + network.games_trained + g), alpha)
+        for g in range(games)
+    ]
     return weights, results
 
 
@@ -150,9 +155,11 @@ def test_short_training_improves_greedy_play():
 
 # ---- search with a network -----------------------------------------------------------------
 
+
 def reference_search(grid, depth, value):
     """Expectimax over afterstates with rewards: a move is worth its merge score plus the chance
     node after it; a chance node at depth 0 is worth value(afterstate); a lost position 0."""
+
     def chance(after, d):
         if d <= 0:
             return value(after)
@@ -162,8 +169,9 @@ def reference_search(grid, depth, value):
             for tile, p in ((2, 0.9), (4, 0.1)):
                 child = [row[:] for row in after]
                 child[i][j] = tile
-                moves = [reference.move(child, m)[1] + chance(moved, d - 1)
-                         for m, moved in reference.legal_children(child)]
+                moves = [
+                    reference.move(child, m)[1] + chance(moved, d - 1) for m, moved in reference.legal_children(child)
+                ]
                 total += p * (max(moves) if moves else 0.0)
         return total / len(empty)
 
@@ -193,6 +201,7 @@ def test_ntuple_engine_plays_legal_reproducible_games():
 
 # ---- files ---------------------------------------------------------------------------------
 
+
 def test_save_load_round_trip(tmp_path):
     network = random_network(seed=7)
     network.train(5)
@@ -211,8 +220,9 @@ def test_save_load_round_trip(tmp_path):
         assert np.array_equal(a, b)
 
 
-def write_file(path, *, magic=MAGIC, version=1, tuples=([0, 1], [2]), games=0, seed=0, weights=None, data=None,
-               count=None):
+def write_file(
+    path, *, magic=MAGIC, version=1, tuples=([0, 1], [2]), games=0, seed=0, weights=None, data=None, count=None
+):
     head = struct.pack("<8sIIQQ", magic, version, len(tuples) if count is None else count, games, seed)
     head += b"".join(bytes([len(t), *t]) for t in tuples)
     if data is None:
@@ -268,7 +278,7 @@ def test_short_and_truncated_headers(tmp_path):
     with pytest.raises(ValueError, match="tiny.bin: too short"):
         NTupleNetwork.load(tmp_path / "tiny.bin")
     path = write_file(tmp_path / "cut.bin")
-    path.write_bytes(path.read_bytes()[:struct.calcsize("<8sIIQQ") + 3])  # tuple 0's shape, not tuple 1's
+    path.write_bytes(path.read_bytes()[: struct.calcsize("<8sIIQQ") + 3])  # tuple 0's shape, not tuple 1's
     with pytest.raises(ValueError, match="cut.bin: truncated in the shape of tuple 1"):
         NTupleNetwork.load(path)
     with pytest.raises(FileNotFoundError):
@@ -327,7 +337,9 @@ def test_bad_engine_settings_for_ntuple(tmp_path):
         Engine(heuristic="ntuple", weights=3)
     with pytest.raises(ValueError, match=r"weights must be None or a dict"):
         Engine(heuristic="default", weights=network)
-    with pytest.raises(ValueError, match=r"depth must be 0 \(adaptive\) or in \[1, 8\] for the ntuple heuristic, got 9"):
+    with pytest.raises(
+        ValueError, match=r"depth must be 0 \(adaptive\) or in \[1, 8\] for the ntuple heuristic, got 9"
+    ):
         Engine(heuristic="ntuple", weights=network, depth=9)
     with pytest.raises(ValueError, match="weights must be an NTupleNetwork for the ntuple heuristic"):
         _engine.Engine("ntuple", 0, 1e-4, True, 1, {}, None, None)
@@ -337,6 +349,7 @@ def test_bad_engine_settings_for_ntuple(tmp_path):
 
 
 # ---- command line --------------------------------------------------------------------------
+
 
 def run_cli(*argv):
     parser = argparse.ArgumentParser(prog="fastdl")
@@ -348,8 +361,24 @@ def run_cli(*argv):
 def test_cli_train_checkpoints_resumes_and_plots(tmp_path, capsys):
     out, straight = tmp_path / "net.bin", tmp_path / "straight.bin"
     tuples = "0,1,2,3 4,5,6,7 0,1,4,5 1,2,5"
-    assert run_cli("train", "--games", "150", "--out", str(out), "--seed", "2", "--checkpoint-every", "100",
-                   "--window", "50", "--tuples", tuples) == 0
+    assert (
+        run_cli(
+            "train",
+            "--games",
+            "150",
+            "--out",
+            str(out),
+            "--seed",
+            "2",
+            "--checkpoint-every",
+            "100",
+            "--window",
+            "50",
+            "--tuples",
+            tuples,
+        )
+        == 0
+    )
     assert NTupleNetwork.load(out).games_trained == 150
     assert NTupleNetwork.load(out).tuples == SMALL_TUPLES
     curve = json.loads((tmp_path / "net.curve.json").read_text())
@@ -371,16 +400,22 @@ def test_cli_train_checkpoints_resumes_and_plots(tmp_path, capsys):
     assert "250 games trained" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--games", "0"], "--games must be at least 1, got 0"),
-    (["--window", "0"], "--window must be at least 1"),
-    (["--alpha", "0"], r"alpha must be a number in \(0, 1\], got 0"),
-    (["--threads", "0"], r"threads must be an integer in \[1, 256\], got 0"),
-    (["--seed", "-3"], r"seed must be an integer in \[0, 2\*\*64\), got -3"),
-    (["--resume"], "No such file"),
-    (["--tuples", "0,1 2,x"], r"--tuples must be tuples of cells separated by spaces, cells by commas, got '0,1 2,x'"),
-    (["--tuples", "0,16"], r"tuples\[0\] = \[0, 16\] has a cell outside|tuples must be lists of cells"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--games", "0"], "--games must be at least 1, got 0"),
+        (["--window", "0"], "--window must be at least 1"),
+        (["--alpha", "0"], r"alpha must be a number in \(0, 1\], got 0"),
+        (["--threads", "0"], r"threads must be an integer in \[1, 256\], got 0"),
+        (["--seed", "-3"], r"seed must be an integer in \[0, 2\*\*64\), got -3"),
+        (["--resume"], "No such file"),
+        (
+            ["--tuples", "0,1 2,x"],
+            r"--tuples must be tuples of cells separated by spaces, cells by commas, got '0,1 2,x'",
+        ),
+        (["--tuples", "0,16"], r"tuples\[0\] = \[0, 16\] has a cell outside|tuples must be lists of cells"),
+    ],
+)
 def test_cli_train_rejects_bad_settings(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         run_cli("train", "--out", str(tmp_path / "net.bin"), *argv)
@@ -390,8 +425,12 @@ def test_cli_train_rejects_bad_settings(tmp_path, argv, message):
 def test_cli_bench_and_watch_with_a_network(tmp_path, capsys):
     path = tmp_path / "net.bin"
     random_network(seed=8, scale=1.0).save(path)
-    assert run_cli("bench", "--heuristic", "ntuple", "--weights", str(path), "--depth", "1", "--games", "2",
-                   "--parallel", "1") == 0
+    assert (
+        run_cli(
+            "bench", "--heuristic", "ntuple", "--weights", str(path), "--depth", "1", "--games", "2", "--parallel", "1"
+        )
+        == 0
+    )
     assert run_cli("watch", "--heuristic", "ntuple", "--weights", str(path), "--seed", "1", "--max-moves", "3") == 0
     assert "3 moves" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--weights applies to --heuristic ntuple only"):
@@ -403,7 +442,7 @@ def test_cli_bench_and_watch_with_a_network(tmp_path, capsys):
 # ---- bench records and external engines ----------------------------------------------------
 
 # A tiny external engine: the first of left, up, right, down that moves a tile.
-EXTERNAL_ENGINE = '''
+EXTERNAL_ENGINE = """
 import sys
 
 def slides(line):
@@ -417,7 +456,7 @@ for text in sys.stdin:
     columns = [cells[c::4] for c in range(4)]
     options = {"left": rows, "up": columns, "right": [r[::-1] for r in rows], "down": [c[::-1] for c in columns]}
     print(next(name for name, lines in options.items() if any(slides(line) for line in lines)), flush=True)
-'''
+"""
 
 
 def external(tmp_path, body=EXTERNAL_ENGINE):
@@ -449,15 +488,27 @@ def test_cli_bench_records_games_and_plays_an_external_engine(tmp_path, capsys):
     out = capsys.readouterr().out
     assert '"engine": "fastdl"' in out and ": 4 games" in out and "95% CI" in out
     with pytest.raises(SystemExit, match="answered 'sideways'"):
-        run_cli("bench", "--games", "1", "--jobs", "1", "--depth", "1", "--versus",
-                external(tmp_path, "print('sideways', flush=True)"))
+        run_cli(
+            "bench",
+            "--games",
+            "1",
+            "--jobs",
+            "1",
+            "--depth",
+            "1",
+            "--versus",
+            external(tmp_path, "print('sideways', flush=True)"),
+        )
 
 
-@pytest.mark.parametrize("body, message", [
-    ("print('sideways', flush=True)", "answered 'sideways' to .*: expected up, down, left or right"),
-    ("pass", "exited"),
-    ("import sys\nfor _ in sys.stdin: print('down', flush=True)", "played the illegal move down"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("print('sideways', flush=True)", "answered 'sideways' to .*: expected up, down, left or right"),
+        ("pass", "exited"),
+        ("import sys\nfor _ in sys.stdin: print('down', flush=True)", "played the illegal move down"),
+    ],
+)
 def test_a_broken_external_engine_is_reported(tmp_path, body, message):
     with pytest.raises(ExternalEngineError, match=message):
         play_external(external(tmp_path, body), seed=0, timeout=10.0)
@@ -488,7 +539,9 @@ def test_bench_settings_and_corrupt_records(tmp_path):
 
 def test_cli_train_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    assert run_cli("train", "--games", "20", "--out", str(tmp_path / "net.bin"), "--tuples", "0,1 2,3",
-                   "--window", "10") == 0
+    assert (
+        run_cli("train", "--games", "20", "--out", str(tmp_path / "net.bin"), "--tuples", "0,1 2,3", "--window", "10")
+        == 0
+    )
     assert "matplotlib not installed: no learning-curve PNG" in capsys.readouterr().out
     assert not (tmp_path / "net.png").exists() and (tmp_path / "net.curve.json").exists()

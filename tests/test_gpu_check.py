@@ -33,8 +33,13 @@ def gpu_check():
 
 def run_check(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     return done, time.monotonic() - start
 
 
@@ -124,33 +129,55 @@ def test_parse_junit_counts_outcomes_and_keeps_the_first_lines_of_each_failure(g
     counts, failures = gpu_check.parse_junit(path)
     assert counts == dict(passed=1, failed=1, skipped=1, errors=1)  # the nameless placeholder is not a test
     assert failures == [
-        ("tests.test_nms::test_cuda_matches_cpu[5000]", "failure",
-         ["AssertionError: assert False", "+  where False = equal(tensor([0, 1]), tensor([1, 0]))", "third line"]),
-        ("tests.test_lstm::test_cuda_cell_half", "error",
-         ['failed on setup with "RuntimeError: CUDA error: out of memory', 'second line"']),
+        (
+            "tests.test_nms::test_cuda_matches_cpu[5000]",
+            "failure",
+            ["AssertionError: assert False", "+  where False = equal(tensor([0, 1]), tensor([1, 0]))", "third line"],
+        ),
+        (
+            "tests.test_lstm::test_cuda_cell_half",
+            "error",
+            ['failed on setup with "RuntimeError: CUDA error: out of memory', 'second line"'],
+        ),
     ]
 
 
 def bench_entry(op, case, impl, median, **extra):
     """One benchmark as pytest-benchmark writes it, with what benchmarks/_common.record adds."""
     info = dict(op=op, case=case, impl=impl, max_abs_err=1e-6, threads=16, **extra)
-    return {"group": None, "name": f"test_{op}[{case}-{impl}]", "fullname": f"benchmarks/bench_{op}.py::test_{op}",
-            "params": {"case": case, "impl": impl}, "param": f"{case}-{impl}", "extra_info": info,
-            "options": {}, "stats": {"min": median * 0.9, "max": median * 1.2, "mean": median, "median": median,
-                                     "rounds": 5, "iterations": 1}}
+    return {
+        "group": None,
+        "name": f"test_{op}[{case}-{impl}]",
+        "fullname": f"benchmarks/bench_{op}.py::test_{op}",
+        "params": {"case": case, "impl": impl},
+        "param": f"{case}-{impl}",
+        "extra_info": info,
+        "options": {},
+        "stats": {
+            "min": median * 0.9,
+            "max": median * 1.2,
+            "mean": median,
+            "median": median,
+            "rounds": 5,
+            "iterations": 1,
+        },
+    }
 
 
 def test_summarise_benchmarks_pairs_each_baseline_with_fastdl(gpu_check):
     flops = 4 * 16 * 16 * 1024 * 1024 * 64  # attention forward, B16 H16 N1k D64
-    data = {"machine_info": {}, "benchmarks": [
-        bench_entry("nms", "random-1k", "python-loop", 0.080),
-        bench_entry("nms", "random-1k", "fastdl", 0.0005),
-        bench_entry("nms", "random-1k", "eager", 0.040),
-        bench_entry("attention", "cuda N1k-D64 fp16 forward", "fastdl", 0.0002, flops=flops),
-        bench_entry("attention", "cuda N1k-D64 fp16 forward", "sdpa", 0.0001, flops=flops),
-        bench_entry("roi_align", "small-64ch forward", "eager", 0.003),  # fastdl failed: no pair
-        {"name": "test_unrecorded", "extra_info": {}, "stats": {"median": 1.0}},
-    ]}
+    data = {
+        "machine_info": {},
+        "benchmarks": [
+            bench_entry("nms", "random-1k", "python-loop", 0.080),
+            bench_entry("nms", "random-1k", "fastdl", 0.0005),
+            bench_entry("nms", "random-1k", "eager", 0.040),
+            bench_entry("attention", "cuda N1k-D64 fp16 forward", "fastdl", 0.0002, flops=flops),
+            bench_entry("attention", "cuda N1k-D64 fp16 forward", "sdpa", 0.0001, flops=flops),
+            bench_entry("roi_align", "small-64ch forward", "eager", 0.003),  # fastdl failed: no pair
+            {"name": "test_unrecorded", "extra_info": {}, "stats": {"median": 1.0}},
+        ],
+    }
     rows = gpu_check.summarise_benchmarks(data)
     assert [(r["op"], r["case"], r["baseline"]) for r in rows] == [
         ("attention", "cuda N1k-D64 fp16 forward", "sdpa"),
@@ -186,9 +213,25 @@ def run_with_timeout_plugin(tmp_path, *args) -> tuple[subprocess.CompletedProces
     env = dict(os.environ, PYTHONPATH=str(REPO))
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "benchmarks.per_test_timeout",
-         "--per-test-timeout=0.5", "-v", f"--junitxml={tmp_path / 'junit.xml'}", "test_slow.py", *args],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "benchmarks.per_test_timeout",
+            "--per-test-timeout=0.5",
+            "-v",
+            f"--junitxml={tmp_path / 'junit.xml'}",
+            "test_slow.py",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
     )
     return done, time.monotonic() - start
 

@@ -17,8 +17,15 @@ OP = torch.ops.fastdl.layer_norm.default
 COMPOSITE_BACKWARD = _library.composite("_layer_norm_backward")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (input shape, normalized_shape): one row, odd sizes around the 16-lane vectors, 2-D rows, no rows
-SHAPES = [((1, 16), [16]), ((3, 5, 7), [7]), ((4, 33), [33]), ((2, 3, 5, 7), [5, 7]), ((3, 4, 9), [4, 9]),
-          ((6, 771), [771]), ((0, 8), [8])]
+SHAPES = [
+    ((1, 16), [16]),
+    ((3, 5, 7), [7]),
+    ((4, 33), [33]),
+    ((2, 3, 5, 7), [5, 7]),
+    ((3, 4, 9), [4, 9]),
+    ((6, 771), [771]),
+    ((0, 8), [8]),
+]
 
 
 def reference(x, shape, weight, bias, eps, residual):
@@ -30,8 +37,8 @@ def reference(x, shape, weight, bias, eps, residual):
 
 def make(shape, normalized_shape, dtype, *, affine=(True, True), residual=False):
     x = torch.randn(shape).to(dtype) * 3 + 1
-    w = (torch.randn(normalized_shape).to(dtype) if affine[0] else None)
-    b = (torch.randn(normalized_shape).to(dtype) if affine[1] else None)
+    w = torch.randn(normalized_shape).to(dtype) if affine[0] else None
+    b = torch.randn(normalized_shape).to(dtype) if affine[1] else None
     r = torch.randn(shape).to(dtype) if residual else None
     return x, w, b, r
 
@@ -47,16 +54,19 @@ class TestLayerNorm(OpTester):
             for shape, normalized_shape in SHAPES:
                 for residual in (False, True):
                     x, w, b, r = make(shape, normalized_shape, dtype, residual=residual)
-                    yield Sample((x, normalized_shape, w, b, r, 1e-5),
-                                 name=f"{dtype_name(dtype)}-{shape}-{'residual' if residual else 'plain'}")
+                    yield Sample(
+                        (x, normalized_shape, w, b, r, 1e-5),
+                        name=f"{dtype_name(dtype)}-{shape}-{'residual' if residual else 'plain'}",
+                    )
         for affine in ((False, False), (True, False), (False, True)):
             x, w, b, r = make((5, 40), [40], torch.float32, affine=affine, residual=True)
             yield Sample((x, [40], w, b, r, 1e-5), name=f"weight{affine[0]}-bias{affine[1]}")
         x, _, _, _ = make((3, 24), [24], torch.float32, affine=(False, False))
         yield Sample((x, [24], None, None, None, 1e-5), name="no_weight_bias_or_residual")
         x, w, b, r = make((7, 48), [48], torch.float32, residual=True)
-        yield Sample((non_contiguous(x), [48], non_contiguous(w), b, non_contiguous(r), 0.5),
-                     name="non_contiguous-eps0.5")
+        yield Sample(
+            (non_contiguous(x), [48], non_contiguous(w), b, non_contiguous(r), 0.5), name="non_contiguous-eps0.5"
+        )
 
     def reference(self, x, normalized_shape, weight, bias, residual, eps):
         return reference(x, normalized_shape, weight, bias, eps, residual)
@@ -80,15 +90,31 @@ class TestLayerNorm(OpTester):
     def bad_inputs(self):
         return [
             ((torch.ones(2, 4, dtype=torch.int32), [4], None, None, None, 1e-5), {}, RuntimeError, "unsupported dtype"),
-            ((torch.ones(2, 4), [5], None, None, None, 1e-5), {}, RuntimeError,
-             "does not match the trailing dimensions"),
+            (
+                (torch.ones(2, 4), [5], None, None, None, 1e-5),
+                {},
+                RuntimeError,
+                "does not match the trailing dimensions",
+            ),
             ((torch.ones(2, 4), [], None, None, None, 1e-5), {}, RuntimeError, "non-empty"),
-            ((torch.ones(2, 4), [4], torch.ones(3), None, None, 1e-5), {}, RuntimeError,
-             r"expected weight of shape \[4\]"),
-            ((torch.ones(2, 4), [4], None, torch.ones(4, dtype=torch.float64), None, 1e-5), {}, RuntimeError,
-             "bias has dtype"),
-            ((torch.ones(2, 4), [4], None, None, torch.ones(3, 4), 1e-5), {}, RuntimeError,
-             r"residual has shape \[3, 4\]"),
+            (
+                (torch.ones(2, 4), [4], torch.ones(3), None, None, 1e-5),
+                {},
+                RuntimeError,
+                r"expected weight of shape \[4\]",
+            ),
+            (
+                (torch.ones(2, 4), [4], None, torch.ones(4, dtype=torch.float64), None, 1e-5),
+                {},
+                RuntimeError,
+                "bias has dtype",
+            ),
+            (
+                (torch.ones(2, 4), [4], None, None, torch.ones(3, 4), 1e-5),
+                {},
+                RuntimeError,
+                r"residual has shape \[3, 4\]",
+            ),
             ((torch.ones(2, 4), [4], None, None, None, float("nan")), {}, RuntimeError, "eps must be finite"),
             ((torch.ones(2, 4), [4], None, None, None, -1.0), {}, RuntimeError, "eps must be finite and >= 0"),
         ]
@@ -194,7 +220,10 @@ def test_composite_serves_mps():
 def test_backward_op_checks_its_statistics():
     x = torch.randn(3, 8)
     with pytest.raises(RuntimeError, match=r"expected mean of shape \[3\]"):
-        torch.ops.fastdl._layer_norm_backward.default(x, x, None, torch.zeros(2), torch.ones(3), [8], [True, False, False])
+        torch.ops.fastdl._layer_norm_backward.default(
+            x, x, None, torch.zeros(2), torch.ones(3), [8], [True, False, False]
+        )
     with pytest.raises(RuntimeError, match="grad_output has shape"):
-        torch.ops.fastdl._layer_norm_backward.default(x[:2], x, None, torch.zeros(3), torch.ones(3), [8],
-                                                      [True, False, False])
+        torch.ops.fastdl._layer_norm_backward.default(
+            x[:2], x, None, torch.zeros(3), torch.ones(3), [8], [True, False, False]
+        )

@@ -79,7 +79,8 @@ def check(x, normalized_shape, w, b, r, eps=1e-5, mask=(True, True, True), gen=N
     normalized = x if r is None else residual_out
     dx, dw, db = BACKWARD(grad_out, normalized, w, mean, rstd, normalized_shape, list(mask))
     ref_out, ref_mean, ref_rstd, ref_dx, ref_dw, ref_db = reference(
-        normalized, normalized_shape, w, b, eps, grad_out, list(mask))
+        normalized, normalized_shape, w, b, eps, grad_out, list(mask)
+    )
 
     assert out.dtype == dtype and dx.dtype == dtype
     assert mean.dtype == torch.float32 and rstd.dtype == torch.float32
@@ -294,5 +295,6 @@ def test_cuda_op_matches_float64(dtype, width):
     for name, actual, expected in zip(("x", "residual", "weight", "bias"), grads, ref_grads):
         # the weight and bias gradients sum 1024 rows
         scale = 1 if name in ("x", "residual") else 20
-        torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol * scale,
-                                   msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(
+            actual.double(), expected, atol=tol * scale, rtol=tol * scale, msg=lambda m, n=name: f"d{n}: {m}"
+        )

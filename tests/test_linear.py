@@ -19,8 +19,19 @@ OP = torch.ops.fastdl.linear.default
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # (input shape, out_features): rows 1..16 hit every tile height (one and two passes of 8) and
 # BLAS beyond; in_features around the 8- and 16-lane vectors; output counts off the 4-row tiles.
-SHAPES = [((1, 16), 5), ((2, 33), 7), ((3, 7), 9), ((5, 2, 64), 13), ((8, 100), 37), ((9, 48), 3),
-          ((16, 17), 66), ((17, 40), 12), ((64, 24), 10), ((4, 1), 6), ((3, 5), 4)]
+SHAPES = [
+    ((1, 16), 5),
+    ((2, 33), 7),
+    ((3, 7), 9),
+    ((5, 2, 64), 13),
+    ((8, 100), 37),
+    ((9, 48), 3),
+    ((16, 17), 66),
+    ((17, 40), 12),
+    ((64, 24), 10),
+    ((4, 1), 6),
+    ((3, 5), 4),
+]
 
 
 def reference(x, w, b):
@@ -38,29 +49,34 @@ class TestLinear(OpTester):
     differentiable = (0, 1, 2)
     gradgradcheck = True
     autocast_dtype = torch.bfloat16  # the "lower" rule, as torch's linear
-    # the autograd formula reshapes the gradient to [-1, features]: ambiguous with no features
-    known_failures = {
-        (test, f"{dtype_name(dtype)}-{name}"): "linear's backward cannot reshape a gradient with no outputs or features"
-        for test, dtypes in (("test_gradcheck", [torch.float64]), ("test_opcheck", DTYPES))
-        for dtype in dtypes for name in ("no_outputs", "no_features")
-    }
 
     def samples(self):
         for dtype in DTYPES:
             for shape, outputs in SHAPES:
                 for bias in (True, False):
-                    yield Sample(make(shape, outputs, dtype, bias),
-                                 name=f"{dtype_name(dtype)}-{shape}-{outputs}-{'bias' if bias else 'no_bias'}")
+                    yield Sample(
+                        make(shape, outputs, dtype, bias),
+                        name=f"{dtype_name(dtype)}-{shape}-{outputs}-{'bias' if bias else 'no_bias'}",
+                    )
             # no rows, no outputs, no input features (every output is the bias)
-            yield Sample((torch.randn(0, 3).to(dtype), torch.randn(4, 3).to(dtype), torch.randn(4).to(dtype)),
-                         name=f"{dtype_name(dtype)}-no_rows")
-            yield Sample((torch.randn(2, 5, 3).to(dtype), torch.randn(0, 3).to(dtype), None),
-                         name=f"{dtype_name(dtype)}-no_outputs")
-            yield Sample((torch.randn(3, 0).to(dtype), torch.randn(4, 0).to(dtype), torch.randn(4).to(dtype)),
-                         name=f"{dtype_name(dtype)}-no_features")
+            yield Sample(
+                (torch.randn(0, 3).to(dtype), torch.randn(4, 3).to(dtype), torch.randn(4).to(dtype)),
+                name=f"{dtype_name(dtype)}-no_rows",
+            )
+            yield Sample(
+                (torch.randn(2, 5, 3).to(dtype), torch.randn(0, 3).to(dtype), None),
+                name=f"{dtype_name(dtype)}-no_outputs",
+            )
+            yield Sample(
+                (torch.randn(3, 0).to(dtype), torch.randn(4, 0).to(dtype), torch.randn(4).to(dtype)),
+                name=f"{dtype_name(dtype)}-no_features",
+            )
         x, w, b = make((6, 40), 19, torch.float32)
-        for layout, view in (("non_contiguous", non_contiguous(x)), ("transposed", x.T.contiguous().T),
-                             ("expanded", x[:1].expand(6, 40))):
+        for layout, view in (
+            ("non_contiguous", non_contiguous(x)),
+            ("transposed", x.T.contiguous().T),
+            ("expanded", x[:1].expand(6, 40)),
+        ):
             yield Sample((view, w, b), name=f"{layout}_input")
         # a non-contiguous weight and bias take the BLAS path
         yield Sample((x, torch.randn(19, 80)[:, ::2], b[None].expand(2, -1)[0]), name="non_contiguous_weight")
@@ -81,11 +97,19 @@ class TestLinear(OpTester):
 
     def bad_inputs(self):
         return [
-            ((torch.ones(2, 4, dtype=torch.int32), torch.ones(3, 4, dtype=torch.int32), None), {}, RuntimeError,
-             "unsupported dtype"),
+            (
+                (torch.ones(2, 4, dtype=torch.int32), torch.ones(3, 4, dtype=torch.int32), None),
+                {},
+                RuntimeError,
+                "unsupported dtype",
+            ),
             ((torch.ones(2, 4), torch.ones(3, 4, dtype=torch.float64), None), {}, RuntimeError, "weight has dtype"),
-            ((torch.ones(2, 4), torch.ones(3, 4), torch.ones(3, dtype=torch.float64)), {}, RuntimeError,
-             "bias has dtype"),
+            (
+                (torch.ones(2, 4), torch.ones(3, 4), torch.ones(3, dtype=torch.float64)),
+                {},
+                RuntimeError,
+                "bias has dtype",
+            ),
             ((torch.ones(()), torch.ones(3, 1), None), {}, RuntimeError, "at least 1 dimension"),
             ((torch.ones(2, 4), torch.ones(3, 4, 1), None), {}, RuntimeError, r"expected weight to be a 2-D tensor"),
             ((torch.ones(2, 5), torch.ones(3, 4), None), {}, RuntimeError, r"input has 5 features .* expects 4"),

@@ -79,8 +79,9 @@ def test_matches_reference(impl, dtype, reduction, n, e, v, bias):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck(reduction):
     fresh_seed()
-    hidden, weight, target, b = (t.requires_grad_() if t.is_floating_point() else t
-                                 for t in make(13, 6, 9, torch.float64))
+    hidden, weight, target, b = (
+        t.requires_grad_() if t.is_floating_point() else t for t in make(13, 6, 9, torch.float64)
+    )
     assert torch.autograd.gradcheck(
         lambda h, w, b: fastdl.ops.linear_cross_entropy(h, w, target, b, reduction=reduction), (hidden, weight, b)
     )
@@ -97,8 +98,9 @@ def test_composite_gradients_equal_native():
     _, lse, _, _, _ = OP(hidden, weight, target, b, -100, "none", False)
     g = torch.randn(50)
     recomputed = BACKWARD_OP(g, hidden, weight, target, b, lse, -100, "none")
-    composite_backward = _library.composite("_linear_cross_entropy_backward")(g, hidden, weight, target, b, lse, -100,
-                                                                             "none")
+    composite_backward = _library.composite("_linear_cross_entropy_backward")(
+        g, hidden, weight, target, b, lse, -100, "none"
+    )
     for a, c in zip(recomputed, composite_backward):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
@@ -130,8 +132,9 @@ def test_large_vocabulary_spans_chunks():
 def test_ignored_rows_and_custom_ignore_index():
     fresh_seed()
     hidden, weight, target, b = make(20, 8, 10, torch.float64, ignored=0.5, ignore_index=3)
-    loss, (gh, _, _) = loss_and_grads(fastdl.ops.linear_cross_entropy, hidden, weight, target, b, "none", 0,
-                                      ignore_index=3)
+    loss, (gh, _, _) = loss_and_grads(
+        fastdl.ops.linear_cross_entropy, hidden, weight, target, b, "none", 0, ignore_index=3
+    )
     expected = reference(hidden, weight, target, b, 3, "none")
     assert_close(loss, expected, torch.float64)
     assert torch.all(loss[target == 3] == 0) and torch.all(gh[target == 3] == 0)
@@ -158,8 +161,9 @@ def test_nan_in_hidden_gives_nan():
 def test_extra_leading_dimensions_and_non_contiguous():
     fresh_seed()
     hidden, weight, target, b = make(24, 16, 30, torch.float32)
-    loss = fastdl.ops.linear_cross_entropy(non_contiguous(hidden).reshape(4, 6, 16), non_contiguous(weight),
-                                           target.view(4, 6), b)
+    loss = fastdl.ops.linear_cross_entropy(
+        non_contiguous(hidden).reshape(4, 6, 16), non_contiguous(weight), target.view(4, 6), b
+    )
     assert_close(loss, reference(hidden, weight, target, b, -100, "mean"), torch.float32, **TOL[torch.float32])
 
 
@@ -202,16 +206,18 @@ def test_backward_twice_through_one_call():
 
 def test_opcheck():
     fresh_seed()
-    hidden, weight, target, b = (t.requires_grad_() if t.is_floating_point() else t
-                                 for t in make(9, 8, 12, torch.float32))
+    hidden, weight, target, b = (
+        t.requires_grad_() if t.is_floating_point() else t for t in make(9, 8, 12, torch.float32)
+    )
     run_opcheck(OP, (hidden, weight, target, b, -100, "mean", True))
     run_opcheck(OP, (hidden, weight, target, None, -100, "none", False))
 
 
 def test_torch_compile():
     fresh_seed()
-    hidden, weight, target, b = (t.requires_grad_() if t.is_floating_point() else t
-                                 for t in make(16, 8, 20, torch.float32))
+    hidden, weight, target, b = (
+        t.requires_grad_() if t.is_floating_point() else t for t in make(16, 8, 20, torch.float32)
+    )
 
     def fn(h, w, b):
         return fastdl.ops.linear_cross_entropy(h, w, target, b) * 3
@@ -242,8 +248,15 @@ def test_composite_serves_mps():
     ],
 )
 def test_bad_input(impl, change, message):
-    args = dict(hidden=torch.ones(3, 4), weight=torch.ones(5, 4), target=torch.zeros(3, dtype=torch.int64),
-                bias=torch.ones(5), ignore_index=-100, reduction="mean", compute_grad=False)
+    args = dict(
+        hidden=torch.ones(3, 4),
+        weight=torch.ones(5, 4),
+        target=torch.zeros(3, dtype=torch.int64),
+        bias=torch.ones(5),
+        ignore_index=-100,
+        reduction="mean",
+        compute_grad=False,
+    )
     args.update(change)
     fn = OP if impl == "native" else COMPOSITE
     with pytest.raises(RuntimeError, match=message):
@@ -252,8 +265,9 @@ def test_bad_input(impl, change, message):
 
 def test_wrapper_rejects_unknown_reduction():
     with pytest.raises(ValueError, match="reduction must be one of"):
-        fastdl.ops.linear_cross_entropy(torch.ones(2, 3), torch.ones(4, 3), torch.zeros(2, dtype=torch.int64),
-                                        reduction="avg")
+        fastdl.ops.linear_cross_entropy(
+            torch.ones(2, 3), torch.ones(4, 3), torch.zeros(2, dtype=torch.int64), reduction="avg"
+        )
 
 
 def test_backward_op_checks_grad_and_lse():

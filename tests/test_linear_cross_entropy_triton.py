@@ -63,8 +63,13 @@ def assert_close(actual, expected, dtype, name, scale=1):
     finite = expected[torch.isfinite(expected)]
     unit = finite.abs().max().item() if finite.numel() and finite.abs().max() > 0 else 1.0
     tol = {k: v * scale for k, v in TOL[dtype].items()}
-    torch.testing.assert_close(actual.double() / unit, expected.double() / unit, **tol, equal_nan=True,
-                               msg=lambda m: f"{name} (divided by {unit:.3g}): {m}")
+    torch.testing.assert_close(
+        actual.double() / unit,
+        expected.double() / unit,
+        **tol,
+        equal_nan=True,
+        msg=lambda m: f"{name} (divided by {unit:.3g}): {m}",
+    )
 
 
 def grad_loss_for(gen, n, reduction):

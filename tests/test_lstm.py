@@ -75,8 +75,9 @@ def check_against_reference(ref, mine, make_input, tensors, dtype, device):
 @pytest.mark.parametrize("proj_size", [0, 3])
 def test_matches_nn_lstm(device, dtype, num_layers, bidirectional, batch_first, proj_size):
     fresh_seed()
-    ref, mine = make_models(dtype, device, num_layers=num_layers, bidirectional=bidirectional,
-                            batch_first=batch_first, proj_size=proj_size)
+    ref, mine = make_models(
+        dtype, device, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, proj_size=proj_size
+    )
     d = 2 if bidirectional else 1
     x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
     h0 = torch.randn(num_layers * d, B, proj_size or H, dtype=torch.float64)
@@ -221,8 +222,10 @@ def test_cell_matches_nn_lstm_cell(device, dtype, bias, batched):
 @pytest.mark.parametrize("device", DEVICES)
 def test_cell_gradcheck(device):
     fresh_seed()
-    args = [torch.randn(s, dtype=torch.float64, device=device, requires_grad=True)
-            for s in ((2, 3), (2, 4), (2, 4), (16, 3), (16, 4), (16,), (16,))]
+    args = [
+        torch.randn(s, dtype=torch.float64, device=device, requires_grad=True)
+        for s in ((2, 3), (2, 4), (2, 4), (16, 3), (16, 4), (16,), (16,))
+    ]
     torch.autograd.gradcheck(lambda *a: fastdl.ops.lstm_cell(*a), args)
 
 

@@ -180,10 +180,12 @@ def test_box_coder_known_values_and_round_trip():
 
 
 def test_matcher_crafted_codes():
-    iou = torch.tensor([
-        [0.9, 0.5, 0.49, 0.1, 0.3, 0.0],
-        [0.9, 0.2, 0.3, 0.39, 0.3, 0.0],
-    ])
+    iou = torch.tensor(
+        [
+            [0.9, 0.5, 0.49, 0.1, 0.3, 0.0],
+            [0.9, 0.2, 0.3, 0.39, 0.3, 0.0],
+        ]
+    )
     matcher = det.Matcher(0.5, 0.4)
     # ties pick the first ground truth; IoU == high matches, == low is "between"
     assert matcher(iou.clone()).tolist() == [0, 0, -2, -1, -1, -1]
@@ -192,11 +194,13 @@ def test_matcher_crafted_codes():
 
 
 def test_matcher_low_quality_matches():
-    iou = torch.tensor([
-        [0.1, 0.3, 0.3, 0.0],   # best 0.3, tied between predictions 1 and 2: both kept
-        [0.0, 0.2, 0.1, 0.05],  # best 0.2 is prediction 1, which belongs to gt 0 (0.3 > 0.2)
-        [0.0, 0.0, 0.0, 0.0],   # all zero: every prediction is its best, and keeps its own match
-    ])
+    iou = torch.tensor(
+        [
+            [0.1, 0.3, 0.3, 0.0],  # best 0.3, tied between predictions 1 and 2: both kept
+            [0.0, 0.2, 0.1, 0.05],  # best 0.2 is prediction 1, which belongs to gt 0 (0.3 > 0.2)
+            [0.0, 0.0, 0.0, 0.0],  # all zero: every prediction is its best, and keeps its own match
+        ]
+    )
     plain = det.Matcher(0.7, 0.3)(iou)
     assert plain.tolist() == [-1, -2, -2, -1]
     low_quality = det.Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)
@@ -229,16 +233,20 @@ def test_matcher_bad_input():
 # BalancedPositiveNegativeSampler
 
 
-@pytest.mark.parametrize("positives, negatives, expected", [
-    (100, 100, (16, 48)),  # enough of both: the positive fraction
-    (5, 100, (5, 59)),     # few positives: negatives fill the batch
-    (100, 10, (16, 10)),   # few negatives: positives stay capped
-    (0, 3, (0, 3)),
-])
+@pytest.mark.parametrize(
+    "positives, negatives, expected",
+    [
+        (100, 100, (16, 48)),  # enough of both: the positive fraction
+        (5, 100, (5, 59)),  # few positives: negatives fill the batch
+        (100, 10, (16, 10)),  # few negatives: positives stay capped
+        (0, 3, (0, 3)),
+    ],
+)
 def test_sampler_counts(positives, negatives, expected):
     fresh_seed()
-    labels = torch.cat([torch.randint(1, 4, (positives,)), torch.zeros(negatives, dtype=torch.int64),
-                        torch.full((7,), -1)])
+    labels = torch.cat(
+        [torch.randint(1, 4, (positives,)), torch.zeros(negatives, dtype=torch.int64), torch.full((7,), -1)]
+    )
     labels = labels[torch.randperm(len(labels))]
     sampler = det.BalancedPositiveNegativeSampler(64, 0.25)
     (positive,), (negative,) = sampler([labels])
@@ -289,8 +297,10 @@ def test_transform_resize_pad_and_box_scaling():
     images = [torch.rand(3, 60, 80), torch.rand(3, 50, 200)]
     boxes = [random_boxes(5, 60, 80), random_boxes(3, 50, 200)]
     proposals = [random_boxes(7, 60, 80), torch.zeros(0, 4)]
-    targets = [{"boxes": b.clone(), "labels": torch.ones(len(b), dtype=torch.int64), "image_id": i}
-               for i, b in enumerate(boxes)]
+    targets = [
+        {"boxes": b.clone(), "labels": torch.ones(len(b), dtype=torch.int64), "image_id": i}
+        for i, b in enumerate(boxes)
+    ]
     image_list, new_proposals, new_targets = transform(images, proposals, targets)
 
     # scale = min(120 / short side, 1000 / long side); sizes floor(side * scale)
@@ -367,8 +377,10 @@ def test_postprocess_random_batch_against_reference():
     proposals = [p.double() for p in proposals]
     actual = run_postprocess(logits, deltas, proposals, sizes, score_thresh=0.1, nms_thresh=0.4)
     rows = [slice(0, 30), slice(30, 30), slice(30, 75)]
-    expected = [ref_postprocess(logits[r], deltas[r], p, s, score_thresh=0.1, nms_thresh=0.4)
-                for r, p, s in zip(rows, proposals, sizes)]
+    expected = [
+        ref_postprocess(logits[r], deltas[r], p, s, score_thresh=0.1, nms_thresh=0.4)
+        for r, p, s in zip(rows, proposals, sizes)
+    ]
     assert_same_detections(actual, expected)
     assert actual[1]["boxes"].shape == (0, 4)
 
@@ -391,9 +403,13 @@ def test_postprocess_ties_all_background_threshold_and_top_k():
 
     # the score threshold is strict: a score equal to it is dropped, one just above kept
     logits = torch.tensor([[0.0, -3.0], [0.0, -2.999]], dtype=torch.float64)
-    (out,) = run_postprocess(logits, torch.zeros(2, 4, dtype=torch.float64),
-                             [torch.tensor([[0.0, 0.0, 5.0, 5.0], [10.0, 10.0, 15.0, 15.0]], dtype=torch.float64)],
-                             [(20, 20)], score_thresh=float(F.softmax(logits[0], 0)[1]))
+    (out,) = run_postprocess(
+        logits,
+        torch.zeros(2, 4, dtype=torch.float64),
+        [torch.tensor([[0.0, 0.0, 5.0, 5.0], [10.0, 10.0, 15.0, 15.0]], dtype=torch.float64)],
+        [(20, 20)],
+        score_thresh=float(F.softmax(logits[0], 0)[1]),
+    )
     assert out["boxes"].tolist() == [[10.0, 10.0, 15.0, 15.0]]
 
     # more than 100 candidates that do not overlap: the 100 best, by decreasing score
@@ -407,8 +423,12 @@ def test_postprocess_ties_all_background_threshold_and_top_k():
         assert_close(out["scores"], F.softmax(logits[rows], 1)[:, 1].sort(descending=True).values[:100])
 
     # a box clipped to nothing (outside the image) is removed as small
-    (out,) = run_postprocess(torch.tensor([[0.0, 5.0]], dtype=torch.float64), torch.zeros(1, 8, dtype=torch.float64),
-                             [torch.tensor([[30.0, 30.0, 40.0, 40.0]], dtype=torch.float64)], [(20, 20)])
+    (out,) = run_postprocess(
+        torch.tensor([[0.0, 5.0]], dtype=torch.float64),
+        torch.zeros(1, 8, dtype=torch.float64),
+        [torch.tensor([[30.0, 30.0, 40.0, 40.0]], dtype=torch.float64)],
+        [(20, 20)],
+    )
     assert len(out["boxes"]) == 0
 
 
@@ -434,8 +454,12 @@ def test_sliding_windows_against_reference():
             for ratio in (0.5, 1.0, 2.0):
                 for size in (8, 20):
                     w, h = size / math.sqrt(ratio), size * math.sqrt(ratio)
-                    box = (min(max(cx - w / 2, 0), width), min(max(cy - h / 2, 0), height),
-                           min(max(cx + w / 2, 0), width), min(max(cy + h / 2, 0), height))
+                    box = (
+                        min(max(cx - w / 2, 0), width),
+                        min(max(cy - h / 2, 0), height),
+                        min(max(cx + w / 2, 0), width),
+                        min(max(cy + h / 2, 0), height),
+                    )
                     if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
                         expected.add(tuple(round(v, 4) for v in box))
     (windows,) = generator([(height, width)])
@@ -484,9 +508,12 @@ class ToyBackbone(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(),
-            nn.Conv2d(8, 6, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(3, 8, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(8, 6, 3, 2, 1),
+            nn.ReLU(),
         )
 
     def forward(self, x):
@@ -494,9 +521,17 @@ class ToyBackbone(nn.Module):
 
 
 def toy_model(roi_op="align", class_specific_boxes=True, **kwargs) -> det.FastRCNN:
-    settings = dict(roi_op=roi_op, class_specific_boxes=class_specific_boxes, min_size=64, max_size=128,
-                    representation_size=32, box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.3,
-                    box_batch_size_per_image=16, box_positive_fraction=0.25)
+    settings = dict(
+        roi_op=roi_op,
+        class_specific_boxes=class_specific_boxes,
+        min_size=64,
+        max_size=128,
+        representation_size=32,
+        box_fg_iou_thresh=0.5,
+        box_bg_iou_thresh=0.3,
+        box_batch_size_per_image=16,
+        box_positive_fraction=0.25,
+    )
     settings.update(kwargs)
     return det.FastRCNN(ToyBackbone(), 4, **settings).double()
 
@@ -571,8 +606,10 @@ def loop_losses(model, images, proposals, targets):
     classes = labels[positive] if deltas.size(1) > 1 else torch.zeros_like(labels[positive])
     return {
         "loss_classifier": F.cross_entropy(logits, labels, reduction="sum") / total,
-        "loss_box_reg": F.smooth_l1_loss(deltas[positive, classes], regression_targets[positive], beta=1 / 9,
-                                         reduction="sum") / total,
+        "loss_box_reg": F.smooth_l1_loss(
+            deltas[positive, classes], regression_targets[positive], beta=1 / 9, reduction="sum"
+        )
+        / total,
     }, ignored
 
 
@@ -651,14 +688,21 @@ def test_empty_proposals():
     # in training, an image without proposals still learns from its ground truth, and one
     # without ground truth from its proposals (as background)
     model.train()
-    losses = model(images, [torch.zeros(0, 4, dtype=torch.float64), random_boxes(5, 40, 50).double()], [
-        {"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]], dtype=torch.float64), "labels": torch.tensor([1])},
-        {"boxes": torch.zeros(0, 4, dtype=torch.float64), "labels": torch.zeros(0, dtype=torch.int64)},
-    ])
+    losses = model(
+        images,
+        [torch.zeros(0, 4, dtype=torch.float64), random_boxes(5, 40, 50).double()],
+        [
+            {"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]], dtype=torch.float64), "labels": torch.tensor([1])},
+            {"boxes": torch.zeros(0, 4, dtype=torch.float64), "labels": torch.zeros(0, dtype=torch.int64)},
+        ],
+    )
     assert all(torch.isfinite(v) for v in losses.values())
     with pytest.raises(ValueError, match="no sampled RoIs"):
-        model(images[:1], [torch.zeros(0, 4, dtype=torch.float64)], [
-            {"boxes": torch.zeros(0, 4, dtype=torch.float64), "labels": torch.zeros(0, dtype=torch.int64)}])
+        model(
+            images[:1],
+            [torch.zeros(0, 4, dtype=torch.float64)],
+            [{"boxes": torch.zeros(0, 4, dtype=torch.float64), "labels": torch.zeros(0, dtype=torch.int64)}],
+        )
 
 
 def test_bad_input():
@@ -725,13 +769,17 @@ def test_state_dict_names_and_torchvision_resnet_weights(tmp_path):
     state = model.state_dict()
     head = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("backbone.")}
     assert head == {
-        "box_head.fc6.weight": (64, 512 * 49), "box_head.fc6.bias": (64,),
-        "box_head.fc7.weight": (64, 64), "box_head.fc7.bias": (64,),
-        "box_predictor.cls_score.weight": (3, 64), "box_predictor.cls_score.bias": (3,),
-        "box_predictor.bbox_pred.weight": (12, 64), "box_predictor.bbox_pred.bias": (12,),
+        "box_head.fc6.weight": (64, 512 * 49),
+        "box_head.fc6.bias": (64,),
+        "box_head.fc7.weight": (64, 64),
+        "box_head.fc7.bias": (64,),
+        "box_predictor.cls_score.weight": (3, 64),
+        "box_predictor.cls_score.bias": (3,),
+        "box_predictor.bbox_pred.weight": (12, 64),
+        "box_predictor.bbox_pred.bias": (12,),
     }
     without_fc = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
-    assert {k[len("backbone."):] for k in state if k.startswith("backbone.")} == set(without_fc)
+    assert {k[len("backbone.") :] for k in state if k.startswith("backbone.")} == set(without_fc)
     for key, value in without_fc.items():
         assert torch.equal(state["backbone." + key], value), key
     model.backbone.load_state_dict(without_fc, strict=True)
@@ -740,8 +788,9 @@ def test_state_dict_names_and_torchvision_resnet_weights(tmp_path):
     resnet.eval(), model.eval()
     x = torch.rand(2, 3, 96, 64)
     with torch.no_grad():
-        trunk = resnet.layer4(resnet.layer3(resnet.layer2(resnet.layer1(
-            resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))))))
+        trunk = resnet.layer4(
+            resnet.layer3(resnet.layer2(resnet.layer1(resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x)))))))
+        )
         assert_close(model.backbone(x), trunk, rtol=1e-4, atol=1e-4)
     assert trunk.shape == (2, 512, 3, 2)
 
@@ -773,8 +822,9 @@ def test_resnet_backbone_stages():
 
 def test_a_few_sgd_steps_reduce_the_loss():
     fresh_seed()
-    model = det.fastrcnn_resnet18(3, min_size=64, max_size=64, representation_size=64,
-                                  box_batch_size_per_image=256).train()
+    model = det.fastrcnn_resnet18(
+        3, min_size=64, max_size=64, representation_size=64, box_batch_size_per_image=256
+    ).train()
     images = [torch.rand(3, 64, 64) * 0.3 for _ in range(2)]
     targets = []
     for image, (box, label) in zip(images, [((8, 8, 40, 30), 1), ((20, 24, 56, 60), 2)]):
@@ -806,8 +856,9 @@ def test_pieces_match_torchvision():
 
     iou = ops.box_iou(random_boxes(5, 50, 50), random_boxes(40, 50, 50))
     for low_quality in (False, True):
-        assert torch.equal(det.Matcher(0.5, 0.3, low_quality)(iou.clone()),
-                           tv_utils.Matcher(0.5, 0.3, low_quality)(iou.clone()))
+        assert torch.equal(
+            det.Matcher(0.5, 0.3, low_quality)(iou.clone()), tv_utils.Matcher(0.5, 0.3, low_quality)(iou.clone())
+        )
 
     labels = [torch.randint(-1, 3, (300,)), torch.randint(-1, 2, (40,))]
     torch.manual_seed(5)
@@ -818,8 +869,10 @@ def test_pieces_match_torchvision():
         assert torch.equal(a, b.bool())
 
     images = [torch.rand(3, 60, 85), torch.rand(3, 71, 50)]
-    boxes = [{"boxes": random_boxes(4, 60, 85), "labels": torch.ones(4, dtype=torch.int64)},
-             {"boxes": random_boxes(2, 71, 50), "labels": torch.ones(2, dtype=torch.int64)}]
+    boxes = [
+        {"boxes": random_boxes(4, 60, 85), "labels": torch.ones(4, dtype=torch.int64)},
+        {"boxes": random_boxes(2, 71, 50), "labels": torch.ones(2, dtype=torch.int64)},
+    ]
     ours = det.DetectionTransform(100, 160).eval()(images, None, boxes)
     theirs = GeneralizedRCNNTransform(100, 160, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).eval()(images, boxes)
     assert ours[0].image_sizes == [tuple(s) for s in theirs[0].image_sizes]

@@ -57,9 +57,19 @@ def hf_model(transformers, one_thread):
     """A random Hugging Face GPT-2, its weights spread wider than GPT-2's 0.02 so that a wrong
     transpose or a swapped q/k/v shows in the logits."""
     pytest.importorskip("safetensors", reason="safetensors is not installed")
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=N_CTX, n_embd=EMBD, n_layer=LAYERS, n_head=HEADS,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=EOT,
-                                     eos_token_id=EOT, pad_token_id=EOT)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=N_CTX,
+        n_embd=EMBD,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=EOT,
+        eos_token_id=EOT,
+        pad_token_id=EOT,
+    )
     torch.manual_seed(1234)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
@@ -98,12 +108,18 @@ def test_logits_loss_and_gradients_match_transformers(hf_model, hf_folder):
 
     hf_loss.backward()
     loss.backward()
-    torch.testing.assert_close(model.transformer.wte.weight.grad, hf_model.transformer.wte.weight.grad,
-                               rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.grad,
-                               hf_model.transformer.h[0].attn.c_attn.weight.grad.t(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model.transformer.h[1].ln_2.weight.grad, hf_model.transformer.h[1].ln_2.weight.grad,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        model.transformer.wte.weight.grad, hf_model.transformer.wte.weight.grad, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        model.transformer.h[0].attn.c_attn.weight.grad,
+        hf_model.transformer.h[0].attn.c_attn.weight.grad.t(),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        model.transformer.h[1].ln_2.weight.grad, hf_model.transformer.h[1].ln_2.weight.grad, rtol=1e-4, atol=1e-6
+    )
     hf_model.zero_grad()
 
 
@@ -111,8 +127,14 @@ def test_greedy_generation_matches_transformers(hf_model, hf_folder):
     fresh_seed()
     model = GPT.from_pretrained(hf_folder)
     prompt = torch.randint(0, VOCAB - 1, (2, 7))
-    expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                                 min_new_tokens=12, pad_token_id=EOT)
+    expected = hf_model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=12,
+        do_sample=False,
+        min_new_tokens=12,
+        pad_token_id=EOT,
+    )
     assert torch.equal(model.generate(prompt, 12, temperature=0), expected)
 
 
@@ -169,8 +191,10 @@ def test_bad_checkpoints_give_clear_errors(hf_model, hf_folder, tmp_path, monkey
         model.load_hf_state_dict(state, source="ckpt")
     message = str(error.value)
     # a weight saved in nn.Linear's layout: the shapes as seen, and which layout each side uses
-    assert f"transformer.h.1.mlp.c_fc.weight: checkpoint [{4 * EMBD}, {EMBD}] (Conv1D, in x out) vs model " \
-           f"[{4 * EMBD}, {EMBD}] (nn.Linear, out x in)" in message
+    assert (
+        f"transformer.h.1.mlp.c_fc.weight: checkpoint [{4 * EMBD}, {EMBD}] (Conv1D, in x out) vs model "
+        f"[{4 * EMBD}, {EMBD}] (nn.Linear, out x in)" in message
+    )
     assert "missing key transformer.ln_f.bias (shape [64])" in message
     assert "unexpected key transformer.h.0.attn.q_proj.weight" in message
 
@@ -217,16 +241,16 @@ def test_left_padded_batch_generates_each_prompt_alone():
     batch = torch.full((len(prompts), width), EOT)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, p in enumerate(prompts):
-        batch[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+        batch[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
     out = model.generate(batch, 15, temperature=0, attention_mask=mask)
     assert out.shape == (4, width + 15)
     for row, p in enumerate(prompts):
         alone = greedy_without_cache(model, p[None], 15)
-        assert torch.equal(out[row, width:], alone[0, len(p):]), f"row {row} (prompt of {len(p)} tokens)"
+        assert torch.equal(out[row, width:], alone[0, len(p) :]), f"row {row} (prompt of {len(p)} tokens)"
         # the padded forward pass agrees with the row alone at the real positions too
-        logits, _ = model(batch[row:row + 1], attention_mask=mask[row:row + 1])
-        torch.testing.assert_close(logits[0, width - len(p):], model(p[None])[0][0], rtol=1e-5, atol=1e-5)
+        logits, _ = model(batch[row : row + 1], attention_mask=mask[row : row + 1])
+        torch.testing.assert_close(logits[0, width - len(p) :], model(p[None])[0][0], rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_is_reproducible_and_streams_each_step():
@@ -274,10 +298,10 @@ def test_eos_stops_rows():
     for row in range(2):
         stop = first_eos[row]
         if stop is None:
-            assert torch.equal(out[row], free[row, :out.size(1)])
+            assert torch.equal(out[row], free[row, : out.size(1)])
         else:
-            assert torch.equal(out[row, :5 + stop + 1], free[row, :5 + stop + 1])
-            assert (out[row, 5 + stop:] == eos).all()
+            assert torch.equal(out[row, : 5 + stop + 1], free[row, : 5 + stop + 1])
+            assert (out[row, 5 + stop :] == eos).all()
     expected_length = 5 + (max(first_eos) + 1 if None not in first_eos else 12)
     assert out.size(1) == expected_length
 
@@ -285,8 +309,11 @@ def test_eos_stops_rows():
 def test_generate_bad_arguments():
     model = tiny_model()
     prompt = torch.randint(0, VOCAB, (2, 10))
-    with pytest.raises(ValueError, match=rf"prompt of 10 tokens \+ max_new_tokens=39 = 49 exceeds the model's context "
-                                         rf"n_ctx = {N_CTX}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"prompt of 10 tokens \+ max_new_tokens=39 = 49 exceeds the model's context "
+        rf"n_ctx = {N_CTX}",
+    ):
         model.generate(prompt, 39)
     assert model.generate(prompt, 38, temperature=0).shape == (2, N_CTX)
     right_padded = torch.ones(2, 10, dtype=torch.long)
@@ -325,8 +352,13 @@ def test_forward_bad_arguments():
 
 def test_presets_and_parameter_count():
     config = GPTConfig.from_name("gpt2")
-    assert (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size) == (12, 12, 768, 1024,
-                                                                                                    50257)
+    assert (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size) == (
+        12,
+        12,
+        768,
+        1024,
+        50257,
+    )
     assert GPTConfig.from_name("gpt2-xl").head_dim == 64
     assert GPTConfig.from_name("bytes-tiny").vocab_size == 257
     with torch.device("meta"):
@@ -384,7 +416,7 @@ def test_training_steps_match_plain_torch():
     reference = PlainGPT(model.config)
     reference.load_state_dict(model.state_dict())
     text = torch.randint(0, VOCAB, (4, N_CTX + 1))
-    batches = [text[:, i:i + 33] for i in range(0, 16, 2)] + [text[:, :33]] * 4
+    batches = [text[:, i : i + 33] for i in range(0, 16, 2)] + [text[:, :33]] * 4
     optimizers = [torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1) for m in (model, reference)]
     losses, ref_losses = [], []
     for batch in batches:
@@ -442,7 +474,7 @@ def test_generate_command(tmp_path, capsys):
     assert run_cli("--model", str(tmp_path), "--prompt", "héllo", "--max-new-tokens", "20", "--temperature", "0") == 0
     out, err = capsys.readouterr()
     prompt = torch.tensor([list("héllo".encode())])
-    expected = model.generate(prompt, 20, temperature=0, eos_token_id=256)[0, prompt.size(1):].tolist()
+    expected = model.generate(prompt, 20, temperature=0, eos_token_id=256)[0, prompt.size(1) :].tolist()
     expected_bytes = bytes(t for t in expected if t != 256)
     assert out == "héllo" + expected_bytes.decode("utf-8", errors="replace") + "\n"
     assert "first token after" in err and "(prefill)" in err

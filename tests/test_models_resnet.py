@@ -64,8 +64,17 @@ class RefBottleneck(nn.Module):
 
 
 class RefResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000, groups=1, width_per_group=64, dilate=(False, False, False),
-                 in_channels=3, small_input=False):
+    def __init__(
+        self,
+        block,
+        layers,
+        num_classes=1000,
+        groups=1,
+        width_per_group=64,
+        dilate=(False, False, False),
+        in_channels=3,
+        small_input=False,
+    ):
         super().__init__()
         if small_input:
             self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
@@ -82,8 +91,10 @@ class RefResNet(nn.Module):
                 dilation, stride = dilation * stride, 1
             downsample = None
             if stride != 1 or cin != planes * block.expansion:
-                downsample = nn.Sequential(nn.Conv2d(cin, planes * block.expansion, 1, stride, bias=False),
-                                           nn.BatchNorm2d(planes * block.expansion))
+                downsample = nn.Sequential(
+                    nn.Conv2d(cin, planes * block.expansion, 1, stride, bias=False),
+                    nn.BatchNorm2d(planes * block.expansion),
+                )
             blocks = [block(cin, planes, stride, downsample, groups, width_per_group, first_dilation)]
             cin = planes * block.expansion
             blocks += [block(cin, planes, 1, None, groups, width_per_group, dilation) for _ in range(depth - 1)]
@@ -185,7 +196,9 @@ def test_weight_init_follows_torchvision():
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(bool((m.weight == 1).all() and (m.bias == 0).all()) for m in norms)
     zero = models.ResNet(models.Bottleneck, [1, 1, 1, 1], zero_init_residual=True)
-    assert all(bool((b.bn3.weight == 0).all()) and bool((b.bn2.weight == 1).all()) for b in (zero.layer1[0], zero.layer4[0]))
+    assert all(
+        bool((b.bn3.weight == 0).all()) and bool((b.bn2.weight == 1).all()) for b in (zero.layer1[0], zero.layer4[0])
+    )
     basic = models.ResNet(models.BasicBlock, [1, 1, 1, 1], zero_init_residual=True)
     assert bool((basic.layer2[0].bn2.weight == 0).all()) and bool((basic.layer2[0].bn1.weight == 1).all())
 
@@ -224,7 +237,9 @@ def test_train_and_eval_match_reference_outputs_statistics_and_gradients(name, k
     expected.square().sum().backward()
     ref_parameters = dict(ref.named_parameters())
     for key, p in model.named_parameters():
-        assert_close(p.grad, ref_parameters[key].grad, rtol=1e-8, atol=1e-9 * ref_parameters[key].grad.abs().max().item())
+        assert_close(
+            p.grad, ref_parameters[key].grad, rtol=1e-8, atol=1e-9 * ref_parameters[key].grad.abs().max().item()
+        )
     ref_buffers = dict(ref.named_buffers())
     for key, b in model.named_buffers():  # running statistics updated alike
         assert torch.equal(b, ref_buffers[key]) if b.dtype == torch.int64 else assert_close(b, ref_buffers[key]) is None
@@ -344,16 +359,22 @@ def test_mismatched_checkpoints_give_clear_errors(tmp_path):
         state = reference("resnet18").state_dict()
     path = tmp_path / "imagenet.pt"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"shape mismatches: .*fc.weight: checkpoint \[1000, 512\] vs model \[10, 512\]"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatches: .*fc.weight: checkpoint \[1000, 512\] vs model \[10, 512\]"
+    ):
         models.resnet18(weights=path, num_classes=10)
-    with pytest.raises(ValueError, match=r"conv1.weight: checkpoint \[64, 3, 7, 7\] vs model \[64, 3, 3, 3\].*small_input"):
+    with pytest.raises(
+        ValueError, match=r"conv1.weight: checkpoint \[64, 3, 7, 7\] vs model \[64, 3, 3, 3\].*small_input"
+    ):
         models.resnet18(weights=path, small_input=True)
     with pytest.raises(ValueError, match=r"missing keys: layer1\.2\.conv1\.weight, .* \(86 more\)$"):
         models.resnet34(weights=path)
     partial = {k: v for k, v in state.items() if not k.startswith("fc.")}
     partial["extra.weight"] = torch.zeros(1)
     torch.save(partial, path)
-    with pytest.raises(ValueError, match=r"imagenet.pt: .*missing keys: fc.weight, fc.bias; unexpected keys: extra.weight$"):
+    with pytest.raises(
+        ValueError, match=r"imagenet.pt: .*missing keys: fc.weight, fc.bias; unexpected keys: extra.weight$"
+    ):
         models.resnet18(weights=path)
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.pt: not a readable torch checkpoint"):
@@ -406,8 +427,13 @@ def test_resnet_learns_real_digits():
     mean, std = (train.images.float() / 255).mean().item(), (train.images.float() / 255).std().item()
     model = models.ResNet(models.BasicBlock, [1, 1, 1, 1], num_classes=10, in_channels=1, small_input=True)
     epochs, batch_size, lr = 3, 64, 0.05
-    batches = data.TensorBatches(train, batch_size, shuffle=True, generator=torch.Generator().manual_seed(0),
-                                 transform=T.eval_transform([mean], [std]))
+    batches = data.TensorBatches(
+        train,
+        batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+        transform=T.eval_transform([mean], [std]),
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * len(batches))
     for _ in range(epochs):
@@ -440,8 +466,9 @@ class UserModel(nn.Module):
     def __init__(self):
         super().__init__()
         shared = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding="valid"), nn.ReLU(), shared, shared,
-                                      WeightStandardized(8, 4, 1))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding="valid"), nn.ReLU(), shared, shared, WeightStandardized(8, 4, 1)
+        )
         self.lstm = nn.LSTM(4, 8, num_layers=2, batch_first=True, bidirectional=True)
         self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
         self.sequence_first_attention = nn.MultiheadAttention(16, 2, add_bias_kv=True)

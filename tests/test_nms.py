@@ -35,7 +35,9 @@ def nms_reference(boxes, scores, threshold, classes=None) -> list[int]:
 def random_boxes(n, device="cpu", dtype=torch.float32, clustered=True):
     """Boxes in clusters (so that many overlap), with tied scores and exact duplicates."""
     centers = torch.rand(max(n // 8, 1), 2, dtype=torch.float64) * 200
-    xy = centers[torch.randint(0, len(centers), (n,))] + torch.randn(n, 2, dtype=torch.float64) * (8 if clustered else 80)
+    xy = centers[torch.randint(0, len(centers), (n,))] + torch.randn(n, 2, dtype=torch.float64) * (
+        8 if clustered else 80
+    )
     wh = torch.rand(n, 2, dtype=torch.float64) * 40 + 1
     boxes = torch.cat([xy, xy + wh], 1)
     scores = torch.round(torch.rand(n, dtype=torch.float64) * 20) / 20  # many ties
@@ -69,10 +71,13 @@ class TestNms(NmsTester):
                 for threshold in (0.2, 0.5, 0.8):
                     for n in (0, 1, 2, 37, 300):
                         boxes, scores = random_boxes(n, device, dtype)
-                        yield Sample((boxes, scores, threshold), name=f"{device}-{dtype_name(dtype)}-iou{threshold}-{n}")
+                        yield Sample(
+                            (boxes, scores, threshold), name=f"{device}-{dtype_name(dtype)}-iou{threshold}-{n}"
+                        )
             boxes, scores = random_boxes(50, device)
-            yield Sample((non_contiguous(boxes), non_contiguous(scores[:, None])[:, 0], 0.5),
-                         name=f"{device}-non_contiguous")
+            yield Sample(
+                (non_contiguous(boxes), non_contiguous(scores[:, None])[:, 0], 0.5), name=f"{device}-non_contiguous"
+            )
 
     def reference(self, boxes, scores, threshold):
         return torch.tensor(nms_reference(boxes, scores, threshold), dtype=torch.long)
@@ -196,5 +201,6 @@ def test_cuda_matches_cpu(n):
     assert torch.equal(fastdl.ops.nms(boxes.cuda(), scores.cuda(), 0.5).cpu(), fastdl.ops.nms(boxes, scores, 0.5))
     idxs = torch.randint(0, 20, (n,))
     assert torch.equal(
-        fastdl.ops.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(), fastdl.ops.batched_nms(boxes, scores, idxs, 0.5)
+        fastdl.ops.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(),
+        fastdl.ops.batched_nms(boxes, scores, idxs, 0.5),
     )

@@ -51,7 +51,9 @@ def test_every_op_has_schema_kernels_composite_and_fake():
     for name in names:
         qualname = _library.qualname(name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU"), f"{name}: no CPU kernel"
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd"), f"{name}: no composite"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd"), (
+            f"{name}: no composite"
+        )
         assert _library.implementation(name, "cpu") == "C++"
         entry = torch._library.simple_registry.singleton.find(qualname)
         assert entry.fake_impl.kernel is not None, f"{name}: no fake kernel"
@@ -94,12 +96,26 @@ def test_kernel_paths_cover_every_public_op_at_every_capability():
 
 def test_bench_summary_pairs_each_baseline_with_fastdl(tmp_path):
     def entry(impl, case, median, err=0.0, peak=None):
-        return {"stats": {"median": median}, "extra_info": {"op": "nms", "case": case, "impl": impl, "max_abs_err": err, "peak_mb": peak}}
+        return {
+            "stats": {"median": median},
+            "extra_info": {"op": "nms", "case": case, "impl": impl, "max_abs_err": err, "peak_mb": peak},
+        }
 
-    data = {"benchmarks": [entry("eager", "a", 2.0), entry("fastdl", "a", 0.5, 1e-6, 3.0), entry("python-loop", "a", 8.0, peak=12.0),
-                           entry("fastdl", "b", 1.0), entry("eager", "b", 0.5)]}
+    data = {
+        "benchmarks": [
+            entry("eager", "a", 2.0),
+            entry("fastdl", "a", 0.5, 1e-6, 3.0),
+            entry("python-loop", "a", 8.0, peak=12.0),
+            entry("fastdl", "b", 1.0),
+            entry("eager", "b", 0.5),
+        ]
+    }
     rows = bench.summarise(data)
-    assert [(r["case"], r["baseline"], r["speedup"]) for r in rows] == [("a", "eager", 4.0), ("a", "python-loop", 16.0), ("b", "eager", 0.5)]
+    assert [(r["case"], r["baseline"], r["speedup"]) for r in rows] == [
+        ("a", "eager", 4.0),
+        ("a", "python-loop", 16.0),
+        ("b", "eager", 0.5),
+    ]
     table = bench.format_table(rows)
     assert "4.00x" in table and "16.00x" in table and "0.50x" in table and "12 / 3" in table
     pytest.importorskip("matplotlib")
@@ -110,7 +126,9 @@ def test_bench_command_end_to_end(tmp_path):
     """`fastdl bench --quick --ops nms` runs the benchmark module and writes JSON and a table."""
     out = subprocess.run(
         [sys.executable, "-m", "fastdl", "bench", "--quick", "--ops", "nms", "--out", str(tmp_path), "--threads", "1"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads((tmp_path / "bench-cpu.json").read_text())

@@ -80,8 +80,21 @@ RSS_GROWTH_LIMIT = 2 << 20
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _heap_in_use() -> int:
@@ -102,8 +115,10 @@ if _has_mallinfo2:
 
 
 @pytest.mark.skipif(not _has_mallinfo2, reason="needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
-@pytest.mark.skipif(_libc is not None and hasattr(_libc, "__asan_init"),
-                    reason="under ASan freed memory waits in a quarantine and malloc is ASan's")
+@pytest.mark.skipif(
+    _libc is not None and hasattr(_libc, "__asan_init"),
+    reason="under ASan freed memory waits in a quarantine and malloc is ASan's",
+)
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_repeated_calls_leave_no_memory_behind(name):
     for seed in range(30):  # warm-up: per-thread scratch, dispatcher and autograd caches

@@ -85,7 +85,9 @@ def roi_align_reference(input, rois, output_size, spatial_scale=1.0, sampling_ra
 def random_rois(num: int, batch: int, height: int, width: int, scale: float, dtype, device="cpu") -> torch.Tensor:
     """Boxes in image coordinates: inside, partly outside, wholly outside and zero-area ones."""
     img_h, img_w = height / scale, width / scale
-    xy = torch.rand(num, 2, dtype=torch.float64) * torch.tensor([img_w, img_h]) * 1.4 - 0.2 * torch.tensor([img_w, img_h])
+    xy = torch.rand(num, 2, dtype=torch.float64) * torch.tensor([img_w, img_h]) * 1.4 - 0.2 * torch.tensor(
+        [img_w, img_h]
+    )
     wh = torch.rand(num, 2, dtype=torch.float64) * torch.tensor([img_w, img_h]) * 0.8
     if num >= 3:
         wh[0] = 0  # zero-area box
@@ -128,13 +130,17 @@ class TestRoiAlign(OpTester):
                     for sampling_ratio in (-1, 0, 1, 2):
                         for layout in LAYOUTS:
                             x, rois = make_case(dtype, device, channels=3 if layout != "channels_last" else 5)
-                            yield Sample((with_layout(x, layout), rois, 1.0, 3, 4, sampling_ratio, aligned),
-                                         name=f"{name}-aligned{aligned}-ratio{sampling_ratio}-{layout}")
+                            yield Sample(
+                                (with_layout(x, layout), rois, 1.0, 3, 4, sampling_ratio, aligned),
+                                name=f"{name}-aligned{aligned}-ratio{sampling_ratio}-{layout}",
+                            )
                 # feature maps at 1/16 and 1/32 of the image
                 for scale in (1 / 16, 1 / 32):
                     for aligned in (False, True):
                         x, rois = make_case(dtype, device, height=13, width=10, num_rois=8, scale=scale)
-                        yield Sample((x, rois, scale, 2, 3, -1, aligned), name=f"{name}-scale{scale:g}-aligned{aligned}")
+                        yield Sample(
+                            (x, rois, scale, 2, 3, -1, aligned), name=f"{name}-scale{scale:g}-aligned{aligned}"
+                        )
                 # no boxes, no channels, and maps without pixels (every sample point is outside: zeros)
                 x, rois = make_case(dtype, device, num_rois=0)
                 yield Sample((x, rois, 1.0, 3, 3, -1, False), name=f"{name}-no_boxes")
@@ -160,8 +166,10 @@ class TestRoiAlign(OpTester):
                 for sampling_ratio in (-1, 2):
                     for draw in range(3):
                         x, rois = make_case(torch.float64, device, channels=2, height=7, width=6, num_rois=4)
-                        yield Sample((x, rois, 0.5, 2, 3, sampling_ratio, aligned),
-                                     name=f"{device}-aligned{aligned}-ratio{sampling_ratio}-draw{draw}")
+                        yield Sample(
+                            (x, rois, 0.5, 2, 3, sampling_ratio, aligned),
+                            name=f"{device}-aligned{aligned}-ratio{sampling_ratio}-draw{draw}",
+                        )
 
     def compile_sample(self):
         x, rois = make_case(torch.float32, "cpu")
@@ -183,7 +191,9 @@ class TestRoiAlign(OpTester):
             ((x, torch.tensor([[0.0, 0, 0, float("inf"), 1]])), "NaN or infinite"),
             ((x, rois.double()), "dtype"),
         ]
-        bad = [((features, boxes, 1.0, 2, 2, -1, False), {}, RuntimeError, message) for (features, boxes), message in cases]
+        bad = [
+            ((features, boxes, 1.0, 2, 2, -1, False), {}, RuntimeError, message) for (features, boxes), message in cases
+        ]
         return bad + [((x, rois, 1.0, 0, 2, -1, False), {}, RuntimeError, "output_size must be positive")]
 
 
@@ -192,7 +202,9 @@ def test_list_of_boxes_equals_tensor_form(device):
     fresh_seed()
     x = torch.randn(3, 4, 8, 8, device=device)
     per_image = [random_rois(n, 1, 8, 8, 1.0, torch.float32, device)[:, 1:] for n in (2, 0, 3)]
-    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), device=device), b], 1) for i, b in enumerate(per_image)])
+    rois = torch.cat(
+        [torch.cat([torch.full((len(b), 1), float(i), device=device), b], 1) for i, b in enumerate(per_image)]
+    )
     assert_close(fastdl.ops.roi_align(x, per_image, 2, 0.5), fastdl.ops.roi_align(x, rois, 2, 0.5))
     module = fastdl.nn.RoIAlign(2, 0.5, 2, True)
     assert_close(module(x, per_image), fastdl.ops.roi_align(x, rois, 2, 0.5, 2, True))
@@ -305,9 +317,9 @@ def test_cuda_deterministic_backward_matches_atomic():
 def test_cuda_matches_cpu():
     fresh_seed()
     x, rois = make_case(torch.float32, "cpu", channels=16, height=20, width=24, num_rois=30)
-    assert_close(fastdl.ops.roi_align(x.cuda(), rois.cuda(), 7, 0.5, -1, True), fastdl.ops.roi_align(x, rois, 7, 0.5, -1, True))
-
-
+    assert_close(
+        fastdl.ops.roi_align(x.cuda(), rois.cuda(), 7, 0.5, -1, True), fastdl.ops.roi_align(x, rois, 7, 0.5, -1, True)
+    )
 
 
 def test_backward_op_checks_its_rois():

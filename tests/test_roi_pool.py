@@ -11,7 +11,17 @@ import torch
 import fastdl.nn
 import fastdl.ops
 from fastdl.ops import _library
-from harness import DEVICES, LAYOUTS, assert_close, check_compiled, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck, with_layout
+from harness import (
+    DEVICES,
+    LAYOUTS,
+    assert_close,
+    check_compiled,
+    composite_serves_mps,
+    fresh_seed,
+    needs_cuda,
+    run_opcheck,
+    with_layout,
+)
 from optester import OpTester, Sample, dtype_name
 from test_roi_align import random_rois
 
@@ -67,8 +77,10 @@ class TestRoiPool(OpTester):
                 for layout in LAYOUTS:
                     for scale in (1.0, 0.5, 1 / 16):
                         x, rois = make_case(dtype, device, scale=scale)
-                        yield Sample((with_layout(x, layout), rois, scale, 3, 2),
-                                     name=f"{device}-{dtype_name(dtype)}-{layout}-scale{scale:g}")
+                        yield Sample(
+                            (with_layout(x, layout), rois, scale, 3, 2),
+                            name=f"{device}-{dtype_name(dtype)}-{layout}-scale{scale:g}",
+                        )
                 # one row or column of pixels, one channel, one box; and no boxes at all
                 x, rois = make_case(dtype, device, batch=1, channels=1, height=1, width=13, num_rois=1)
                 yield Sample((x, rois, 1.0, 1, 4), name=f"{device}-{dtype_name(dtype)}-one_row")

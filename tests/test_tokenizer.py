@@ -16,8 +16,14 @@ from fastdl.data.tokenizer import END_OF_TEXT, ByteTokenizer, GPT2Tokenizer, get
 
 TEXTS = list(topics.values())
 SAMPLES = [
-    "Hello world", " Hello world", "It's 2024: we'll see, they've said.\n\n  Indented\tand\ttabbed  ",
-    "naïve café — 東京 🙂 ü", "x = [1, 22, 333]  # comment", "", " ", "\n\n\n",
+    "Hello world",
+    " Hello world",
+    "It's 2024: we'll see, they've said.\n\n  Indented\tand\ttabbed  ",
+    "naïve café — 東京 🙂 ü",
+    "x = [1, 22, 333]  # comment",
+    "",
+    " ",
+    "\n\n\n",
 ]
 
 
@@ -70,11 +76,13 @@ def trained_vocab(tmp_path_factory):
     reference = tokenizers.Tokenizer(models.BPE())
     reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     reference.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     numbers = random.Random(4)  # so that multi-digit tokens exist: digit runs are pre-tokenized together
-    number_lines = [" ".join(str(numbers.randrange(10 ** numbers.randrange(1, 6))) for _ in range(200))
-                    for _ in range(20)]
+    number_lines = [
+        " ".join(str(numbers.randrange(10 ** numbers.randrange(1, 6))) for _ in range(200)) for _ in range(20)
+    ]
     reference.train_from_iterator(TEXTS[::2] + number_lines, trainer)
     folder = tmp_path_factory.mktemp("bpe")
     reference.model.save(str(folder))
@@ -146,8 +154,11 @@ def test_default_source_without_files_explains_what_to_install(monkeypatch):
         raise ConnectionError(f"cannot download the files of {name}")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(RuntimeError, match=r"tiktoken could not load them \(ConnectionError: cannot download.*"
-                                           r"pip install --no-deps openai-whisper"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"tiktoken could not load them \(ConnectionError: cannot download.*"
+        r"pip install --no-deps openai-whisper",
+    ):
         GPT2Tokenizer.default()
 
 
@@ -161,8 +172,10 @@ def gpt2_tokenizer():
     try:
         return GPT2Tokenizer.default()
     except RuntimeError as error:
-        pytest.skip(f"GPT-2's BPE ranks are not available offline ({str(error)[:80]}...): "
-                    "pip install --no-deps openai-whisper to run these tests")
+        pytest.skip(
+            f"GPT-2's BPE ranks are not available offline ({str(error)[:80]}...): "
+            "pip install --no-deps openai-whisper to run these tests"
+        )
 
 
 def test_gpt2_ids(gpt2_tokenizer):

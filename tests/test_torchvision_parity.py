@@ -104,7 +104,10 @@ def test_nms_float16_composite():
     assert torch.equal(ours, tv_ops.nms(boxes.float(), scores.float(), 0.5))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64],
+)
 def test_box_area_and_iou(dtype):
     fresh_seed()
     scale = 100.0 if dtype.is_floating_point else 60.0
@@ -143,7 +146,10 @@ def test_multiscale_roi_align():
     image_shapes = [(200, 248), (256, 230)]
     features = {n: torch.randn(2, 4, math.ceil(256 / 2**k), math.ceil(256 / 2**k)) for k, n in enumerate(names, 2)}
     # boxes of every size, so every level is used, and sizes exactly at a level boundary
-    boxes = [random_boxes(40, 200.0, min_side=4.0), torch.tensor([[0.0, 0, 112, 112], [10, 10, 234, 234], [5, 5, 61, 61]])]
+    boxes = [
+        random_boxes(40, 200.0, min_side=4.0),
+        torch.tensor([[0.0, 0, 112, 112], [10, 10, 234, 234], [5, 5, 61, 61]]),
+    ]
     ours = fastdl.nn.MultiScaleRoIAlign(names, 7, 2)
     theirs = tv_ops.MultiScaleRoIAlign(names, 7, 2)
     assert repr(ours) == repr(theirs)
@@ -162,4 +168,6 @@ def test_box_coder(weights):
     codes = torch.randn(19, 4 * 3) * 3  # three classes, some codes past the exp clamp
     codes[0, 2] = 50.0
     torch.testing.assert_close(ours.decode(codes, proposals), theirs.decode(codes, proposals))
-    torch.testing.assert_close(ours.decode_single(codes, torch.cat(proposals)), theirs.decode_single(codes, torch.cat(proposals)))
+    torch.testing.assert_close(
+        ours.decode_single(codes, torch.cat(proposals)), theirs.decode_single(codes, torch.cat(proposals))
+    )

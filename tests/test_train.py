@@ -36,8 +36,10 @@ def write_cifar10(folder, train_per_batch=4, test=8, seed=0):
     rng = np.random.default_rng(seed)
 
     def batch(n):
-        return {b"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
-                b"labels": rng.integers(0, 10, n).tolist()}
+        return {
+            b"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, n).tolist(),
+        }
 
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"class{i}".encode() for i in range(10)]}))
     for i in range(1, 6):
@@ -53,8 +55,16 @@ def cifar(tmp_path_factory):
 
 def cifar_config(cifar, out, **changes) -> TrainConfig:
     """20 CIFAR images in batches of 8 (steps of 8, 8, 4), with the CIFAR crop and flip."""
-    settings = dict(model="resnet10", data=f"cifar10={cifar}", epochs=2, batch_size=8, lr=0.02, out=str(out),
-                    progress=False, workers=0)
+    settings = dict(
+        model="resnet10",
+        data=f"cifar10={cifar}",
+        epochs=2,
+        batch_size=8,
+        lr=0.02,
+        out=str(out),
+        progress=False,
+        workers=0,
+    )
     settings.update(changes)
     return TrainConfig(**settings)
 
@@ -83,8 +93,21 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def test_cli_trains_one_epoch_then_resumes_exactly(cifar, straight, tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["train", "resnet10", "--data", f"cifar10={cifar}", "--batch-size", "8", "--lr", "0.02",
-              "--out", str(out), "--workers", "0", "--no-progress"]
+    common = [
+        "train",
+        "resnet10",
+        "--data",
+        f"cifar10={cifar}",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.02",
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     with pytest.raises(SystemExit) as first:
         cli.main([*common, "--epochs", "1"])
     assert first.value.code == 0
@@ -119,8 +142,9 @@ def test_cli_trains_one_epoch_then_resumes_exactly(cifar, straight, tmp_path, ca
     # best.pt loads into a fresh model and reproduces the recorded test accuracy, per class too
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["epoch"] == metrics["best_epoch"]
-    model = models.load_checkpoint(models.ResNet(models.BasicBlock, [1, 1, 1, 1], num_classes=10, small_input=True),
-                                   out / "best.pt").eval()
+    model = models.load_checkpoint(
+        models.ResNet(models.BasicBlock, [1, 1, 1, 1], num_classes=10, small_input=True), out / "best.pt"
+    ).eval()
     test = CIFAR10(cifar, train=False)
     with torch.no_grad():
         right = model(T.normalize(test.images, best["mean"], best["std"])).argmax(1) == test.labels
@@ -153,8 +177,17 @@ def test_early_stopping_keeps_and_returns_the_best_epoch(tmp_path, monkeypatch):
         return {**evaluate(self), "test_acc": next(scripted)}
 
     monkeypatch.setattr(loop._Run, "evaluate", scripted_evaluate)
-    config = TrainConfig(model="resnet10", data="digits", epochs=6, batch_size=16, limit_train=32, limit_test=16,
-                         patience=2, out=str(tmp_path), progress=False)
+    config = TrainConfig(
+        model="resnet10",
+        data="digits",
+        epochs=6,
+        batch_size=16,
+        limit_train=32,
+        limit_test=16,
+        patience=2,
+        out=str(tmp_path),
+        progress=False,
+    )
     result = fit(config)
     assert [e["epoch"] for e in result.history] == [1, 2, 3, 4]
     assert result.stopped_early and result.best_epoch == 2 and result.best_test_acc == 0.7
@@ -183,8 +216,11 @@ def test_progress_bar_only_on_a_terminal():
     bar.update(8, 1.0, 0.5)
     bar.close()
     drawn = stream.getvalue().split("\r")
-    assert any(text.startswith("epoch 1/1 [########################] 2/2  loss 1.0000  acc  50.0%") and
-               "img/s  ETA 0:00" in text for text in drawn), drawn
+    assert any(
+        text.startswith("epoch 1/1 [########################] 2/2  loss 1.0000  acc  50.0%")
+        and "img/s  ETA 0:00" in text
+        for text in drawn
+    ), drawn
     assert drawn[-1] == ""  # the line is cleared for the epoch summary
     assert (format_duration(75.2), format_duration(3725)) == ("1:15", "1:02:05")
 
@@ -211,14 +247,39 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     Without --sync-bn each rank would normalise by its own share's statistics, which differ.
     The learning rate is small because early training amplifies rounding differences (run once
     in float64, the two gave weights equal to about 1e-14)."""
-    settings = dict(model="resnet10", data="digits", epochs=2, batch_size=31, limit_train=124, limit_test=40,
-                    lr=0.003, sync_bn=True)
+    settings = dict(
+        model="resnet10", data="digits", epochs=2, batch_size=31, limit_train=124, limit_test=40, lr=0.003, sync_bn=True
+    )
     single = fit(TrainConfig(**settings, out=str(tmp_path / "single"), progress=False))
     out = tmp_path / "ddp"
-    command = [*LAUNCHER, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "fastdl.train", "resnet10", "--data", "digits", "--epochs", "2", "--batch-size", "31",
-               "--limit-train", "124", "--limit-test", "40", "--lr", "0.003", "--sync-bn", "--device", "cpu",
-               "--out", str(out)]
+    command = [
+        *LAUNCHER,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fastdl.train",
+        "resnet10",
+        "--data",
+        "digits",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "31",
+        "--limit-train",
+        "124",
+        "--limit-test",
+        "40",
+        "--lr",
+        "0.003",
+        "--sync-bn",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -232,8 +293,9 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     np.testing.assert_allclose(ddp_losses, single_losses, rtol=1e-4)
     # (accuracies are left out: one borderline image flipping by rounding moves them by 1/40)
     for key in ("train_loss", "test_loss"):
-        np.testing.assert_allclose([e[key] for e in metrics["epochs"]], [e[key] for e in single.history],
-                                   rtol=1e-4, err_msg=key)
+        np.testing.assert_allclose(
+            [e[key] for e in metrics["epochs"]], [e[key] for e in single.history], rtol=1e-4, err_msg=key
+        )
     weights = torch.load(out / "last.pt", weights_only=True)["model"]
     expected = torch.load(tmp_path / "single" / "last.pt", weights_only=True)["model"]
     for key, value in expected.items():
@@ -254,19 +316,28 @@ def run_cli(capsys, *args) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["resnet19", "--data", "digits"], r"MODEL: unknown model 'resnet19'; expected one of resnet10, resnet18"),
-    (["resnet18", "--data", "imagenet=/x"], r"--data imagenet=/x: unknown data kind 'imagenet'; expected one of "
-                                            r"cifar10=PATH, .* or digits"),
-    (["resnet18", "--data", "mnist"], r"--data mnist: mnist needs the folder of its files: --data mnist=PATH"),
-    (["resnet18", "--data", "digits=/tmp"], r"--data digits=/tmp: digits is bundled and takes no path"),
-    (["resnet18", "--data", "cifar10=/no/such/folder"], r"--data cifar10=/no/such/folder: the path "
-                                                        r"'/no/such/folder' does not exist"),
-    (["resnet18", "--data", "digits", "--batch-size", "0"], r"--batch-size: must be a positive integer, got 0"),
-    (["resnet18", "--data", "digits", "--device", "tpu"], r"--device: unknown device 'tpu'; expected one of auto"),
-    (["resnet18", "--data", "digits", "--momentum", "1.5"], r"--momentum: must lie in \[0, 1\), got 1.5"),
-    (["resnet18", "--data", "digits", "--limit-train", "-3"], r"--limit-train: must be a positive integer, got -3"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["resnet19", "--data", "digits"], r"MODEL: unknown model 'resnet19'; expected one of resnet10, resnet18"),
+        (
+            ["resnet18", "--data", "imagenet=/x"],
+            r"--data imagenet=/x: unknown data kind 'imagenet'; expected one of "
+            r"cifar10=PATH, .* or digits",
+        ),
+        (["resnet18", "--data", "mnist"], r"--data mnist: mnist needs the folder of its files: --data mnist=PATH"),
+        (["resnet18", "--data", "digits=/tmp"], r"--data digits=/tmp: digits is bundled and takes no path"),
+        (
+            ["resnet18", "--data", "cifar10=/no/such/folder"],
+            r"--data cifar10=/no/such/folder: the path "
+            r"'/no/such/folder' does not exist",
+        ),
+        (["resnet18", "--data", "digits", "--batch-size", "0"], r"--batch-size: must be a positive integer, got 0"),
+        (["resnet18", "--data", "digits", "--device", "tpu"], r"--device: unknown device 'tpu'; expected one of auto"),
+        (["resnet18", "--data", "digits", "--momentum", "1.5"], r"--momentum: must lie in \[0, 1\), got 1.5"),
+        (["resnet18", "--data", "digits", "--limit-train", "-3"], r"--limit-train: must be a positive integer, got -3"),
+    ],
+)
 def test_bad_arguments_name_the_argument_and_the_value(capsys, args, message):
     err = run_cli(capsys, *args)
     assert err.startswith("fastdl train: error: ") and re.search(message, err), err

@@ -24,8 +24,15 @@ from fastdl.train import ConfigError
 from fastdl.train import detect as detect_cli
 from fastdl.train import detection_cli
 from fastdl.train.detection import (
-    DetectionResult, _jittered, coco_evaluate, coco_ground_truth, evaluate_detector, fit_detector, load_detector,
-    load_detection_data, warmup_cosine,
+    DetectionResult,
+    _jittered,
+    coco_evaluate,
+    coco_ground_truth,
+    evaluate_detector,
+    fit_detector,
+    load_detector,
+    load_detection_data,
+    warmup_cosine,
 )
 from fastdl.train.detection_cli import DetectionTrainConfig, parse_detection_data
 
@@ -37,13 +44,56 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 LAUNCHER = os.environ.get("FASTDL_TEST_LAUNCHER", "").split()
 
 # A tiny run: 8 shapes images of 64 pixels in batches of 4 (2 steps an epoch), a narrow head.
-TINY = dict(data="shapes", stages=2, min_size=64, batch_size=4, limit_train=8, limit_test=4, head_size=64,
-            roi_size=3, proposals=32, window_sizes=(0.25, 0.45), window_stride=16, warmup_steps=1, workers=0,
-            optimizer="adamw", lr=2e-3)
-TINY_FLAGS = ["--data", "shapes", "--stages", "2", "--min-size", "64", "--batch-size", "4", "--limit-train", "8",
-              "--limit-test", "4", "--head-size", "64", "--roi-size", "3", "--proposals", "32", "--window-sizes",
-              "0.25,0.45", "--window-stride", "16", "--warmup-steps", "1", "--workers", "0", "--optimizer", "adamw",
-              "--lr", "0.002", "--no-progress"]
+TINY = dict(
+    data="shapes",
+    stages=2,
+    min_size=64,
+    batch_size=4,
+    limit_train=8,
+    limit_test=4,
+    head_size=64,
+    roi_size=3,
+    proposals=32,
+    window_sizes=(0.25, 0.45),
+    window_stride=16,
+    warmup_steps=1,
+    workers=0,
+    optimizer="adamw",
+    lr=2e-3,
+)
+TINY_FLAGS = [
+    "--data",
+    "shapes",
+    "--stages",
+    "2",
+    "--min-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--limit-train",
+    "8",
+    "--limit-test",
+    "4",
+    "--head-size",
+    "64",
+    "--roi-size",
+    "3",
+    "--proposals",
+    "32",
+    "--window-sizes",
+    "0.25,0.45",
+    "--window-stride",
+    "16",
+    "--warmup-steps",
+    "1",
+    "--workers",
+    "0",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "0.002",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -143,19 +193,35 @@ def test_detect_prints_and_draws_what_the_detector_finds(straight, tmp_path, cap
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(SystemExit) as exit:
-        detect_cli.main(["--model", str(result.out), str(path), str(tmp_path / "broken.jpg"), "--out",
-                         str(tmp_path / "drawn"), "--score-threshold", "0", "--device", "cpu"])
+        detect_cli.main(
+            [
+                "--model",
+                str(result.out),
+                str(path),
+                str(tmp_path / "broken.jpg"),
+                "--out",
+                str(tmp_path / "drawn"),
+                "--score-threshold",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
     captured = capsys.readouterr()
     assert exit.value.code == 1  # one image could not be read; the other was done
     assert f"{tmp_path / 'broken.jpg'}: cannot decode the image" in captured.err
 
     found = load_detector(result.out / "best.pt")([image])[0]
     lines = captured.out.splitlines()
-    assert lines[0] == f"{path}: {len(found['labels'])} objects (score >= 0.0), drawn in {tmp_path / 'drawn' / 'shape.png'}"
+    assert (
+        lines[0]
+        == f"{path}: {len(found['labels'])} objects (score >= 0.0), drawn in {tmp_path / 'drawn' / 'shape.png'}"
+    )
     assert len(lines) == 1 + len(found["labels"]) > 1
     classes = ["rectangle", "ellipse", "triangle"]
-    for line, box, label, score in zip(lines[1:], found["boxes"].tolist(), found["labels"].tolist(),
-                                       found["scores"].tolist()):
+    for line, box, label, score in zip(
+        lines[1:], found["boxes"].tolist(), found["labels"].tolist(), found["scores"].tolist()
+    ):
         name, shown_score, corners = re.fullmatch(r"\s+(\w+)\s+([\d.]+)\s+\[(.*)\]", line).groups()
         assert name == classes[label - 1] and float(shown_score) == pytest.approx(score, abs=5e-4)
         assert [float(v) for v in corners.split(",")] == pytest.approx(box, abs=0.05)
@@ -188,19 +254,25 @@ def detections(boxes, labels, scores=None):
 
 
 def test_coco_scores_known_cases():
-    truth = [{"boxes": torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 80]]), "labels": torch.tensor([1, 2])},
-             {"boxes": torch.tensor([[0.0, 0, 20, 30]]), "labels": torch.tensor([1])}]
+    truth = [
+        {"boxes": torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 80]]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[0.0, 0, 20, 30]]), "labels": torch.tensor([1])},
+    ]
     dataset = Boxes(truth)
     ground_truth = coco_ground_truth(dataset)
     perfect = [detections(t["boxes"], t["labels"].tolist()) for t in truth]
     scored = coco_evaluate(ground_truth, perfect, dataset.classes)
     assert scored["map"] == pytest.approx(1.0) and scored["ap50"] == pytest.approx(1.0) and scored["detections"] == 3
-    assert scored["per_class"] == {"a": {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0)},
-                                   "b": {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0)}}
+    assert scored["per_class"] == {
+        "a": {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0)},
+        "b": {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0)},
+    }
 
     # every box widened to IoU 0.625 (40 -> 64 pixels wide): right at IoU 0.5, 0.55 and 0.6 only
-    widened = [detections([[b[0], b[1], b[0] + (b[2] - b[0]) * 1.6, b[3]] for b in t["boxes"].tolist()],
-                          t["labels"].tolist()) for t in truth]
+    widened = [
+        detections([[b[0], b[1], b[0] + (b[2] - b[0]) * 1.6, b[3]] for b in t["boxes"].tolist()], t["labels"].tolist())
+        for t in truth
+    ]
     assert all(box_iou(w["boxes"], t["boxes"]).diagonal().allclose(torch.tensor(0.625)) for w, t in zip(widened, truth))
     scored = coco_evaluate(ground_truth, widened, dataset.classes)
     assert scored["ap50"] == pytest.approx(1.0) and scored["map"] == pytest.approx(0.3)
@@ -209,8 +281,11 @@ def test_coco_scores_known_cases():
     assert coco_evaluate(ground_truth, wrong_class, dataset.classes)["map"] == 0.0
     nothing = [detections([], []) for _ in truth]
     assert coco_evaluate(ground_truth, nothing, dataset.classes) == {
-        "map": 0.0, "ap50": 0.0, "per_class": {"a": {"ap": 0.0, "ap50": 0.0}, "b": {"ap": 0.0, "ap50": 0.0}},
-        "detections": 0}
+        "map": 0.0,
+        "ap50": 0.0,
+        "per_class": {"a": {"ap": 0.0, "ap50": 0.0}, "b": {"ap": 0.0, "ap50": 0.0}},
+        "detections": 0,
+    }
 
     # a class without test objects has no AP; only class a is scored
     only_a = Boxes([truth[1]])
@@ -219,8 +294,13 @@ def test_coco_scores_known_cases():
 
 
 def test_difficult_objects_are_ignored_like_crowds():
-    truth = [{"boxes": torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 90]]), "labels": torch.tensor([1, 1]),
-              "difficult": torch.tensor([False, True])}]
+    truth = [
+        {
+            "boxes": torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 90]]),
+            "labels": torch.tensor([1, 1]),
+            "difficult": torch.tensor([False, True]),
+        }
+    ]
     dataset = Boxes(truth)
     ground_truth = coco_ground_truth(dataset)
     found_both = detections([[10, 10, 50, 50], [60, 60, 90, 90]], [1, 1], [0.5, 0.9])
@@ -243,9 +323,25 @@ def test_two_processes_share_the_images_and_the_evaluation(tmp_path):
     process scores with the saved weights on the whole test split."""
     out = tmp_path / "ddp"
     flags = [flag if flag != "8" else "10" for flag in TINY_FLAGS]  # 10 training images: a last batch of 2
-    command = [*LAUNCHER, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "fastdl.train.detection_cli", *flags, "--limit-test", "6", "--epochs", "1", "--device", "cpu",
-               "--out", str(out)]
+    command = [
+        *LAUNCHER,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fastdl.train.detection_cli",
+        *flags,
+        "--limit-test",
+        "6",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     # faulthandler: a rank that dies of a signal prints where it was
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -275,21 +371,33 @@ def test_two_processes_share_the_images_and_the_evaluation(tmp_path):
 # Errors
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data", "pascal=/x"], r"--data pascal=/x: unknown data kind 'pascal'; expected voc=PATH, coco=IMAGES,JSON "
-                              r"or shapes"),
-    (["--data", "shapes=/tmp"], r"--data shapes=/tmp: shapes is generated and takes no path"),
-    (["--data", "coco=/tmp"], r"--data coco=/tmp: coco needs IMAGES,JSON"),
-    (["--data", "voc=/no/such/folder"], r"--data voc=/no/such/folder: the path '/no/such/folder' does not exist"),
-    (["--data", "coco=/tmp,/tmp"], r"the path '/tmp' is not a file \(the annotation json\)"),
-    (["--data", "shapes", "--backbone", "vgg16"], r"--backbone: unknown backbone 'vgg16'; expected one of resnet18"),
-    (["--data", "shapes", "--stages", "5"], r"--stages: must be 2, 3 or 4, got 5"),
-    (["--data", "shapes", "--optimizer", "adam"], r"--optimizer: unknown optimizer 'adam'; expected one of sgd, adamw"),
-    (["--data", "shapes", "--min-size", "2000"], r"--min-size 2000 is larger than --max-size 1000"),
-    (["--data", "shapes", "--proposals", "0"], r"--proposals: must be a positive integer, got 0"),
-    (["--data", "shapes", "--window-sizes", "0.2,3"], r"--window-sizes: fractions of --min-size in \(0, 2\]"),
-    (["--data", "shapes", "--backbone-weights", "/no/file.pt"], r"--backbone-weights: no file '/no/file.pt'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--data", "pascal=/x"],
+            r"--data pascal=/x: unknown data kind 'pascal'; expected voc=PATH, coco=IMAGES,JSON "
+            r"or shapes",
+        ),
+        (["--data", "shapes=/tmp"], r"--data shapes=/tmp: shapes is generated and takes no path"),
+        (["--data", "coco=/tmp"], r"--data coco=/tmp: coco needs IMAGES,JSON"),
+        (["--data", "voc=/no/such/folder"], r"--data voc=/no/such/folder: the path '/no/such/folder' does not exist"),
+        (["--data", "coco=/tmp,/tmp"], r"the path '/tmp' is not a file \(the annotation json\)"),
+        (
+            ["--data", "shapes", "--backbone", "vgg16"],
+            r"--backbone: unknown backbone 'vgg16'; expected one of resnet18",
+        ),
+        (["--data", "shapes", "--stages", "5"], r"--stages: must be 2, 3 or 4, got 5"),
+        (
+            ["--data", "shapes", "--optimizer", "adam"],
+            r"--optimizer: unknown optimizer 'adam'; expected one of sgd, adamw",
+        ),
+        (["--data", "shapes", "--min-size", "2000"], r"--min-size 2000 is larger than --max-size 1000"),
+        (["--data", "shapes", "--proposals", "0"], r"--proposals: must be a positive integer, got 0"),
+        (["--data", "shapes", "--window-sizes", "0.2,3"], r"--window-sizes: fractions of --min-size in \(0, 2\]"),
+        (["--data", "shapes", "--backbone-weights", "/no/file.pt"], r"--backbone-weights: no file '/no/file.pt'"),
+    ],
+)
 def test_bad_arguments_name_the_argument_and_the_value(capsys, args, message):
     code, printed = train(capsys, *args)
     assert code == 2 and re.search(message, printed), printed
@@ -315,8 +423,11 @@ def test_bad_data_and_resume_errors(capsys, tmp_path, straight):
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_detector(empty / "last.pt")
     torch.save({"format": "fastdl.train/1", "model": {}}, empty / "resnet.pt")
-    with pytest.raises(ValueError, match=r"not a Fast R-CNN checkpoint of fastdl train fast-rcnn \(format "
-                                         r"'fastdl.train/1'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"not a Fast R-CNN checkpoint of fastdl train fast-rcnn \(format "
+        r"'fastdl.train/1'\)",
+    ):
         load_detector(empty / "resnet.pt")
     with pytest.raises(ConfigError, match="--batch-size: must be a positive integer, got 0"):
         fit_detector(DetectionTrainConfig(**{**TINY, "batch_size": 0}))
@@ -347,10 +458,28 @@ def test_resnet18_fast_rcnn_reaches_ap50_of_0_8_on_shapes(tmp_path):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     try:
         start = time.perf_counter()
-        result = fit_detector(DetectionTrainConfig(
-            data="shapes", stages=2, min_size=64, epochs=10, batch_size=8, limit_train=400, limit_test=100,
-            optimizer="adamw", lr=2e-3, warmup_steps=30, head_size=256, roi_size=4, proposals=64,
-            window_sizes=(0.2, 0.3, 0.45), window_stride=8, workers=0, out=str(tmp_path), progress=False))
+        result = fit_detector(
+            DetectionTrainConfig(
+                data="shapes",
+                stages=2,
+                min_size=64,
+                epochs=10,
+                batch_size=8,
+                limit_train=400,
+                limit_test=100,
+                optimizer="adamw",
+                lr=2e-3,
+                warmup_steps=30,
+                head_size=256,
+                roi_size=4,
+                proposals=64,
+                window_sizes=(0.2, 0.3, 0.45),
+                window_stride=8,
+                workers=0,
+                out=str(tmp_path),
+                progress=False,
+            )
+        )
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)

@@ -34,8 +34,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # 6 steps of 4 windows of 32 bytes, evaluated (and saved) every 3 steps, with dropout so that
 # an exact resume needs torch's random state too
-SMALL = dict(data="pydoc", config="bytes-tiny", block_size=32, batch_size=4, max_steps=6, lr=3e-3, warmup_steps=2,
-             dropout=0.1, eval_interval=3, eval_steps=2, sample_interval=3, sample_tokens=12, progress=False)
+SMALL = dict(
+    data="pydoc",
+    config="bytes-tiny",
+    block_size=32,
+    batch_size=4,
+    max_steps=6,
+    lr=3e-3,
+    warmup_steps=2,
+    dropout=0.1,
+    eval_interval=3,
+    eval_steps=2,
+    sample_interval=3,
+    sample_tokens=12,
+    progress=False,
+)
 
 
 def small_args(out, **changes) -> list[str]:
@@ -142,8 +155,13 @@ def test_init_starts_from_a_hugging_face_folder(straight, tmp_path):
     reference, _ = straight
     folder = tmp_path / "hf"
     reference.model.save_pretrained(folder)  # trained 6 steps, n_ctx 32
-    result = fit_gpt(GPTTrainConfig(**{**SMALL, "max_steps": 1, "block_size": 16, "sample_interval": 0},
-                                    init=str(folder), out=str(tmp_path / "run")))
+    result = fit_gpt(
+        GPTTrainConfig(
+            **{**SMALL, "max_steps": 1, "block_size": 16, "sample_interval": 0},
+            init=str(folder),
+            out=str(tmp_path / "run"),
+        )
+    )
     assert result.model.config.n_ctx == 32 and result.model.config.dropout == 0.1
     val = text.split_tokens(text.load_corpus("pydoc", ByteTokenizer()).tokens, 0.1)[1]
     windows = text.evaluation_windows(val, 16, 2 * 4)
@@ -233,8 +251,12 @@ def test_progress_bar_counts_tokens_without_an_accuracy():
     bar.update(128, 5.25)
     bar.close()
     drawn = stream.getvalue().split("\r")
-    assert any(line.startswith("steps 1-2 [########################] 2/2  loss 5.2500  ") and " tok/s  ETA 0:00" in line
-               and "acc" not in line for line in drawn), drawn
+    assert any(
+        line.startswith("steps 1-2 [########################] 2/2  loss 5.2500  ")
+        and " tok/s  ETA 0:00" in line
+        and "acc" not in line
+        for line in drawn
+    ), drawn
 
 
 def test_weight_decay_groups_follow_nanogpt():
@@ -247,8 +269,12 @@ def test_weight_decay_groups_follow_nanogpt():
     kept = {names[id(p)] for p in no_decay["params"]}
     assert decayed | kept == set(names.values()) and not decayed & kept
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight",
-            "transformer.h.3.mlp.c_proj.weight"} <= decayed
+    assert {
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.3.mlp.c_proj.weight",
+    } <= decayed
     assert all(model.get_parameter(n).dim() >= 2 for n in decayed)
     assert all(n.endswith(".bias") or ".ln_" in n for n in kept) and "transformer.ln_f.weight" in kept
     assert all(model.get_parameter(n).dim() == 1 for n in kept)
@@ -261,9 +287,23 @@ def test_weight_decay_groups_follow_nanogpt():
 def test_tiny_byte_model_learns_the_pydoc_corpus(tmp_path):
     """From ln(257) = 5.55 nats per byte at the start to below 2.5 in 160 steps of 1,024 bytes
     (measured: 2.29 and 2.35 with seeds 0 and 1; a model of byte frequencies alone stays near 3.1)."""
-    result = fit_gpt(GPTTrainConfig(data="pydoc", config="bytes-tiny", block_size=128, batch_size=8, max_steps=160,
-                                    lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_interval=160, eval_steps=4,
-                                    sample_interval=0, out=str(tmp_path), progress=False))
+    result = fit_gpt(
+        GPTTrainConfig(
+            data="pydoc",
+            config="bytes-tiny",
+            block_size=128,
+            batch_size=8,
+            max_steps=160,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=10,
+            eval_interval=160,
+            eval_steps=4,
+            sample_interval=0,
+            out=str(tmp_path),
+            progress=False,
+        )
+    )
     first, last = result.evals[0]["val_loss"], result.evals[-1]["val_loss"]
     assert 5.0 < first < 5.8
     assert last < 2.5, [e["val_loss"] for e in result.evals]
@@ -277,12 +317,28 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     """torchrun with 2 CPU processes (Gloo) against one process: micro-batches of 5 windows
     split 3 + 2, accumulated twice per step, so both the uneven shares' weighting and DDP's
     skipped all-reduce on the first micro-batch are exercised."""
-    settings = {**SMALL, "batch_size": 5, "grad_accum": 2, "max_steps": 3, "dropout": 0.0, "sample_interval": 0,
-                "device": "cpu"}
+    settings = {
+        **SMALL,
+        "batch_size": 5,
+        "grad_accum": 2,
+        "max_steps": 3,
+        "dropout": 0.0,
+        "sample_interval": 0,
+        "device": "cpu",
+    }
     single = fit_gpt(GPTTrainConfig(**settings, out=str(tmp_path / "single")))
     out = tmp_path / "ddp"
-    command = [*LAUNCHER, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "fastdl.train.gpt_cli", *small_args(out, **settings)]
+    command = [
+        *LAUNCHER,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fastdl.train.gpt_cli",
+        *small_args(out, **settings),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -292,8 +348,9 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     np.testing.assert_allclose(metrics["step_losses"], single.step_losses, rtol=1e-5)
-    np.testing.assert_allclose([e["val_loss"] for e in metrics["evals"]], [e["val_loss"] for e in single.evals],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [e["val_loss"] for e in metrics["evals"]], [e["val_loss"] for e in single.evals], rtol=1e-5
+    )
     np.testing.assert_allclose(metrics["step_grad_norms"], single.step_grad_norms, rtol=1e-4)
     # Adam divides by the root of the squared gradients, so a near-zero gradient's rounding
     # difference moves its weight by up to about lr * 2e-2: a few of the 0.8M differ by ~1e-4
@@ -306,26 +363,30 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 # Errors
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data", "books"], r"--data books: expected text=PATH \(a UTF-8 file or a folder of them\) or pydoc"),
-    (["--data", "text=/no/such/file"], r"--data text=/no/such/file: the path '/no/such/file' does not exist"),
-    (["--tokenizer", "sentencepiece"], r"--tokenizer: unknown tokenizer 'sentencepiece'; expected bytes or gpt2"),
-    (["--max-steps", "5", "--epochs", "1"], r"--max-steps 5 and --epochs 1: give one of them, not both"),
-    (["--block-size", "0"], r"--block-size: must be a positive integer, got 0"),
-    (["--lr", "1e-4", "--min-lr", "1e-3"], r"--min-lr: must be at most --lr 0.0001, got 0.001"),
-    (["--beta2", "1"], r"--beta2: must lie in \[0, 1\), got 1.0"),
-    (["--grad-clip", "nan"], r"--grad-clip: must be a finite number >= 0, got nan"),
-    (["--device", "tpu"], r"--device: unknown device 'tpu'; expected one of auto"),
-    (["--resume", "--out", "/no/such/run"], r"--resume: no checkpoint '/no/such/run/last.pt'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "books"], r"--data books: expected text=PATH \(a UTF-8 file or a folder of them\) or pydoc"),
+        (["--data", "text=/no/such/file"], r"--data text=/no/such/file: the path '/no/such/file' does not exist"),
+        (["--tokenizer", "sentencepiece"], r"--tokenizer: unknown tokenizer 'sentencepiece'; expected bytes or gpt2"),
+        (["--max-steps", "5", "--epochs", "1"], r"--max-steps 5 and --epochs 1: give one of them, not both"),
+        (["--block-size", "0"], r"--block-size: must be a positive integer, got 0"),
+        (["--lr", "1e-4", "--min-lr", "1e-3"], r"--min-lr: must be at most --lr 0.0001, got 0.001"),
+        (["--beta2", "1"], r"--beta2: must lie in \[0, 1\), got 1.0"),
+        (["--grad-clip", "nan"], r"--grad-clip: must be a finite number >= 0, got nan"),
+        (["--device", "tpu"], r"--device: unknown device 'tpu'; expected one of auto"),
+        (["--resume", "--out", "/no/such/run"], r"--resume: no checkpoint '/no/such/run/last.pt'"),
+    ],
+)
 def test_bad_settings_fail_before_torch_is_imported(args, message):
     """Checked in a fresh interpreter: the error comes before torch is imported."""
-    program = ("import sys; from fastdl.train import gpt_cli\n"
-               "code = gpt_cli.run(gpt_cli.build_parser().parse_args(sys.argv[1:]), prog='fastdl train gpt')\n"
-               "assert 'torch' not in sys.modules\n"
-               "sys.exit(code)")
-    done = subprocess.run([*LAUNCHER, sys.executable, "-c", program, *args], capture_output=True, text=True,
-                          timeout=60)
+    program = (
+        "import sys; from fastdl.train import gpt_cli\n"
+        "code = gpt_cli.run(gpt_cli.build_parser().parse_args(sys.argv[1:]), prog='fastdl train gpt')\n"
+        "assert 'torch' not in sys.modules\n"
+        "sys.exit(code)"
+    )
+    done = subprocess.run([*LAUNCHER, sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("fastdl train gpt: error: ")
     assert re.search(message, done.stderr), done.stderr
@@ -337,9 +398,11 @@ def test_errors_found_while_loading(tmp_path, capsys, straight):
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
     cases = [
-        (["--data", f"text={short}", "--block-size", "32"],
-         f"--data text={short} with --block-size 32 and --batch-size 4: the training split has 15 tokens, fewer "
-         "than one window of block_size + 1 = 33; lower them or use a longer text"),
+        (
+            ["--data", f"text={short}", "--block-size", "32"],
+            f"--data text={short} with --block-size 32 and --batch-size 4: the training split has 15 tokens, fewer "
+            "than one window of block_size + 1 = 33; lower them or use a longer text",
+        ),
         (["--data", f"text={empty}"], f"--data text={empty}: {empty}: the corpus is empty"),
         (["--config", "gpt5"], "--config gpt5: unknown GPT preset 'gpt5'; presets: gpt2, gpt2-medium"),
         (["--init", str(tmp_path)], f"--init {tmp_path}: {tmp_path} is not a Hugging Face model folder"),
