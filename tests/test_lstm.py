@@ -18,6 +18,7 @@ import fastdl.nn
 import fastdl.ops
 from fastdl.ops import _library
 from harness import DEVICES, assert_close, check_compiled, composite_serves_mps, fresh_seed, needs_cuda, run_opcheck
+from optester import OpTester, Sample, dtype_name
 
 LAYER = torch.ops.fastdl.lstm_layer.default
 LAYER_BACKWARD = torch.ops.fastdl._lstm_layer_backward.default
@@ -229,22 +230,7 @@ def test_cell_gradcheck(device):
     torch.autograd.gradcheck(lambda *a: fastdl.ops.lstm_cell(*a), args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reverse", [False, True])
-def test_layer_gradcheck_packed_projected(device, reverse):
-    fresh_seed()
-    batch_sizes = torch.tensor([3, 2, 2, 1])
-    x = torch.randn(8, 2, dtype=torch.float64, device=device, requires_grad=True)
-    shapes = ((3, 2), (3, 3), (12, 2), (12, 2), (12,), (12,), (2, 3))
-    h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = (
-        torch.randn(s, dtype=torch.float64, device=device, requires_grad=True) for s in shapes
-    )
-    torch.autograd.gradcheck(
-        lambda *a: LAYER(a[0], batch_sizes, *a[1:], reverse, True)[:3], (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    )
-
-
-# ---- the operator: composite, opcheck, torch.compile ----------------------------------------------
+# ---- the operator ---------------------------------------------------------------------------------
 
 
 def layer_args(device, dtype=torch.float64, *, packed, projected, bias, reverse, save=True):
@@ -260,6 +246,43 @@ def layer_args(device, dtype=torch.float64, *, packed, projected, bias, reverse,
     return (x, batch_sizes, rand(4, p), rand(4, H), rand(4 * H, I), rand(4 * H, p), b_ih, b_hh, w_hr, reverse, save)
 
 
+def cell_shaped_args(dtype=torch.float32):
+    """One step, as lstm_cell calls the layer."""
+    x, h, c = torch.randn(1, B, I, dtype=dtype), torch.randn(B, H, dtype=dtype), torch.randn(B, H, dtype=dtype)
+    weights = [torch.randn(s, dtype=dtype) for s in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,))]
+    return (x, None, h, c, *weights, None, False, True)
+
+
+def lstm_layer_reference(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save_activations):
+    """nn.LSTM's equations one sequence at a time in float64 (the projection applied after each
+    step, as its proj_size): the output rows, h_n, c_n and, when saved, each row's activated
+    gates [i, f, g, o] and cell state."""
+    x, h0, c0, w_ih, w_hh, w_hr = (t.double() if t is not None else None for t in (x, h0, c0, w_ih, w_hh, w_hr))
+    bias = sum(b.double() for b in (b_ih, b_hh) if b is not None)
+    sizes = batch_sizes.tolist() if batch_sizes is not None else [x.size(1)] * x.size(0)
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    rows = x.reshape(-1, x.size(-1))
+    hidden = w_ih.size(0) // 4
+    output = rows.new_empty(rows.size(0), h0.size(1))
+    gates, cells = rows.new_empty(rows.size(0), 4 * hidden), rows.new_empty(rows.size(0), hidden)
+    h_n, c_n = h0.clone(), c0.clone()
+    for b in range(h0.size(0)):
+        steps = [offsets[t] + b for t in range(len(sizes)) if sizes[t] > b]
+        h, c = h0[b], c0[b]
+        for row in reversed(steps) if reverse else steps:
+            i, f, g, o = (w_ih @ rows[row] + w_hh @ h + bias).chunk(4)
+            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+            c = f * c + i * g
+            h = o * c.tanh()
+            if w_hr is not None:
+                h = w_hr @ h
+            gates[row], cells[row], output[row] = torch.cat([i, f, g, o]), c, h
+        h_n[b], c_n[b] = h, c
+    if not save_activations:
+        gates, cells = gates[:0], cells[:0]
+    return output.view(*x.shape[:-1], -1), h_n, c_n, gates, cells
+
+
 CASES = [
     dict(packed=p, projected=q, bias=b, reverse=r)
     for p in (False, True)
@@ -268,23 +291,116 @@ CASES = [
 ]
 
 
+def case_name(case):
+    return "-".join(
+        (
+            "packed" if case["packed"] else "padded",
+            "projected" if case["projected"] else "plain",
+            "bias" if case["bias"] else "no_bias",
+            "reverse" if case["reverse"] else "forward",
+        )
+    )
+
+
+class TestLstmLayer(OpTester):
+    op = LAYER
+    differentiable = (0, 2, 3, 4, 5, 6, 7, 8)  # input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
+
+    def samples(self):
+        for device in DEVICES:
+            for dtype in (torch.float64, torch.float32):
+                for case in CASES:
+                    for save in (True, False):
+                        yield Sample(
+                            layer_args(device, dtype, **case, save=save),
+                            name=f"{device}-{dtype_name(dtype)}-{case_name(case)}" + ("" if save else "-unsaved"),
+                        )
+        yield Sample(cell_shaped_args(), name="cell_shaped")
+
+    def reference(self, *args):
+        return lstm_layer_reference(*args)
+
+    def assert_matches(self, sample, result, expected):
+        for got, want in zip(result, expected):
+            assert got.shape == want.shape and got.dtype == sample.dtype
+            assert_close(got, want, sample.dtype)
+
+    def test_gradcheck(self, impl, sample_name):
+        if impl == "composite":
+            # it writes each step's states in place: only the op's autograd formula differentiates it
+            pytest.skip("the composite is differentiated through the op's backward")
+        super().test_gradcheck(impl, sample_name)
+
+    def gradcheck_samples(self):
+        """Small and packed (so that sequences end at different steps), in both directions."""
+        for device in DEVICES:
+            for reverse in (False, True):
+                batch_sizes = torch.tensor([3, 2, 2, 1])
+                shapes = ((8, 2), (3, 2), (3, 3), (12, 2), (12, 2), (12,), (12,), (2, 3))
+                x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = (
+                    torch.randn(s, dtype=torch.float64, device=device) for s in shapes
+                )
+                yield Sample(
+                    (x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, True),
+                    name=f"{device}-packed-projected-{'reverse' if reverse else 'forward'}",
+                )
+
+    def opcheck_samples(self):
+        # opcheck traces each sample several times: a few float32 cases, one of them not saving
+        for device in DEVICES:
+            for case in CASES[::3] + [dict(CASES[1], save=False)]:
+                yield Sample(
+                    layer_args(device, torch.float32, **case),
+                    name=f"{device}-{case_name(case)}" + ("-unsaved" if not case.get("save", True) else ""),
+                )
+        yield Sample(cell_shaped_args(), name="cell_shaped")
+
+    def test_opcheck(self, sample_name):
+        if not sample_name.endswith("-unsaved"):
+            return super().test_opcheck(sample_name)
+        # an inference call cannot be differentiated: opcheck runs it without gradients
+        fresh_seed()
+        run_opcheck(self.op, self._sample("test_opcheck", sample_name).args)
+
+    def compile_sample(self):
+        return Sample(layer_args("cpu", torch.float32, packed=False, projected=True, bias=True, reverse=False))
+
+    def bad_inputs(self):
+        x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, _, _, _ = layer_args(
+            "cpu", packed=True, projected=False, bias=True, reverse=False
+        )
+
+        def args(x=x, batch_sizes=batch_sizes, h0=h0, w_hh=w_hh):
+            return (x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True)
+
+        return [
+            (
+                args(batch_sizes=torch.tensor([3, 4, 3, 1])),
+                {},
+                RuntimeError,
+                "batch_sizes must be positive and non-increasing",
+            ),
+            (
+                args(batch_sizes=torch.tensor([4, 3, 2, 1])),
+                {},
+                RuntimeError,
+                "batch_sizes sum to 10 rows but input has 11",
+            ),
+            (args(h0=h0[:3]), {}, RuntimeError, r"expected h0 of shape \[4, 6\], got \[3, 6\]"),
+            (args(w_hh=w_hh[:, :5]), {}, RuntimeError, r"expected w_hh of shape \[24, 6\], got \[24, 5\]"),
+            (args(x=x[:, :3]), {}, RuntimeError, "input has 3 features .* input_size=4"),
+            (args(batch_sizes=None), {}, RuntimeError, "3-D tensor"),
+            (args(x=x.float()), {}, RuntimeError, "dtype|float32"),
+        ]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_composite_matches_native(device, case):
+@pytest.mark.parametrize("case", CASES, ids=case_name)
+def test_backward_native_equals_composite(device, case):
     fresh_seed()
     args = layer_args(device, **case)
-    native = LAYER(*args)
-    composite = _library.composite("lstm_layer")(*args)
-    for a, e in zip(native, composite):
-        assert_close(a, e)
-    # without saving: the same results, empty saved activations
-    for impl in (LAYER, _library.composite("lstm_layer")):
-        unsaved = impl(*args[:-1], False)
-        for a, e in zip(unsaved[:3], native[:3]):
-            assert_close(a, e)
-        assert unsaved[3].shape == (0, 4 * H) and unsaved[4].shape == (0, H)
     x, batch_sizes, h0, c0, w_ih, w_hh, _, _, w_hr, reverse, _ = args
-    output, _, _, gates, cells = native
+    output, _, _, gates, cells = LAYER(*args)
     grads = [torch.randn_like(t) for t in (output, h0, c0)]
     backward_args = (*grads, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output, gates, cells, reverse)
     for a, e in zip(LAYER_BACKWARD(*backward_args), _library.composite("_lstm_layer_backward")(*backward_args)):
@@ -292,26 +408,13 @@ def test_composite_matches_native(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES[::3] + [dict(CASES[1], save=False)], ids=str)
-def test_opcheck(device, case):
+@pytest.mark.parametrize("case", CASES[::3], ids=case_name)
+def test_backward_opcheck(device, case):
     fresh_seed()
-    args = layer_args(device, torch.float32, **case)
-    if not case.get("save", True):  # inference: nothing to differentiate
-        return run_opcheck(LAYER, args)
-    args = tuple(a.requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-    run_opcheck(LAYER, args)
-    output, _, _, gates, cells = LAYER(*[a.detach() if torch.is_tensor(a) else a for a in args])
-    x, batch_sizes, h0, c0, w_ih, w_hh, _, _, w_hr, reverse, _ = [a.detach() if torch.is_tensor(a) else a for a in args]
+    x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save = layer_args(device, torch.float32, **case)
+    output, _, _, gates, cells = LAYER(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save)
     grads = [torch.randn_like(t) for t in (output, h0, c0)]
     run_opcheck(LAYER_BACKWARD, (*grads, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output, gates, cells, reverse))
-
-
-def test_opcheck_cell_shaped_call():
-    fresh_seed()
-    x, h, c = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)
-    weights = [torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H)]
-    args = tuple(t.requires_grad_() for t in (x.unsqueeze(0), h, c, *weights))
-    run_opcheck(LAYER, (args[0], None, *args[1:], None, False, True))
 
 
 def test_torch_compile_cell():
@@ -362,27 +465,6 @@ def test_bad_module_input():
         cell(torch.randn(B, I + 1))
     with pytest.raises(ValueError, match=r"expected c of shape \(3, 6\), got \(3, 5\)"):
         cell(torch.randn(B, I), (torch.zeros(B, H), torch.zeros(B, H - 1)))
-
-
-@pytest.mark.parametrize("impl", ["native", "composite"])
-def test_bad_operator_input(impl):
-    op = LAYER if impl == "native" else _library.composite("lstm_layer")
-    args = layer_args("cpu", packed=True, projected=False, bias=True, reverse=False)
-    x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, _, _, _ = args
-    with pytest.raises(RuntimeError, match="batch_sizes must be positive and non-increasing"):
-        op(x, torch.tensor([3, 4, 3, 1]), h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True)
-    with pytest.raises(RuntimeError, match="batch_sizes sum to 10 rows but input has 11"):
-        op(x, torch.tensor([4, 3, 2, 1]), h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True)
-    with pytest.raises(RuntimeError, match=r"expected h0 of shape \[4, 6\], got \[3, 6\]"):
-        op(x, batch_sizes, h0[:3], c0, w_ih, w_hh, b_ih, b_hh, None, False, True)
-    with pytest.raises(RuntimeError, match=r"expected w_hh of shape \[24, 6\], got \[24, 5\]"):
-        op(x, batch_sizes, h0, c0, w_ih, w_hh[:, :5], b_ih, b_hh, None, False, True)
-    with pytest.raises(RuntimeError, match="input has 3 features .* input_size=4"):
-        op(x[:, :3], batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True)
-    with pytest.raises(RuntimeError, match="3-D tensor"):
-        op(x, None, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True)
-    with pytest.raises(RuntimeError, match="dtype|float32"):
-        op(x.float(), batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------
