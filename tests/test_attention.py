@@ -13,6 +13,7 @@ from fastdl.ops import _library
 
 attention_module = sys.modules["fastdl.ops.attention"]
 from harness import assert_close, check_compiled, composite_serves_mps, fresh_seed, non_contiguous, run_opcheck
+from optester import OpTester, Sample, dtype_name
 
 # The C++ kernels take other paths per CPU capability: every test runs on each one the CPU has.
 pytestmark = pytest.mark.usefixtures("every_cpu_capability")
@@ -114,28 +115,70 @@ def case_id(c):
     return f"B{b}H{h}kv{hkv}-{nq}x{nk}-D{d}{'-causal' if causal else ''}{'-' + mask if mask else ''}"
 
 
-IMPLS = [pytest.param(OP, id="native"), pytest.param(_library.composite("attention"), id="composite")]
-
-
-# ---- forward ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_matches_reference(impl, dtype, case):
-    fresh_seed()
+def attention_args(case, dtype):
     b, h, hkv, nq, nk, d, causal, mask_kind = case
     q, k, v = make_qkv(b, h, hkv, nq, nk, d, dtype)
-    mask = make_mask(mask_kind, b, h, nq, nk)
-    scale = 1 / math.sqrt(d)
-    out, lse = impl(q, k, v, mask, causal, scale, 0.0, 0)
-    ref_out, ref_lse = reference(q, k, v, causal, mask)
-    assert out.dtype == dtype and out.shape == (b, h, nq, d)
-    assert_close(out, ref_out)
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "empty rows must have lse = -inf"
-    finite = ~torch.isinf(ref_lse)
-    assert_close(lse[finite], ref_lse[finite], dtype=dtype)
+    return (q, k, v, make_mask(mask_kind, b, h, nq, nk), causal, 1 / math.sqrt(d), 0.0, 0)
+
+
+class TestAttention(OpTester):
+    op = OP
+    differentiable = (0, 1, 2)  # q, k, v
+    autocast_dtype = torch.bfloat16  # the "lower" rule, as scaled_dot_product_attention
+    autocast_output_dtypes = (torch.bfloat16, torch.float32)  # the log-sum-exp stays in float32
+
+    def samples(self):
+        for dtype in (torch.float32, torch.float64):
+            for case in CASES:
+                yield Sample(attention_args(case, dtype), name=f"{dtype_name(dtype)}-{case_id(case)}")
+        yield Sample(attention_args((1, 2, 1, 40, 70, 64, True, None), torch.bfloat16), name="bfloat16")
+        q, k, v = make_qkv(2, 4, 2, 17, 23, 32)
+        # [B, N, H, D] storage seen as [B, H, N, D] (what attention layers produce), and strided
+        transposed, strided = q.transpose(1, 2).contiguous().transpose(1, 2), non_contiguous(k)
+        assert not transposed.is_contiguous() and not strided.is_contiguous()
+        yield Sample((transposed, strided, non_contiguous(v), None, True, 0.2, 0.0, 0), name="non_contiguous")
+        yield Sample((*make_qkv(0, 2, 2, 5, 5, 16), None, False, 0.25, 0.0, 0), name="no_batch")
+        # no keys at all: every row is empty
+        yield Sample((*make_qkv(1, 2, 2, 5, 0, 16), None, False, 0.25, 0.0, 0), name="no_keys")
+
+    def reference(self, q, k, v, mask, causal, scale, dropout_p, seed):
+        return reference(q, k, v, causal, mask, scale)
+
+    def assert_matches(self, sample, result, expected):
+        (out, lse), (ref_out, ref_lse) = result, expected
+        q, _, v = sample.args[:3]
+        dtype = sample.dtype
+        assert out.dtype == dtype and out.shape == (*q.shape[:3], v.size(-1))
+        assert lse.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype) and lse.shape == q.shape[:3]
+        assert_close(out, ref_out, dtype)
+        empty = torch.isinf(ref_lse)
+        assert torch.equal(torch.isinf(lse), empty), "empty rows must have lse = -inf"
+        assert torch.equal(out[empty], torch.zeros_like(out[empty])), "empty rows must give zeros"
+        assert_close(lse[~empty], ref_lse[~empty], dtype)
+
+    def gradcheck_samples(self):
+        """Small ones with no empty row (its log-sum-exp, -inf, has no finite difference), and one
+        with dropout (the same seed draws the same mask at every evaluation)."""
+        for causal, hkv in ((False, 2), (True, 1)):
+            yield Sample(
+                (*make_qkv(1, 2, hkv, 5, 7, 8, torch.float64), None, causal, 0.35, 0.0, 0),
+                name=f"kv{hkv}" + ("-causal" if causal else ""),
+            )
+        yield Sample((*make_qkv(1, 1, 1, 7, 9, 8, torch.float64), None, True, 0.35, 0.4, 42), name="dropout")
+
+    def opcheck_samples(self):
+        # opcheck traces each sample several times: three small ones
+        for causal, mask_kind, hkv in ((False, None, 2), (True, "bool", 1), (False, "float-broadcast", 2)):
+            yield Sample(
+                (*make_qkv(2, 2, hkv, 6, 9, 16), make_mask(mask_kind, 2, 2, 6, 9), causal, 0.25, 0.0, 0),
+                name=f"kv{hkv}" + ("-causal" if causal else "") + (f"-{mask_kind}" if mask_kind else ""),
+            )
+
+    def compile_sample(self):
+        return Sample((*make_qkv(1, 2, 1, 16, 24, 16), None, True, 0.25, 0.0, 0))
+
+    def bad_inputs(self):
+        return [(args + (False, 0.25, 0.0, 0), {}, RuntimeError, pattern) for args, pattern in _bad_inputs()]
 
 
 def test_long_sequence_n1000():
@@ -173,41 +216,10 @@ def test_matches_torch_sdpa():
     assert_close(fastdl.ops.attention(q, k, v, causal=True), expected)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_non_contiguous_inputs(impl):
-    fresh_seed()
-    q, k, v = make_qkv(2, 4, 2, 17, 23, 32)
-    # [B, N, H, D] storage seen as [B, H, N, D] (what attention layers produce), and strided
-    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
-    kt, vt = non_contiguous(k), non_contiguous(v)
-    assert not qt.is_contiguous() and not kt.is_contiguous()
-    out, _ = impl(qt, kt, vt, None, True, 0.2, 0.0, 0)
-    assert_close(out, reference(q, k, v, True, scale=0.2)[0])
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_empty_inputs(impl):
-    q, k, v = make_qkv(0, 2, 2, 5, 5, 16)
-    out, lse = impl(q, k, v, None, False, 0.25, 0.0, 0)
-    assert out.shape == (0, 2, 5, 16) and lse.shape == (0, 2, 5)
-    q, k, v = make_qkv(1, 2, 2, 5, 0, 16)  # no keys at all: every row is empty
-    out, lse = impl(q, k, v, None, False, 0.25, 0.0, 0)
-    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
-
-
 def test_empty_batch_backward():
     q, k, v = make_qkv(0, 2, 1, 5, 7, 16, requires_grad=True)
     fastdl.ops.attention(q, k, v, causal=True).sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_bfloat16(impl):
-    fresh_seed()
-    q, k, v = make_qkv(1, 2, 1, 40, 70, 64, torch.bfloat16)
-    out, lse = impl(q, k, v, None, True, 0.125, 0.0, 0)
-    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
-    assert_close(out, reference(q, k, v, True)[0])
 
 
 def test_bfloat16_backward():
@@ -272,10 +284,9 @@ def test_gradient_through_lse():
         assert_close(a, e)
 
 
-@pytest.mark.parametrize(
-    "causal,mask_kind,hkv", [(False, None, 2), (True, None, 1), (False, "float", 2), (True, "bool", 2)]
-)
-def test_gradcheck(causal, mask_kind, hkv):
+@pytest.mark.parametrize("causal,mask_kind,hkv", [(False, "float", 2), (True, "bool", 2)])
+def test_wrapper_gradcheck_with_empty_rows(causal, mask_kind, hkv):
+    """The output alone: the log-sum-exp of an empty row is -inf, which has no finite difference."""
     fresh_seed()
     q, k, v = make_qkv(1, 2, hkv, 5, 7, 8, torch.float64, requires_grad=True)
     mask = make_mask(mask_kind, 1, 2, 5, 7)
@@ -312,10 +323,9 @@ def test_dropout_rate_and_scaling():
     assert abs(keep.float().mean().item() - 0.75) < 0.01
 
 
-def test_dropout_backward_matches_composite_and_gradcheck():
+def test_dropout_backward_matches_composite():
     fresh_seed()
-    q, k, v = make_qkv(1, 2, 1, 9, 13, 8, torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda q, k, v: OP(q, k, v, None, True, 0.35, 0.4, 42)[0], (q, k, v))
+    q, k, v = make_qkv(1, 2, 1, 9, 13, 8, torch.float64)
     out, lse = OP(q, k, v, None, True, 0.35, 0.4, 42)
     grad = torch.randn_like(out)
     native = BACKWARD(grad, q, k, v, None, out, lse, None, True, 0.35, 0.4, 42)
@@ -327,14 +337,6 @@ def test_dropout_backward_matches_composite_and_gradcheck():
 # ---- dispatcher-level checks ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("causal,mask_kind,hkv", [(False, None, 2), (True, "bool", 1), (False, "float-broadcast", 2)])
-def test_opcheck(causal, mask_kind, hkv):
-    fresh_seed()
-    q, k, v = make_qkv(2, 2, hkv, 6, 9, 16, requires_grad=True)
-    mask = make_mask(mask_kind, 2, 2, 6, 9)
-    run_opcheck(OP, (q, k, v, mask, causal, 0.25, 0.0, 0))
-
-
 def test_opcheck_backward():
     fresh_seed()
     q, k, v = make_qkv(1, 2, 1, 6, 9, 16)
@@ -342,7 +344,7 @@ def test_opcheck_backward():
     run_opcheck(BACKWARD, (torch.randn_like(out), q, k, v, None, out, lse, None, True, 0.25, 0.0, 0))
 
 
-def test_torch_compile_fullgraph():
+def test_wrapper_under_torch_compile():
     fresh_seed()
     q, k, v = make_qkv(1, 2, 1, 16, 24, 16, requires_grad=True)
     check_compiled(lambda q, k, v: fastdl.ops.attention(q, k, v, causal=True) * 2, q, k, v)
@@ -359,29 +361,21 @@ def test_implementations_registered():
 
 
 def _bad_inputs():
+    """(args, message) pairs: the arguments up to the mask, each wrong in one way."""
     q, k, v = make_qkv(2, 4, 2, 5, 6, 16)
-    yield "rank", (q[0], k, v, None), r"expected q to be a 4-D tensor .*\[4, 5, 16\]"
-    yield "head dim mismatch", (q, k[..., :8], v, None), r"head dims differ: q has D=16, k has D=8"
-    yield "heads", (q[:, :3], k, v, None), r"H=3 must be a multiple of the key/value heads Hkv=2"
-    yield "unsupported D", (q[..., :12], k[..., :12], v[..., :12], None), r"unsupported head dim D=12"
-    yield "k/v mismatch", (q, k, v[:, :, :4], None), r"k and v must have the same \[Hkv, Nk\]"
-    yield "batch", (q, k[:1], v[:1], None), r"batch sizes differ: q has B=2, k has B=1"
-    yield "dtype", (q, k.double(), v, None), r"q has dtype .*(Float|float32) but k has dtype .*(Double|float64)"
-    yield "int dtype", (q.int(), k.int(), v.int(), None), r"q has unsupported dtype"
+    yield (q[0], k, v, None), r"expected q to be a 4-D tensor .*\[4, 5, 16\]"
+    yield (q, k[..., :8], v, None), r"head dims differ: q has D=16, k has D=8"
+    yield (q[:, :3], k, v, None), r"H=3 must be a multiple of the key/value heads Hkv=2"
+    yield (q[..., :12], k[..., :12], v[..., :12], None), r"unsupported head dim D=12"
+    yield (q, k, v[:, :, :4], None), r"k and v must have the same \[Hkv, Nk\]"
+    yield (q, k[:1], v[:1], None), r"batch sizes differ: q has B=2, k has B=1"
+    yield (q, k.double(), v, None), r"q has dtype .*(Float|float32) but k has dtype .*(Double|float64)"
+    yield (q.int(), k.int(), v.int(), None), r"q has unsupported dtype"
     yield (
-        "mask shape",
         (q, k, v, torch.ones(5, 7, dtype=torch.bool)),
         r"attn_mask of shape .*5, 7.* is not broadcastable to \[B, H, Nq, Nk\] = \[2, 4, 5, 6\]",
     )
-    yield "mask dtype", (q, k, v, torch.ones(5, 6, dtype=torch.int64)), r"attn_mask must be boolean or floating"
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", [n for n, _, _ in _bad_inputs()])
-def test_bad_input_errors(impl, name):
-    (args, pattern) = {n: (a, p) for n, a, p in _bad_inputs()}[name]
-    with pytest.raises(RuntimeError, match=pattern):
-        impl(*args, False, 0.25, 0.0, 0)
+    yield (q, k, v, torch.ones(5, 6, dtype=torch.int64)), r"attn_mask must be boolean or floating"
 
 
 def test_float16_rejected_on_cpu():
