@@ -88,6 +88,14 @@ def as_tuple(result) -> tuple:
     return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
+def assert_output(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, **tolerance) -> None:
+    """A floating output within ``dtype``'s tolerance of the reference's; any other exactly equal."""
+    if got.is_floating_point():
+        assert_close(got, want, dtype, **tolerance)
+    else:
+        assert torch.equal(got.cpu(), want.cpu())
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``"float32"``, for sample names."""
     return str(dtype).removeprefix("torch.")
@@ -140,10 +148,7 @@ class OpTester:
         results, expecteds = as_tuple(result), as_tuple(expected)
         assert len(results) == len(expecteds), f"{len(results)} outputs, the reference gives {len(expecteds)}"
         for got, want in zip(results, expecteds):
-            if got.is_floating_point():
-                assert_close(got, want, sample.dtype, **self.tolerance(sample))
-            else:
-                assert torch.equal(got.cpu(), want.cpu())
+            assert_output(got, want, sample.dtype, **self.tolerance(sample))
 
     def gradcheck_samples(self) -> Iterable[Sample]:
         """The float64 samples with at most 500 elements to differentiate (none if the op is not
@@ -274,10 +279,7 @@ class OpTester:
         else:
             for r in results[1:]:
                 assert not r.is_floating_point() or r.dtype == self.autocast_dtype, r.dtype
-        if first.is_floating_point():
-            assert_close(first, expected, self.autocast_dtype)
-        else:
-            assert torch.equal(first.cpu(), expected.cpu())
+        assert_output(first, expected, self.autocast_dtype)
 
     def test_bad_input(self, impl, bad_input):
         fresh_seed()

@@ -134,10 +134,6 @@ struct Avx512 {
   FASTDL_AVX512_FN void store(float* p, V v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
   // Lanes in m: max(a, b), which is b where either is NaN (x86 max); other lanes: a.
   FASTDL_AVX512_FN V max(V a, V b, Mask m) { return _mm512_mask_max_ps(a, m, a, b); }
-  // Lanes in m where t > lo or t is NaN (the unordered compare).
-  FASTDL_AVX512_FN Mask above_or_nan(V t, float lo, Mask m) {
-    return _mm512_mask_cmp_ps_mask(m, t, _mm512_set1_ps(lo), _CMP_NLE_UQ);
-  }
   FASTDL_AVX512_FN V zero_outside(Mask m, V v) { return _mm512_maskz_mov_ps(m, v); }
   FASTDL_AVX512_FN float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
   FASTDL_AVX512_FN float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
@@ -145,12 +141,12 @@ struct Avx512 {
   // 2^t = 2^round(t) * 2^f, |f| <= 1/2, scaled by scalef, which saturates cleanly (very large t
   // gives inf) and keeps NaN. t is first clamped to 160, past the float range, because an
   // infinite t would make f = inf - inf = NaN (min passes a NaN t through: it returns its second
-  // operand when one is NaN). t < -125 gives exactly 0: those lanes are computed as t = 0 and
+  // operand when one is NaN). t <= -125 gives exactly 0: those lanes are computed as t = 0 and
   // zeroed after, because a subnormal result (or an underflow to 0) costs a microcode assist of
   // about a hundred cycles per instruction, and a run of them (a GELU of large activations, a
   // softmax over a wide range) slows the whole kernel several times over.
   FASTDL_AVX512_FN V exp2(V t) {
-    const Mask tiny = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.0f), _CMP_LT_OQ);
+    const Mask tiny = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.0f), _CMP_LE_OQ);
     t = _mm512_mask_mov_ps(_mm512_min_ps(_mm512_set1_ps(160.0f), t), tiny, _mm512_setzero_ps());
     const V r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = _mm512_sub_ps(t, r);
@@ -230,9 +226,6 @@ struct Avx2 {
     _mm256_maskstore_ps(p, _mm256_castps_si256(m), v);
   }
   FASTDL_AVX2_FN V max(V a, V b, Mask m) { return _mm256_blendv_ps(a, _mm256_max_ps(a, b), m); }
-  FASTDL_AVX2_FN Mask above_or_nan(V t, float lo, Mask m) {
-    return _mm256_and_ps(_mm256_cmp_ps(t, _mm256_set1_ps(lo), _CMP_NLE_UQ), m);
-  }
   FASTDL_AVX2_FN V zero_outside(Mask m, V v) { return _mm256_and_ps(m, v); }
   FASTDL_AVX2_FN float reduce_max(V v) {
     __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -245,11 +238,11 @@ struct Avx2 {
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
   }
 
-  // As Avx512::exp2 (t < -125 gives exactly 0, computed as t = 0 and zeroed after), with
+  // As Avx512::exp2 (t <= -125 gives exactly 0, computed as t = 0 and zeroed after), with
   // 2^round(t) built in the exponent field: t is first clamped to 128 (min passes NaN), so that
   // field 255 gives inf for t >= 127.5.
   FASTDL_AVX2_FN V exp2(V t) {
-    const V tiny = _mm256_cmp_ps(t, _mm256_set1_ps(-125.0f), _CMP_LT_OQ);
+    const V tiny = _mm256_cmp_ps(t, _mm256_set1_ps(-125.0f), _CMP_LE_OQ);
     t = _mm256_andnot_ps(tiny, _mm256_min_ps(_mm256_set1_ps(128.0f), t));
     const V r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = _mm256_sub_ps(t, r);

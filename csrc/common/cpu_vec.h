@@ -52,11 +52,11 @@ FASTDL_VEC_INLINE V exp2_fraction(V f) {
   return p;
 }
 
-// 2^x for x <= 0.5, |relative error| < 1e-8 over the normal float range; x < -125 gives 0
+// 2^x for x <= 0.5, |relative error| < 1e-8 over the normal float range; x <= -125 gives 0
 // rather than a subnormal (whose arithmetic costs a microcode assist each), and NaN gives NaN
 // (the test is written so that NaN passes it: NaN in, NaN out).
 inline float exp2_poly(float x) {
-  x = x < -125.0f ? -127.0f : x;
+  x = x <= -125.0f ? -127.0f : x;
   // truncation == ceil(x - 0.5) for x <= 0.5; NaN takes n = 0 (its cast would be undefined)
   const int32_t n = x == x ? static_cast<int32_t>(x - 0.5f) : 0;
   const float two_n = __builtin_bit_cast(float, static_cast<uint32_t>(n + 127) << 23);
@@ -65,8 +65,8 @@ inline float exp2_poly(float x) {
 
 // exp2_poly on sixteen lanes (same polynomial, same clamping).
 FASTDL_VEC_INLINE f32x16 exp2_vec(f32x16 x) {
-  x = x < splat(-125.0f) ? splat(-127.0f)
-                         : x;  // NaN passes, and its lanes come out NaN whatever n they convert to
+  x = x <= splat(-125.0f) ? splat(-127.0f)
+                          : x;  // NaN passes, and its lanes come out NaN whatever n they convert to
   const i32x16 n = __builtin_convertvector(x - 0.5f, i32x16);  // truncation toward zero
   const i32x16 bits = (n + 127) << 23;  // 2^n built directly in the exponent field
   return exp2_fraction(x - __builtin_convertvector(n, f32x16)) *

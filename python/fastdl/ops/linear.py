@@ -86,10 +86,11 @@ def _backward(ctx, grad):
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_input = grad @ weight
-    # explicit row counts: reshape(-1, 0) is ambiguous when there are no outputs or features
-    rows = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1])
+    # an explicit row count: reshape(-1, 0) is ambiguous when there are no outputs or features
+    n = math.prod(input.shape[:-1])
+    rows = grad.reshape(n, grad.shape[-1])
     if ctx.needs_input_grad[1]:
-        grad_weight = rows.T @ input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
+        grad_weight = rows.T @ input.reshape(n, input.shape[-1])
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = rows.sum(0)
     return grad_input, grad_weight, grad_bias

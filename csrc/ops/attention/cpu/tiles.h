@@ -65,8 +65,8 @@ struct PvArgs {
 struct Kernels {
   void (*qk_block)(const QkArgs&);
   void (*pv_block)(const PvArgs&);
-  // x[i] = 2^(x[i] - m) for i < n, returns their sum; inputs below m - 125 (and -inf) give 0,
-  // NaN gives NaN (the unordered compare keeps it).
+  // x[i] = 2^(x[i] - m) for i < n, returns their sum; inputs at or below m - 125 (and -inf) give
+  // 0 (exp2's cut-off), NaN gives NaN.
   float (*exp2_shift_sum)(int64_t n, float* x, float m);
 };
 
@@ -198,24 +198,19 @@ struct Tiles {
     }
   }
 
-  // 2^t in the lanes of `in` where t > -125 or t is NaN, else 0
-  static V exp2_above(V t, Mask in) {
-    return I::zero_outside(I::above_or_nan(t, -125.0f, in), I::exp2(t));
-  }
-
   // Whole vectors unmasked, the tail masked: an AVX2 masked store costs several plain ones.
   static float exp2_shift_sum(int64_t n, float* x, float m) {
     const V vm = I::set1(m);
     V sum = I::zero();
     int64_t i = 0;
     for (; i + L <= n; i += L) {
-      const V e = exp2_above(I::sub(I::load(x + i), vm), I::lanes(L));
+      const V e = I::exp2(I::sub(I::load(x + i), vm));  // 0 for arguments <= -125
       I::store(x + i, e);
       sum = I::add(sum, e);
     }
     if (i < n) {
       const Mask in = I::lanes(n - i);
-      const V e = exp2_above(I::sub(I::load(x + i, in), vm), in);
+      const V e = I::zero_outside(in, I::exp2(I::sub(I::load(x + i, in), vm)));
       I::store(x + i, e, in);
       sum = I::add(sum, e);
     }
